@@ -1,0 +1,127 @@
+//! The block cache: verified plain blocks in memory, bounded by bytes (LRU), in front of
+//! the store on both the read path (fetch + verify once) and the write path (newly
+//! written blocks stay hot).
+
+use crate::block::{self, BlockError, BlockId};
+use crate::store::{ObjectStore, StoreError};
+use lru::LruCache;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Corrupt(#[from] BlockError),
+}
+
+pub type Block = Arc<Vec<u8>>;
+
+struct Lru {
+    map: LruCache<BlockId, Block>,
+    bytes: u64,
+}
+
+pub struct BlockCache {
+    store: Arc<dyn ObjectStore>,
+    lru: Mutex<Lru>,
+    capacity: u64,
+}
+
+impl BlockCache {
+    pub fn new(store: Arc<dyn ObjectStore>, capacity: u64) -> BlockCache {
+        BlockCache {
+            store,
+            lru: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            capacity,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The block's plain bytes, from memory or fetched from the store and verified.
+    pub fn get(&self, id: BlockId) -> Result<Block, CacheError> {
+        if let Some(b) = self.lru.lock().unwrap().map.get(&id) {
+            return Ok(b.clone());
+        }
+        let stored = self.store.get(&id.key())?;
+        let plain = match block::decode(id, stored) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                log::error!("{e}");
+                return Err(e.into());
+            }
+        };
+        self.insert(id, plain.clone());
+        Ok(plain)
+    }
+
+    /// Uploads an encoded block (durable when this returns).
+    pub fn upload(&self, id: BlockId, stored: &[u8]) -> Result<(), CacheError> {
+        self.store.put(&id.key(), stored)?;
+        Ok(())
+    }
+
+    pub fn insert(&self, id: BlockId, plain: Block) {
+        let len = plain.len() as u64;
+        if len > self.capacity {
+            return;
+        }
+        let mut lru = self.lru.lock().unwrap();
+        if let Some(old) = lru.map.put(id, plain) {
+            lru.bytes -= old.len() as u64;
+        }
+        lru.bytes += len;
+        while lru.bytes > self.capacity {
+            match lru.map.pop_lru() {
+                Some((_, b)) => lru.bytes -= b.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    pub fn forget(&self, id: &BlockId) {
+        let mut lru = self.lru.lock().unwrap();
+        if let Some(b) = lru.map.pop(id) {
+            lru.bytes -= b.len() as u64;
+        }
+    }
+
+    pub fn cached_bytes(&self) -> u64 {
+        self.lru.lock().unwrap().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn fetches_verifies_and_bounds() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let cache = BlockCache::new(store.clone(), 10);
+        let (id, stored) = block::encode(b"12345678");
+        cache.upload(id, &stored).unwrap();
+        assert_eq!(&**cache.get(id).unwrap(), b"12345678");
+        assert_eq!(cache.cached_bytes(), 8);
+        let (id2, stored2) = block::encode(b"abcdef");
+        cache.upload(id2, &stored2).unwrap();
+        cache.get(id2).unwrap();
+        assert!(cache.cached_bytes() <= 10);
+        // A corrupted object is an error, never wrong bytes.
+        let (id3, mut bad) = block::encode(b"zzz");
+        bad[5] ^= 1;
+        store.put(&id3.key(), &bad).unwrap();
+        assert!(matches!(cache.get(id3), Err(CacheError::Corrupt(_))));
+        assert!(matches!(
+            cache.get(BlockId::of(b"missing")),
+            Err(CacheError::Store(StoreError::NotFound(_)))
+        ));
+    }
+}

@@ -1,0 +1,462 @@
+//! File contents: dirty block buffers (write-back), reads that merge dirty and stored
+//! blocks, truncation, and sealing dirty blocks into the store.
+
+use super::{FsError, FsResult, Volume, MAX_FILE_SIZE};
+use crate::block::{self, BlockId};
+use crate::index::{Extent, Ino, Kind, Timestamp, UploadStart};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One block slot with bytes not yet in the store. `version` changes on every
+/// modification, so a flush only installs what it actually uploaded.
+struct DirtyBlock {
+    data: Arc<Vec<u8>>,
+    version: u64,
+}
+
+#[derive(Default)]
+pub(super) struct FileData {
+    dirty: BTreeMap<u64, DirtyBlock>,
+    /// A write-back failure not yet reported to the user (by fsync or close).
+    error: Option<FsError>,
+}
+
+impl FileData {
+    fn dirty_len(&self) -> u64 {
+        self.dirty.values().map(|b| b.data.len() as u64).sum()
+    }
+
+    /// Drops all dirty data; returns its size.
+    pub(super) fn discard(&mut self) -> u64 {
+        let n = self.dirty_len();
+        self.dirty.clear();
+        n
+    }
+}
+
+/// One slot's worth of a read plan.
+enum Piece {
+    Bytes(Vec<u8>),
+    Block { id: BlockId, len: u64 },
+    Zeros,
+}
+
+/// A dirty block captured for upload.
+struct Sealed {
+    slot: u64,
+    version: u64,
+    data: Arc<Vec<u8>>,
+}
+
+impl Volume {
+    fn file_data(&self, ino: Ino, create: bool) -> Option<Arc<Mutex<FileData>>> {
+        let mut files = self.files.lock().unwrap();
+        if create {
+            Some(files.entry(ino).or_default().clone())
+        } else {
+            files.get(&ino).cloned()
+        }
+    }
+
+    fn next_version(&self) -> u64 {
+        self.versions.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let bs = self.block_size;
+        let fd = self.file_data(ino, false);
+        let guard = fd.as_ref().map(|f| f.lock().unwrap());
+        let (start, end, plan) = {
+            let mut state = self.state();
+            let inode = Self::inode(&state, ino)?;
+            match inode.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid),
+            }
+            let end = inode.size.min(offset.saturating_add(u64::from(size)));
+            if offset >= end {
+                return Ok(Vec::new());
+            }
+            let mut plan = Vec::new();
+            for slot in offset / bs..end.div_ceil(bs) {
+                let dirty = guard.as_ref().and_then(|g| g.dirty.get(&slot));
+                let piece = match (dirty, inode.extents.get(&slot)) {
+                    (Some(d), _) => {
+                        // Only the part of the block this read needs.
+                        let lo = (offset.max(slot * bs) - slot * bs) as usize;
+                        let hi = ((end - slot * bs).min(bs) as usize).min(d.data.len());
+                        let mut bytes = vec![0; lo];
+                        bytes.extend_from_slice(d.data.get(lo..hi).unwrap_or(&[]));
+                        Piece::Bytes(bytes)
+                    }
+                    (None, Some(Extent::Inline(b))) => Piece::Bytes(b.clone()),
+                    (None, Some(Extent::Block { id, len })) => Piece::Block {
+                        id: *id,
+                        len: u64::from(*len),
+                    },
+                    (None, None) => Piece::Zeros,
+                };
+                plan.push((slot, piece));
+            }
+            self.touch_atime(&mut state, ino);
+            (offset, end, plan)
+        };
+        drop(guard);
+        let blocks = self.fetch_all(plan.iter().filter_map(|(_, p)| match p {
+            Piece::Block { id, .. } => Some(*id),
+            _ => None,
+        }))?;
+        let mut out = vec![0u8; (end - start) as usize];
+        for (slot, piece) in &plan {
+            let slot_start = slot * bs;
+            let valid: &[u8] = match piece {
+                Piece::Bytes(b) => b,
+                Piece::Block { id, len } => {
+                    let b = &blocks[id];
+                    &b[..(*len as usize).min(b.len())]
+                }
+                Piece::Zeros => &[],
+            };
+            let lo = start.max(slot_start);
+            let hi = end.min(slot_start + valid.len() as u64);
+            if lo < hi {
+                let src = &valid[(lo - slot_start) as usize..(hi - slot_start) as usize];
+                out[(lo - start) as usize..(hi - start) as usize].copy_from_slice(src);
+            }
+        }
+        Ok(out)
+    }
+
+    /// relatime: atime moves only when it is older than mtime/ctime or a day old.
+    fn touch_atime(&self, state: &mut super::State, ino: Ino) {
+        if self.config.read_only {
+            return;
+        }
+        let Some(inode) = state.index.get(ino) else {
+            return;
+        };
+        let now = Timestamp::now();
+        let stale = inode.atime <= inode.mtime
+            || inode.atime <= inode.ctime
+            || now.sec - inode.atime.sec >= 24 * 3600;
+        if stale {
+            if let Some(i) = state.index.get_mut(ino) {
+                i.atime = now;
+            }
+        }
+    }
+
+    /// Fetches distinct blocks, several at a time when there are several.
+    fn fetch_all(
+        &self,
+        ids: impl Iterator<Item = BlockId>,
+    ) -> FsResult<std::collections::HashMap<BlockId, crate::cache::Block>> {
+        let mut ids: Vec<BlockId> = ids.collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = std::collections::HashMap::new();
+        if ids.len() <= 1 {
+            for id in ids {
+                out.insert(id, self.cache.get(id)?);
+            }
+            return Ok(out);
+        }
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .iter()
+                .map(|&id| s.spawn(move || (id, self.cache.get(id))))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("fetch thread")).collect()
+        });
+        for (id, r) in results {
+            out.insert(id, r?);
+        }
+        Ok(out)
+    }
+
+    /// The current bytes of one slot, for a partial overwrite.
+    fn slot_base(&self, ino: Ino, slot: u64) -> FsResult<Vec<u8>> {
+        let extent = {
+            let state = self.state();
+            Self::inode(&state, ino)?.extents.get(&slot).cloned()
+        };
+        Ok(match extent {
+            None => Vec::new(),
+            Some(Extent::Inline(b)) => b,
+            Some(Extent::Block { id, len }) => {
+                let b = self.cache.get(id)?;
+                b[..(len as usize).min(b.len())].to_vec()
+            }
+        })
+    }
+
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.writable()?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooBig)?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        {
+            let state = self.state();
+            match Self::inode(&state, ino)?.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid),
+            }
+        }
+        let bs = self.block_size;
+        let fd = self.file_data(ino, true).expect("created");
+        let mut file = fd.lock().unwrap();
+        let mut added = 0i64;
+        for slot in offset / bs..end.div_ceil(bs) {
+            let slot_start = slot * bs;
+            let lo = (offset.max(slot_start) - slot_start) as usize;
+            let hi = (end.min(slot_start + bs) - slot_start) as usize;
+            if !file.dirty.contains_key(&slot) {
+                let whole = lo == 0 && hi as u64 == bs;
+                let base = if whole {
+                    Vec::with_capacity(bs as usize)
+                } else {
+                    self.slot_base(ino, slot)?
+                };
+                added += base.len() as i64;
+                file.dirty.insert(
+                    slot,
+                    DirtyBlock {
+                        data: Arc::new(base),
+                        version: 0,
+                    },
+                );
+            }
+            let version = self.next_version();
+            let block = file.dirty.get_mut(&slot).expect("inserted above");
+            block.version = version;
+            let buf = Arc::make_mut(&mut block.data);
+            if buf.len() < hi {
+                added += (hi - buf.len()) as i64;
+                buf.resize(hi, 0);
+            }
+            let src = (slot_start + lo as u64 - offset) as usize;
+            buf[lo..hi].copy_from_slice(&data[src..src + (hi - lo)]);
+        }
+        self.account_dirty(added);
+        let many = file.dirty.len() as u64 * bs >= self.config.dirty_limit / 4;
+        {
+            let mut state = self.state();
+            state.index.mark_data_pending(ino);
+            let inode = Self::inode_mut(&mut state, ino)?;
+            inode.size = inode.size.max(end);
+            let now = Timestamp::now();
+            inode.mtime = now;
+            inode.ctime = now;
+        }
+        drop(file);
+        if many || self.dirty_bytes.load(Ordering::Relaxed) > self.config.dirty_limit {
+            self.flush_file(ino)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    fn account_dirty(&self, delta: i64) {
+        if delta >= 0 {
+            self.dirty_bytes.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.dirty_bytes.fetch_sub((-delta) as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn truncate(&self, ino: Ino, size: u64) -> FsResult<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(FsError::FileTooBig);
+        }
+        let bs = self.block_size;
+        let fd = self.file_data(ino, false);
+        let mut guard = fd.as_ref().map(|f| f.lock().unwrap());
+        let mut state = self.state();
+        match Self::inode(&state, ino)?.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid),
+        }
+        if let Some(file) = guard.as_mut() {
+            let mut removed = 0u64;
+            for (_, b) in file.dirty.split_off(&size.div_ceil(bs)) {
+                removed += b.data.len() as u64;
+            }
+            let keep = (size % bs) as usize;
+            if keep != 0 {
+                let version = self.next_version();
+                if let Some(b) = file.dirty.get_mut(&(size / bs)) {
+                    if b.data.len() > keep {
+                        removed += (b.data.len() - keep) as u64;
+                        Arc::make_mut(&mut b.data).truncate(keep);
+                        b.version = version;
+                    }
+                }
+            }
+            self.account_dirty(-(removed as i64));
+        }
+        state.index.set_size(ino, size);
+        let now = Timestamp::now();
+        let inode = Self::inode_mut(&mut state, ino)?;
+        inode.mtime = now;
+        inode.ctime = now;
+        Ok(())
+    }
+
+    /// Uploads the file's dirty blocks and points the index at them. Small files
+    /// go inline into the index instead.
+    pub fn flush_file(&self, ino: Ino) -> FsResult<()> {
+        let Some(fd) = self.file_data(ino, false) else {
+            return Ok(());
+        };
+        let (sealed, size) = {
+            let file = fd.lock().unwrap();
+            if file.dirty.is_empty() {
+                return Ok(());
+            }
+            let sealed: Vec<Sealed> = file
+                .dirty
+                .iter()
+                .map(|(&slot, b)| Sealed {
+                    slot,
+                    version: b.version,
+                    data: b.data.clone(),
+                })
+                .collect();
+            let size = self.state().index.get(ino).map_or(0, |i| i.size);
+            (sealed, size)
+        };
+        let inline_max = u64::from(self.superblock.inline_max);
+        let results = self.seal_all(&sealed, size <= inline_max);
+        let mut file = fd.lock().unwrap();
+        let mut state = self.state();
+        let mut first_error = None;
+        let mut cleaned = 0u64;
+        for (s, result) in sealed.iter().zip(results) {
+            match result {
+                Ok(extent) => {
+                    let current = file.dirty.get(&s.slot).is_some_and(|b| b.version == s.version);
+                    let id = match &extent {
+                        Extent::Block { id, .. } => Some(*id),
+                        Extent::Inline(_) => None,
+                    };
+                    if current {
+                        state.index.set_extent(ino, s.slot, extent);
+                        file.dirty.remove(&s.slot);
+                        cleaned += s.data.len() as u64;
+                    }
+                    if let Some(id) = id {
+                        state.index.end_upload(id);
+                    }
+                }
+                Err(e) => {
+                    log::error!("write-back of inode {ino} block {}: {e}", s.slot);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.account_dirty(-(cleaned as i64));
+        if file.dirty.is_empty() {
+            state.index.mark_data_flushed(ino);
+        }
+        if let Some(e) = first_error {
+            file.error = Some(e.clone());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Encodes and uploads blocks in parallel, bounded by `upload_threads`.
+    fn seal_all(&self, sealed: &[Sealed], inline: bool) -> Vec<FsResult<Extent>> {
+        let seal = |s: &Sealed| -> FsResult<Extent> {
+            if inline && s.slot == 0 {
+                return Ok(Extent::Inline(s.data.to_vec()));
+            }
+            let id = self.upload_block(&s.data)?;
+            Ok(Extent::Block {
+                id,
+                len: s.data.len() as u32,
+            })
+        };
+        let threads = self.config.upload_threads.max(1);
+        if sealed.len() <= 1 || threads == 1 {
+            return sealed.iter().map(seal).collect();
+        }
+        let mut results: Vec<Option<FsResult<Extent>>> = (0..sealed.len()).map(|_| None).collect();
+        for (chunk, out) in sealed.chunks(threads).zip(results.chunks_mut(threads)) {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = chunk.iter().map(|b| s.spawn(move || seal(b))).collect();
+                for (h, slot) in handles.into_iter().zip(out.iter_mut()) {
+                    *slot = Some(h.join().unwrap_or_else(|_| Err(FsError::Io("upload thread panicked".into()))));
+                }
+            });
+        }
+        results.into_iter().map(|r| r.expect("every block sealed")).collect()
+    }
+
+    /// Puts one block in the store unless an identical one is already referenced.
+    /// The caller must `end_upload` the returned id once the index points at it.
+    fn upload_block(&self, plain: &Arc<Vec<u8>>) -> FsResult<BlockId> {
+        let id = BlockId::of(plain);
+        loop {
+            let start = self.state().index.begin_upload(id);
+            match start {
+                UploadStart::Present => break,
+                UploadStart::Busy => std::thread::sleep(Duration::from_millis(5)),
+                UploadStart::Needed => {
+                    let (_, stored) = block::encode(plain);
+                    if let Err(e) = self.cache.upload(id, &stored) {
+                        self.state().index.end_upload(id);
+                        return Err(e.into());
+                    }
+                    break;
+                }
+            }
+        }
+        self.cache.insert(id, plain.clone());
+        Ok(id)
+    }
+
+    /// Flushes every file with dirty data.
+    pub fn flush_all(&self) -> FsResult<()> {
+        let inos: Vec<Ino> = self.files.lock().unwrap().keys().copied().collect();
+        let mut first_error = None;
+        for ino in inos {
+            if let Err(e) = self.flush_file(ino) {
+                first_error.get_or_insert(e);
+            }
+            self.drop_clean_file_data(ino);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Forgets a file's data state once nothing is dirty and no writer holds it.
+    fn drop_clean_file_data(&self, ino: Ino) {
+        let mut files = self.files.lock().unwrap();
+        let removable = files.get(&ino).is_some_and(|fd| {
+            Arc::strong_count(fd) == 1
+                && fd.try_lock().is_ok_and(|f| f.dirty.is_empty() && f.error.is_none())
+        });
+        if removable {
+            files.remove(&ino);
+        }
+    }
+
+    /// Takes the pending write-back error of a file, if any (reported once).
+    pub(super) fn take_write_error(&self, ino: Ino) -> Option<FsError> {
+        let fd = self.file_data(ino, false)?;
+        let err = fd.lock().unwrap().error.take();
+        err
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,806 @@
+//! The fs core: POSIX semantics on top of the index and the block cache, as a plain
+//! Rust API (`Volume`) that tests drive without FUSE. The FUSE adapter only translates.
+
+mod data;
+mod error;
+mod persist;
+
+pub use error::{FsError, FsResult};
+
+use crate::block::BlockId;
+use crate::cache::BlockCache;
+use crate::index::journal::{self, Journal, LoadReport};
+use crate::index::superblock::Superblock;
+use crate::index::{Index, Ino, Inode, Kind, Timestamp, ROOT_INO};
+use crate::store::ObjectStore;
+use data::FileData;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const NAME_MAX: usize = 255;
+pub const SYMLINK_MAX: usize = 4095;
+pub const XATTR_NAME_MAX: usize = 255;
+pub const XATTR_VALUE_MAX: usize = 65536;
+/// Largest file offset objfs accepts (8 EiB would overflow block arithmetic).
+pub const MAX_FILE_SIZE: u64 = 1 << 60;
+
+/// Who is asking: the caller's credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Ctx {
+    pub fn root() -> Ctx {
+        Ctx { uid: 0, gid: 0 }
+    }
+}
+
+/// What `stat` shows of an inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub crtime: Timestamp,
+    pub rdev: u32,
+}
+
+impl Attr {
+    fn of(inode: &Inode) -> Attr {
+        let size = match inode.kind {
+            Kind::Symlink => inode.target.len() as u64,
+            Kind::Dir => 4096,
+            _ => inode.size,
+        };
+        Attr {
+            ino: inode.ino,
+            kind: inode.kind,
+            perm: inode.perm,
+            uid: inode.uid,
+            gid: inode.gid,
+            nlink: inode.nlink,
+            size,
+            blocks: size.div_ceil(512),
+            atime: inode.atime,
+            mtime: inode.mtime,
+            ctime: inode.ctime,
+            crtime: inode.crtime,
+            rdev: inode.rdev,
+        }
+    }
+}
+
+/// A time to set with utimensat.
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Now,
+    At(Timestamp),
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum XattrSet {
+    Any,
+    Create,
+    Replace,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FsStats {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+    pub block_size: u32,
+}
+
+/// Tunables of a mounted volume.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub read_only: bool,
+    pub cache_size: u64,
+    /// Dirty bytes held in memory before writers flush synchronously.
+    pub dirty_limit: u64,
+    pub commit_interval: Duration,
+    /// Freed blocks stay in the store this long after the commit that freed them.
+    pub free_grace: Duration,
+    pub upload_threads: usize,
+    /// Journal segments (or bytes) after which a snapshot compacts the journal.
+    pub snapshot_segments: u64,
+    pub snapshot_bytes: u64,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> VolumeConfig {
+        VolumeConfig {
+            read_only: false,
+            cache_size: 256 << 20,
+            dirty_limit: 128 << 20,
+            commit_interval: Duration::from_secs(5),
+            free_grace: Duration::from_secs(30),
+            upload_threads: 8,
+            snapshot_segments: 256,
+            snapshot_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Everything the metadata lock guards: the index and which inodes are open.
+struct State {
+    index: Index,
+    open: HashMap<Ino, u32>,
+}
+
+enum Handle {
+    File { ino: Ino },
+    Dir { entries: Vec<DirEntry> },
+}
+
+pub struct Volume {
+    store: Arc<dyn ObjectStore>,
+    cache: BlockCache,
+    superblock: Superblock,
+    block_size: u64,
+    config: VolumeConfig,
+    state: Mutex<State>,
+    /// Serializes commits and snapshots; lock order: journal -> file data -> state.
+    journal: Mutex<Journal>,
+    files: Mutex<HashMap<Ino, Arc<Mutex<FileData>>>>,
+    dirty_bytes: AtomicU64,
+    versions: AtomicU64,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    free_queue: Mutex<VecDeque<(Instant, BlockId)>>,
+    load_report: LoadReport,
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(FsError::Invalid);
+    }
+    Ok(())
+}
+
+impl Volume {
+    /// Loads the filesystem in `store` (recovering from its journal).
+    pub fn load(store: Arc<dyn ObjectStore>, config: VolumeConfig) -> FsResult<Volume> {
+        let writer = crate::util::random_hex(4);
+        let loaded = journal::load(store.clone(), &writer).map_err(|e| FsError::Io(e.to_string()))?;
+        let block_size = u64::from(loaded.superblock.block_size);
+        let volume = Volume {
+            cache: BlockCache::new(store.clone(), config.cache_size),
+            store,
+            superblock: loaded.superblock,
+            block_size,
+            config,
+            state: Mutex::new(State {
+                index: loaded.index,
+                open: HashMap::new(),
+            }),
+            journal: Mutex::new(loaded.journal),
+            files: Mutex::new(HashMap::new()),
+            dirty_bytes: AtomicU64::new(0),
+            versions: AtomicU64::new(1),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            free_queue: Mutex::new(VecDeque::new()),
+            load_report: loaded.report,
+        };
+        if !volume.config.read_only {
+            volume.after_recovery()?;
+        }
+        Ok(volume)
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    pub fn load_report(&self) -> &LoadReport {
+        &self.load_report
+    }
+
+    pub fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writable(&self) -> FsResult<()> {
+        if self.config.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn inode<'a>(state: &'a State, ino: Ino) -> FsResult<&'a Inode> {
+        state.index.get(ino).ok_or(FsError::NotFound)
+    }
+
+    fn inode_mut(state: &mut State, ino: Ino) -> FsResult<&mut Inode> {
+        state.index.get_mut(ino).ok_or(FsError::NotFound)
+    }
+
+    fn dir<'a>(state: &'a State, ino: Ino) -> FsResult<&'a Inode> {
+        let inode = Self::inode(state, ino)?;
+        if inode.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(inode)
+    }
+
+    fn touch_dir(state: &mut State, dir: Ino) {
+        if let Some(d) = state.index.get_mut(dir) {
+            let now = Timestamp::now();
+            d.mtime = now;
+            d.ctime = now;
+        }
+    }
+
+    pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        let state = self.state();
+        Ok(Attr::of(Self::inode(&state, ino)?))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let state = self.state();
+        let dir = Self::dir(&state, parent)?;
+        let ino = match name {
+            b"." => parent,
+            b".." => dir.parent,
+            _ => state.index.lookup(parent, name).ok_or(FsError::NotFound)?,
+        };
+        Ok(Attr::of(Self::inode(&state, ino)?))
+    }
+
+    /// Creates any kind of node; the common part of create, mkdir, mknod and symlink.
+    fn make_node(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        kind: Kind,
+        mode: u32,
+        rdev: u32,
+        target: &[u8],
+    ) -> FsResult<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let mut state = self.state();
+        let dir = Self::dir(&state, parent)?;
+        if dir.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        if state.index.lookup(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let mut perm = (mode & 0o7777) as u16;
+        // A setgid directory hands its group (and, to subdirectories, the bit) down.
+        let gid = if dir.perm & 0o2000 != 0 {
+            if kind == Kind::Dir {
+                perm |= 0o2000;
+            }
+            dir.gid
+        } else {
+            ctx.gid
+        };
+        let ino = state.index.alloc_ino();
+        let mut inode = Inode::new(ino, kind, perm, ctx.uid, gid);
+        inode.rdev = rdev;
+        inode.target = target.to_vec();
+        if kind == Kind::Dir {
+            inode.nlink = 2;
+            inode.parent = parent;
+        }
+        let attr = Attr::of(&inode);
+        state.index.insert_inode(inode);
+        state.index.insert_entry(parent, name, ino);
+        Self::touch_dir(&mut state, parent);
+        if kind == Kind::Dir {
+            Self::inode_mut(&mut state, parent)?.nlink += 1;
+        }
+        Ok(attr)
+    }
+
+    pub fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
+        self.make_node(ctx, parent, name, Kind::Dir, mode, 0, b"")
+    }
+
+    pub fn mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32, rdev: u32) -> FsResult<Attr> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            libc::S_IFDIR => Kind::Dir,
+            _ => return Err(FsError::Invalid),
+        };
+        self.make_node(ctx, parent, name, kind, mode, rdev, b"")
+    }
+
+    pub fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> FsResult<Attr> {
+        if target.len() > SYMLINK_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        if target.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        self.make_node(ctx, parent, name, Kind::Symlink, 0o777, 0, target)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let state = self.state();
+        let inode = Self::inode(&state, ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        Ok(inode.target.clone())
+    }
+
+    /// Creates a regular file and opens it.
+    pub fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<(Attr, u64)> {
+        let attr = self.make_node(ctx, parent, name, Kind::File, mode, 0, b"")?;
+        let fh = self.open(attr.ino, false)?;
+        Ok((attr, fh))
+    }
+
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let mut state = self.state();
+        Self::dir(&state, parent)?;
+        let inode = Self::inode(&state, ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(FsError::NotPermitted);
+        }
+        if inode.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        if state.index.lookup(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
+        state.index.insert_entry(parent, name, ino);
+        Self::touch_dir(&mut state, parent);
+        let inode = Self::inode_mut(&mut state, ino)?;
+        inode.nlink += 1;
+        inode.ctime = Timestamp::now();
+        Ok(Attr::of(inode))
+    }
+
+    /// Drops one link; the inode goes when no link and no open handle is left.
+    fn drop_link(&self, state: &mut State, ino: Ino) {
+        let Some(inode) = state.index.get_mut(ino) else {
+            return;
+        };
+        inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
+        inode.ctime = Timestamp::now();
+        if inode.nlink == 0 && !state.open.contains_key(&ino) {
+            self.destroy_inode(state, ino);
+        }
+    }
+
+    fn destroy_inode(&self, state: &mut State, ino: Ino) {
+        state.index.remove_inode(ino);
+        if let Some(fd) = self.files.lock().unwrap().remove(&ino) {
+            let dropped = fd.lock().unwrap().discard();
+            self.dirty_bytes.fetch_sub(dropped, Ordering::Relaxed);
+        }
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.writable()?;
+        let mut state = self.state();
+        Self::dir(&state, parent)?;
+        let ino = state.index.lookup(parent, name).ok_or(FsError::NotFound)?;
+        if Self::inode(&state, ino)?.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        state.index.remove_entry(parent, name);
+        Self::touch_dir(&mut state, parent);
+        self.drop_link(&mut state, ino);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.writable()?;
+        if name == b"." {
+            return Err(FsError::Invalid);
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        let mut state = self.state();
+        Self::dir(&state, parent)?;
+        let ino = state.index.lookup(parent, name).ok_or(FsError::NotFound)?;
+        Self::dir(&state, ino)?;
+        if state.index.entries(ino).is_some_and(|e| !e.is_empty()) {
+            return Err(FsError::NotEmpty);
+        }
+        state.index.remove_entry(parent, name);
+        Self::touch_dir(&mut state, parent);
+        Self::inode_mut(&mut state, parent)?.nlink -= 1;
+        self.drop_link(&mut state, ino);
+        Ok(())
+    }
+
+    /// True if `dir` is `ancestor` or lies below it.
+    fn is_within(state: &State, mut dir: Ino, ancestor: Ino) -> bool {
+        loop {
+            if dir == ancestor {
+                return true;
+            }
+            if dir == ROOT_INO {
+                return false;
+            }
+            match state.index.get(dir) {
+                Some(d) if d.parent != dir => dir = d.parent,
+                _ => return false,
+            }
+        }
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        self.writable()?;
+        check_name(new_name)?;
+        if name == b"." || name == b".." {
+            return Err(FsError::Invalid);
+        }
+        let mut state = self.state();
+        Self::dir(&state, parent)?;
+        Self::dir(&state, new_parent)?;
+        let src = state.index.lookup(parent, name).ok_or(FsError::NotFound)?;
+        let dst = state.index.lookup(new_parent, new_name);
+        let src_is_dir = Self::inode(&state, src)?.kind == Kind::Dir;
+        if src_is_dir && Self::is_within(&state, new_parent, src) {
+            return Err(FsError::Invalid);
+        }
+        if flags.exchange {
+            let dst = dst.ok_or(FsError::NotFound)?;
+            let dst_is_dir = Self::inode(&state, dst)?.kind == Kind::Dir;
+            if dst_is_dir && Self::is_within(&state, parent, dst) {
+                return Err(FsError::Invalid);
+            }
+            state.index.insert_entry(parent, name, dst);
+            state.index.insert_entry(new_parent, new_name, src);
+            self.moved(&mut state, src, src_is_dir, parent, new_parent)?;
+            self.moved(&mut state, dst, dst_is_dir, new_parent, parent)?;
+            return Ok(());
+        }
+        if let Some(dst) = dst {
+            if flags.noreplace {
+                return Err(FsError::Exists);
+            }
+            if dst == src {
+                return Ok(());
+            }
+            let dst_is_dir = Self::inode(&state, dst)?.kind == Kind::Dir;
+            match (src_is_dir, dst_is_dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if state.index.entries(dst).is_some_and(|e| !e.is_empty()) => {
+                    return Err(FsError::NotEmpty)
+                }
+                _ => {}
+            }
+            state.index.remove_entry(new_parent, new_name);
+            if dst_is_dir {
+                Self::inode_mut(&mut state, new_parent)?.nlink -= 1;
+            }
+            self.drop_link(&mut state, dst);
+        }
+        state.index.remove_entry(parent, name);
+        state.index.insert_entry(new_parent, new_name, src);
+        self.moved(&mut state, src, src_is_dir, parent, new_parent)
+    }
+
+    /// Bookkeeping after `ino` moved from directory `from` to `to`.
+    fn moved(&self, state: &mut State, ino: Ino, is_dir: bool, from: Ino, to: Ino) -> FsResult<()> {
+        Self::inode_mut(state, ino)?.ctime = Timestamp::now();
+        if is_dir && from != to {
+            Self::inode_mut(state, ino)?.parent = to;
+            Self::inode_mut(state, from)?.nlink -= 1;
+            Self::inode_mut(state, to)?.nlink += 1;
+        }
+        Self::touch_dir(state, from);
+        Self::touch_dir(state, to);
+        Ok(())
+    }
+
+    pub fn setattr(&self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
+        self.writable()?;
+        if let Some(size) = set.size {
+            self.truncate(ino, size)?;
+        }
+        let mut state = self.state();
+        let inode = Self::inode_mut(&mut state, ino)?;
+        let now = Timestamp::now();
+        if let Some(mode) = set.mode {
+            inode.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(uid) = set.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            inode.gid = gid;
+        }
+        let resolve = |t: SetTime| match t {
+            SetTime::Now => now,
+            SetTime::At(ts) => ts,
+        };
+        if let Some(t) = set.atime {
+            inode.atime = resolve(t);
+        }
+        if let Some(t) = set.mtime {
+            inode.mtime = resolve(t);
+        }
+        inode.ctime = now;
+        Ok(Attr::of(inode))
+    }
+
+    pub fn open(&self, ino: Ino, truncate: bool) -> FsResult<u64> {
+        {
+            let mut state = self.state();
+            let kind = Self::inode(&state, ino)?.kind;
+            if kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            *state.open.entry(ino).or_default() += 1;
+        }
+        if truncate {
+            if let Err(e) = self.setattr(ino, SetAttr { size: Some(0), ..Default::default() }) {
+                self.close_inode(ino);
+                return Err(e);
+            }
+        }
+        Ok(self.add_handle(Handle::File { ino }))
+    }
+
+    fn add_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, handle);
+        fh
+    }
+
+    fn close_inode(&self, ino: Ino) {
+        let mut state = self.state();
+        let last = match state.open.get_mut(&ino) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                state.open.remove(&ino);
+                true
+            }
+            None => false,
+        };
+        if last && state.index.get(ino).is_some_and(|i| i.nlink == 0) {
+            self.destroy_inode(&mut state, ino);
+        }
+    }
+
+    /// Last close of a handle.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let handle = self.handles.lock().unwrap().remove(&fh);
+        match handle {
+            Some(Handle::File { ino }) => {
+                self.close_inode(ino);
+                Ok(())
+            }
+            Some(Handle::Dir { .. }) => Ok(()),
+            None => Err(FsError::BadHandle),
+        }
+    }
+
+    pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let entries = self.list_dir(ino)?;
+        Ok(self.add_handle(Handle::Dir { entries }))
+    }
+
+    fn list_dir(&self, ino: Ino) -> FsResult<Vec<DirEntry>> {
+        let state = self.state();
+        let dir = Self::dir(&state, ino)?;
+        let mut entries = vec![
+            DirEntry {
+                name: b".".to_vec(),
+                ino,
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: dir.parent,
+                kind: Kind::Dir,
+            },
+        ];
+        for (name, &child) in state.index.entries(ino).into_iter().flatten() {
+            if let Some(c) = state.index.get(child) {
+                entries.push(DirEntry {
+                    name: name.clone(),
+                    ino: child,
+                    kind: c.kind,
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Entries from position `offset` of the listing taken at opendir (re-taken when a
+    /// reader rewinds to 0), so offsets stay stable while the directory changes.
+    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        if offset == 0 {
+            let fresh = self.list_dir(ino)?;
+            if let Some(Handle::Dir { entries }) = self.handles.lock().unwrap().get_mut(&fh) {
+                *entries = fresh;
+            }
+        }
+        let handles = self.handles.lock().unwrap();
+        let Some(Handle::Dir { entries }) = handles.get(&fh) else {
+            return Err(FsError::BadHandle);
+        };
+        Ok(entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect())
+    }
+
+    pub fn statfs(&self) -> FsResult<FsStats> {
+        let space = self.store.space()?;
+        let files = self.state().index.inode_count() as u64;
+        Ok(FsStats {
+            total_bytes: space.total_bytes,
+            free_bytes: space.free_bytes,
+            files,
+            block_size: self.superblock.block_size,
+        })
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrSet) -> FsResult<()> {
+        self.writable()?;
+        check_xattr_name(name)?;
+        if value.len() > XATTR_VALUE_MAX {
+            return Err(FsError::TooBig);
+        }
+        let mut state = self.state();
+        let inode = Self::inode_mut(&mut state, ino)?;
+        let exists = inode.xattrs.contains_key(name);
+        match mode {
+            XattrSet::Create if exists => return Err(FsError::Exists),
+            XattrSet::Replace if !exists => return Err(FsError::NoAttr),
+            _ => {}
+        }
+        inode.xattrs.insert(name.to_vec(), value.to_vec());
+        inode.ctime = Timestamp::now();
+        Ok(())
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        check_xattr_name(name)?;
+        let state = self.state();
+        let inode = Self::inode(&state, ino)?;
+        inode.xattrs.get(name).cloned().ok_or(FsError::NoAttr)
+    }
+
+    /// Names, each NUL-terminated, as listxattr returns them.
+    pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let state = self.state();
+        let inode = Self::inode(&state, ino)?;
+        let mut out = Vec::new();
+        for name in inode.xattrs.keys() {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        self.writable()?;
+        check_xattr_name(name)?;
+        let mut state = self.state();
+        let inode = Self::inode_mut(&mut state, ino)?;
+        inode.xattrs.remove(name).ok_or(FsError::NoAttr)?;
+        inode.ctime = Timestamp::now();
+        Ok(())
+    }
+
+    /// Counts for `objfs stat`.
+    pub fn usage(&self) -> Usage {
+        let state = self.state();
+        let mut u = Usage::default();
+        for inode in state.index.inodes() {
+            match inode.kind {
+                Kind::Dir => u.dirs += 1,
+                Kind::File => {
+                    u.files += 1;
+                    u.logical_bytes += inode.size;
+                    u.inline_bytes += inode
+                        .extents
+                        .values()
+                        .filter_map(|e| match e {
+                            crate::index::Extent::Inline(d) => Some(d.len() as u64),
+                            _ => None,
+                        })
+                        .sum::<u64>();
+                }
+                _ => u.other += 1,
+            }
+        }
+        u.blocks = state.index.ledger().block_count() as u64;
+        u
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Usage {
+    pub files: u64,
+    pub dirs: u64,
+    pub other: u64,
+    pub logical_bytes: u64,
+    pub inline_bytes: u64,
+    pub blocks: u64,
+}
+
+fn check_xattr_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > XATTR_NAME_MAX {
+        return Err(FsError::Range);
+    }
+    const NAMESPACES: [&[u8]; 4] = [b"user.", b"trusted.", b"security.", b"system."];
+    if !NAMESPACES.iter().any(|ns| name.starts_with(ns) && name.len() > ns.len()) {
+        return Err(FsError::NotSupported);
+    }
+    Ok(())
+}

@@ -1,0 +1,460 @@
+//! Persistence of the index in the store: `meta/snapshot-<generation>` holds the whole index,
+//! `meta/journal-<generation>-<seq>-<writer>` the changes committed after it. Each segment names
+//! its predecessor, so the journal is one chain and a second writer shows as a fork.
+
+use super::codec::{self, FrameError};
+use super::superblock::{self, Superblock};
+use super::{Changes, Index, Record, SnapshotBody};
+use crate::store::{ObjectStore, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{key}: {err}")]
+    Frame { key: String, err: FrameError },
+    #[error("{0} does not hold an objfs filesystem")]
+    NotObjfs(String),
+    #[error("{0} already holds an objfs filesystem")]
+    AlreadyFormatted(String),
+    #[error("{0} is not empty and does not hold an objfs filesystem; refusing to format it")]
+    NotEmpty(String),
+    #[error("no readable snapshot in {0}: the index cannot be recovered")]
+    NoSnapshot(String),
+    #[error("journal fork at generation {generation} sequence {seq}: segments from writers {writers} (two writers were active); refusing to mount")]
+    Fork { generation: u64, seq: u64, writers: String },
+}
+
+const SNAPSHOT_PREFIX: &str = "meta/snapshot-";
+const JOURNAL_PREFIX: &str = "meta/journal-";
+
+pub fn snapshot_key(generation: u64) -> String {
+    format!("{SNAPSHOT_PREFIX}{generation:020}")
+}
+
+pub fn segment_key(generation: u64, seq: u64, writer: &str) -> String {
+    format!("{JOURNAL_PREFIX}{generation:020}-{seq:020}-{writer}")
+}
+
+fn parse_snapshot_key(key: &str) -> Option<u64> {
+    key.strip_prefix(SNAPSHOT_PREFIX)?.parse().ok()
+}
+
+/// (generation, seq, writer)
+pub fn parse_segment_key(key: &str) -> Option<(u64, u64, String)> {
+    let rest = key.strip_prefix(JOURNAL_PREFIX)?;
+    let mut parts = rest.splitn(3, '-');
+    let generation = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let writer = parts.next()?.to_string();
+    (!writer.is_empty()).then_some((generation, seq, writer))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Segment {
+    pub generation: u64,
+    pub seq: u64,
+    pub writer: String,
+    /// Key of the previous segment of this generation; None for the first.
+    pub prev: Option<String>,
+    pub next_ino: u64,
+    pub records: Vec<Record>,
+}
+
+/// What recovery found, for logs, `stat` and `fsck`.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub generation: u64,
+    pub segments: u64,
+    pub records: u64,
+    pub reclaimed_orphans: usize,
+    /// Problems that stopped replay early or skipped objects.
+    pub warnings: Vec<String>,
+    pub snapshot_bytes: u64,
+    pub journal_bytes: u64,
+}
+
+impl LoadReport {
+    pub fn clean(&self) -> bool {
+        self.warnings.is_empty()
+    }
+}
+
+pub struct Loaded {
+    pub superblock: Superblock,
+    pub index: Index,
+    pub journal: Journal,
+    pub report: LoadReport,
+}
+
+/// The writer's position in the journal chain.
+pub struct Journal {
+    store: Arc<dyn ObjectStore>,
+    writer: String,
+    generation: u64,
+    seq: u64,
+    last_key: Option<String>,
+    /// Segments and bytes since the snapshot: compaction triggers.
+    pub segments: u64,
+    pub bytes: u64,
+    /// False when recovery hit damage: old objects are then kept as evidence.
+    clean: bool,
+}
+
+pub fn read_superblock(store: &dyn ObjectStore) -> Result<Superblock, IndexError> {
+    let bytes = match store.get(superblock::KEY) {
+        Ok(b) => b,
+        Err(StoreError::NotFound(_)) => return Err(IndexError::NotObjfs(store.describe())),
+        Err(e) => return Err(e.into()),
+    };
+    Superblock::decode(&bytes).map_err(|err| IndexError::Frame {
+        key: superblock::KEY.into(),
+        err,
+    })
+}
+
+/// Creates a filesystem in an empty store.
+pub fn mkfs(store: &dyn ObjectStore, block_size: u32) -> Result<Superblock, IndexError> {
+    match read_superblock(store) {
+        Ok(_) | Err(IndexError::Frame { .. }) => {
+            return Err(IndexError::AlreadyFormatted(store.describe()))
+        }
+        Err(IndexError::NotObjfs(_)) => {}
+        Err(e) => return Err(e),
+    }
+    if !store.list("")?.is_empty() {
+        return Err(IndexError::NotEmpty(store.describe()));
+    }
+    let sb = Superblock::new(block_size);
+    // SAFETY of ownership: files belong to whoever runs mkfs, like a fresh ext4 root.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let index = Index::new_filesystem(block_size, uid, gid);
+    store.put(&snapshot_key(0), &codec::encode(&codec::SNAPSHOT, &index.snapshot_body(0)))?;
+    match store.put_if_absent(superblock::KEY, &sb.encode()) {
+        Ok(()) => Ok(sb),
+        Err(StoreError::AlreadyExists(_)) => Err(IndexError::AlreadyFormatted(store.describe())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn list_snapshots(store: &dyn ObjectStore) -> Result<Vec<u64>, IndexError> {
+    let mut gens: Vec<u64> = store
+        .list(SNAPSHOT_PREFIX)?
+        .iter()
+        .filter_map(|k| parse_snapshot_key(k))
+        .collect();
+    gens.sort_unstable();
+    Ok(gens)
+}
+
+/// Segments of one generation, grouped by sequence number.
+fn list_segments(
+    store: &dyn ObjectStore,
+    generation: u64,
+) -> Result<BTreeMap<u64, Vec<String>>, IndexError> {
+    let mut by_seq: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for key in store.list(&format!("{JOURNAL_PREFIX}{generation:020}-"))? {
+        if let Some((g, seq, _)) = parse_segment_key(&key) {
+            if g == generation {
+                by_seq.entry(seq).or_default().push(key);
+            }
+        }
+    }
+    Ok(by_seq)
+}
+
+/// Recovery: the newest readable snapshot, then its chain of segments in order.
+pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexError> {
+    let superblock = read_superblock(&*store)?;
+    let mut report = LoadReport::default();
+    let gens = list_snapshots(&*store)?;
+    let mut found = None;
+    for &generation in gens.iter().rev() {
+        let key = snapshot_key(generation);
+        let loaded = store.get(&key).map_err(IndexError::from).and_then(|bytes| {
+            report.snapshot_bytes = bytes.len() as u64;
+            codec::decode::<SnapshotBody>(&codec::SNAPSHOT, &bytes)
+                .map_err(|err| IndexError::Frame { key: key.clone(), err })
+        });
+        match loaded {
+            Ok(body) => {
+                found = Some((generation, body));
+                break;
+            }
+            Err(e) => {
+                let w = format!("skipping unreadable snapshot: {e}");
+                log::warn!("{w}");
+                report.warnings.push(w);
+            }
+        }
+    }
+    let Some((generation, body)) = found else {
+        return Err(IndexError::NoSnapshot(store.describe()));
+    };
+    if gens.last() != Some(&generation) {
+        report
+            .warnings
+            .push(format!("recovered from older snapshot generation {generation}"));
+    }
+    let mut index = Index::from_snapshot(body, superblock.block_size);
+    report.generation = generation;
+
+    let mut last_key: Option<String> = None;
+    let mut seq = 0;
+    for (&s, keys) in &list_segments(&*store, generation)? {
+        if s != seq + 1 {
+            let w = format!("journal gap: segment {} missing; replay stopped", seq + 1);
+            log::warn!("{w}");
+            report.warnings.push(w);
+            break;
+        }
+        if keys.len() > 1 {
+            let writers: Vec<String> = keys
+                .iter()
+                .filter_map(|k| parse_segment_key(k).map(|p| p.2))
+                .collect();
+            return Err(IndexError::Fork {
+                generation,
+                seq: s,
+                writers: writers.join(", "),
+            });
+        }
+        let key = &keys[0];
+        let segment = store.get(key).map_err(IndexError::from).and_then(|bytes| {
+            report.journal_bytes += bytes.len() as u64;
+            codec::decode::<Segment>(&codec::SEGMENT, &bytes)
+                .map_err(|err| IndexError::Frame { key: key.clone(), err })
+        });
+        let segment = match segment {
+            Ok(seg) if seg.prev == last_key && seg.generation == generation && seg.seq == s => seg,
+            Ok(_) => {
+                let w = format!("{key}: does not follow the previous segment; replay stopped");
+                log::warn!("{w}");
+                report.warnings.push(w);
+                break;
+            }
+            Err(e) => {
+                let w = format!("torn or corrupt journal segment, replay stopped there: {e}");
+                log::warn!("{w}");
+                report.warnings.push(w);
+                break;
+            }
+        };
+        report.records += segment.records.len() as u64;
+        for record in segment.records {
+            index.apply(record);
+        }
+        index.set_next_ino(segment.next_ino);
+        seq = s;
+        last_key = Some(key.clone());
+        report.segments += 1;
+    }
+    let orphans = index.finish_load();
+    report.reclaimed_orphans = orphans.len();
+    if !orphans.is_empty() {
+        log::info!("reclaimed {} unlinked inodes left by a previous mount", orphans.len());
+    }
+    let journal = Journal {
+        store,
+        writer: writer.to_string(),
+        generation,
+        seq,
+        last_key,
+        segments: report.segments,
+        bytes: report.journal_bytes,
+        clean: report.clean(),
+    };
+    Ok(Loaded {
+        superblock,
+        index,
+        journal,
+        report,
+    })
+}
+
+impl Journal {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn needs_fresh_snapshot(&self) -> bool {
+        !self.clean
+    }
+
+    /// Writes one segment holding `changes`; durable when it returns.
+    pub fn commit(&mut self, changes: &Changes) -> Result<(), IndexError> {
+        let seq = self.seq + 1;
+        let key = segment_key(self.generation, seq, &self.writer);
+        let segment = Segment {
+            generation: self.generation,
+            seq,
+            writer: self.writer.clone(),
+            prev: self.last_key.clone(),
+            next_ino: changes.next_ino,
+            records: changes.records.clone(),
+        };
+        let bytes = codec::encode(&codec::SEGMENT, &segment);
+        self.store.put(&key, &bytes)?;
+        self.seq = seq;
+        self.last_key = Some(key);
+        self.segments += 1;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the whole index as the next generation, then removes what it replaces.
+    pub fn write_snapshot(&mut self, body: &SnapshotBody) -> Result<(), IndexError> {
+        let generation = self.generation + 1;
+        debug_assert_eq!(body.generation, generation);
+        let bytes = codec::encode(&codec::SNAPSHOT, body);
+        self.store.put(&snapshot_key(generation), &bytes)?;
+        let old_gen = self.generation;
+        self.generation = generation;
+        self.seq = 0;
+        self.last_key = None;
+        self.segments = 0;
+        self.bytes = 0;
+        if self.clean {
+            self.remove_generations_before(generation);
+        } else {
+            log::warn!(
+                "kept generation {old_gen} objects after recovering from damage (fsck can inspect them)"
+            );
+            self.clean = true;
+        }
+        Ok(())
+    }
+
+    /// Only after a newer snapshot is durable; failures here just leave garbage.
+    fn remove_generations_before(&self, generation: u64) {
+        let old = |key: &String| {
+            parse_segment_key(key)
+                .map(|(g, _, _)| g)
+                .or_else(|| parse_snapshot_key(key))
+                .is_some_and(|g| g < generation)
+        };
+        let keys = match self.store.list("meta/") {
+            Ok(k) => k,
+            Err(e) => {
+                log::warn!("listing old generations: {e}");
+                return;
+            }
+        };
+        // Segments first, so a crash midway never leaves segments without their snapshot.
+        let (segments, others): (Vec<String>, Vec<String>) = keys
+            .into_iter()
+            .filter(old)
+            .partition(|k| k.starts_with(JOURNAL_PREFIX));
+        for key in segments.iter().chain(others.iter()) {
+            if let Err(e) = self.store.delete(key) {
+                log::warn!("deleting {key}: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{Inode, Kind, ROOT_INO};
+    use crate::store::MemoryStore;
+
+    fn add_file(index: &mut Index, name: &str) -> u64 {
+        let ino = index.alloc_ino();
+        index.insert_inode(Inode::new(ino, Kind::File, 0o644, 0, 0));
+        index.insert_entry(ROOT_INO, name.as_bytes(), ino);
+        ino
+    }
+
+    fn names(index: &Index) -> Vec<String> {
+        index
+            .entries(ROOT_INO)
+            .unwrap()
+            .keys()
+            .map(|k| String::from_utf8(k.clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn mkfs_refuses_twice_and_foreign_stores() {
+        let store = MemoryStore::new();
+        mkfs(&store, 4096).unwrap();
+        assert!(matches!(mkfs(&store, 4096), Err(IndexError::AlreadyFormatted(_))));
+        let other = MemoryStore::new();
+        other.put("photos/cat.jpg", b"x").unwrap();
+        assert!(matches!(mkfs(&other, 4096), Err(IndexError::NotEmpty(_))));
+        assert!(matches!(
+            load(Arc::new(other), "w"),
+            Err(IndexError::NotObjfs(_))
+        ));
+    }
+
+    #[test]
+    fn commits_snapshots_and_recovers() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mkfs(&*store, 4096).unwrap();
+        let mut l = load(store.clone(), "w1").unwrap();
+        add_file(&mut l.index, "a");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        add_file(&mut l.index, "b");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+
+        let r = load(store.clone(), "w2").unwrap();
+        assert_eq!(names(&r.index), vec!["a", "b"]);
+        assert_eq!(r.report.segments, 2);
+
+        // Compaction: a new generation replaces the old objects.
+        let body = l.index.snapshot_body(l.journal.generation() + 1);
+        l.journal.write_snapshot(&body).unwrap();
+        add_file(&mut l.index, "c");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        let keys = store.list("meta/").unwrap();
+        assert_eq!(
+            keys,
+            vec![
+                segment_key(1, 1, "w1"),
+                "meta/snapshot-00000000000000000001".to_string(),
+                "meta/superblock".to_string()
+            ]
+        );
+        let r = load(store, "w3").unwrap();
+        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn torn_segment_stops_replay_with_a_warning() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mkfs(&*store, 4096).unwrap();
+        let mut l = load(store.clone(), "w").unwrap();
+        add_file(&mut l.index, "a");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        add_file(&mut l.index, "b");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        let key = segment_key(0, 2, "w");
+        let bytes = store.get(&key).unwrap();
+        store.put(&key, &bytes[..bytes.len() / 2]).unwrap();
+        let r = load(store.clone(), "x").unwrap();
+        assert_eq!(names(&r.index), vec!["a"]);
+        assert!(!r.report.clean());
+        assert!(r.journal.needs_fresh_snapshot());
+    }
+
+    #[test]
+    fn fork_refuses_to_load() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mkfs(&*store, 4096).unwrap();
+        let mut a = load(store.clone(), "aaaa").unwrap();
+        let mut b = load(store.clone(), "bbbb").unwrap();
+        add_file(&mut a.index, "a");
+        a.journal.commit(&a.index.take_changes()).unwrap();
+        add_file(&mut b.index, "b");
+        b.journal.commit(&b.index.take_changes()).unwrap();
+        match load(store, "c") {
+            Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
+            other => panic!("expected a fork, got {:?}", other.map(|l| l.report)),
+        }
+    }
+}

@@ -1,0 +1,691 @@
+//! The index: every inode, directory entry, block list and xattr, in memory, with the
+//! set of changes not yet committed to the journal. It knows nothing of POSIX rules
+//! (that is the fs core) and does no I/O (that is `journal`).
+
+pub mod codec;
+pub mod journal;
+pub mod superblock;
+
+use crate::block::BlockId;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        let (sec, nsec) = crate::util::unix_now();
+        Timestamp { sec, nsec }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// What holds the bytes of one block-sized slot of a file. `len` bytes are valid;
+/// anything after them up to the file size reads as zeros.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Extent {
+    Block { id: BlockId, len: u32 },
+    Inline(Vec<u8>),
+}
+
+impl Extent {
+    pub fn len(&self) -> u64 {
+        match self {
+            Extent::Block { len, .. } => u64::from(*len),
+            Extent::Inline(d) => d.len() as u64,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn block_id(&self) -> Option<BlockId> {
+        match self {
+            Extent::Block { id, .. } => Some(*id),
+            Extent::Inline(_) => None,
+        }
+    }
+    /// Keeps only the first `keep` bytes.
+    pub fn clip(&mut self, keep: u64) {
+        match self {
+            Extent::Block { len, .. } => *len = (*len).min(keep as u32),
+            Extent::Inline(d) => d.truncate(keep as usize),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub ino: Ino,
+    pub kind: Kind,
+    /// Permission bits including setuid/setgid/sticky (mode & 0o7777).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub crtime: Timestamp,
+    pub rdev: u32,
+    /// Directories: the parent, for "..".
+    pub parent: Ino,
+    /// Files: block slot number -> extent; a missing slot is a hole.
+    pub extents: BTreeMap<u64, Extent>,
+    /// Symlinks: the target.
+    pub target: Vec<u8>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Inode {
+    pub fn new(ino: Ino, kind: Kind, perm: u16, uid: u32, gid: u32) -> Inode {
+        let now = Timestamp::now();
+        Inode {
+            ino,
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            nlink: 1,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            parent: 0,
+            extents: BTreeMap::new(),
+            target: Vec::new(),
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    /// Drops extents past `size` and clips the one it ends in, so nothing stale
+    /// reappears if the file grows again.
+    fn clip_extents(&mut self, block_size: u64) -> Vec<BlockId> {
+        let mut dropped = Vec::new();
+        let first_gone = self.size.div_ceil(block_size);
+        for (_, e) in self.extents.split_off(&first_gone) {
+            dropped.extend(e.block_id());
+        }
+        if self.size % block_size != 0 {
+            let last = self.size / block_size;
+            if let Some(e) = self.extents.get_mut(&last) {
+                e.clip(self.size % block_size);
+            }
+        }
+        dropped
+    }
+}
+
+/// One index change, as journaled. Replaying records is idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    PutInode(Inode),
+    DelInode(Ino),
+    PutEntry { dir: Ino, name: Vec<u8>, ino: Ino },
+    DelEntry { dir: Ino, name: Vec<u8> },
+}
+
+/// The full index as stored in a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotBody {
+    pub generation: u64,
+    pub next_ino: u64,
+    pub inodes: Vec<Inode>,
+    pub dirs: Vec<(Ino, Vec<(Vec<u8>, Ino)>)>,
+}
+
+/// Per-block bookkeeping that decides when a block may be deleted from the store.
+#[derive(Default)]
+pub struct Ledger {
+    refs: HashMap<BlockId, u32>,
+    uploading: HashMap<BlockId, u32>,
+    deleting: HashSet<BlockId>,
+}
+
+impl Ledger {
+    pub fn refs(&self, id: &BlockId) -> u32 {
+        self.refs.get(id).copied().unwrap_or(0)
+    }
+    fn add(&mut self, id: BlockId) {
+        *self.refs.entry(id).or_default() += 1;
+    }
+    /// True when the last reference went away.
+    fn remove(&mut self, id: BlockId) -> bool {
+        match self.refs.get_mut(&id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.refs.remove(&id);
+                true
+            }
+            None => false,
+        }
+    }
+    pub fn block_count(&self) -> usize {
+        self.refs.len()
+    }
+    pub fn referenced(&self) -> impl Iterator<Item = (&BlockId, &u32)> {
+        self.refs.iter()
+    }
+}
+
+pub enum UploadStart {
+    /// Already referenced, hence already in the store: no upload needed.
+    Present,
+    Needed,
+    /// A delete of this block is in progress; try again shortly.
+    Busy,
+}
+
+#[derive(Default)]
+pub struct Index {
+    inodes: HashMap<Ino, Inode>,
+    dirs: HashMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+    next_ino: u64,
+    block_size: u64,
+    dirty_inodes: HashSet<Ino>,
+    dirty_entries: HashSet<(Ino, Vec<u8>)>,
+    /// Files with unflushed data -> the size that is safe to journal for them.
+    durable_size: HashMap<Ino, u64>,
+    ledger: Ledger,
+    /// Blocks whose last reference went away since the last commit.
+    unreferenced: Vec<BlockId>,
+}
+
+/// Changes taken for one commit; handed back with `restore` if the commit fails.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub records: Vec<Record>,
+    pub next_ino: u64,
+    inodes: HashSet<Ino>,
+    entries: HashSet<(Ino, Vec<u8>)>,
+    pub unreferenced: Vec<BlockId>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+impl Index {
+    /// A fresh filesystem: just the root directory.
+    pub fn new_filesystem(block_size: u32, uid: u32, gid: u32) -> Index {
+        let mut index = Index {
+            next_ino: ROOT_INO + 1,
+            block_size: u64::from(block_size),
+            ..Default::default()
+        };
+        let mut root = Inode::new(ROOT_INO, Kind::Dir, 0o755, uid, gid);
+        root.nlink = 2;
+        root.parent = ROOT_INO;
+        index.inodes.insert(ROOT_INO, root);
+        index.dirs.insert(ROOT_INO, BTreeMap::new());
+        index
+    }
+
+    pub fn from_snapshot(body: SnapshotBody, block_size: u32) -> Index {
+        let mut index = Index {
+            next_ino: body.next_ino,
+            block_size: u64::from(block_size),
+            ..Default::default()
+        };
+        for inode in body.inodes {
+            index.inodes.insert(inode.ino, inode);
+        }
+        for (dir, entries) in body.dirs {
+            index.dirs.insert(dir, entries.into_iter().collect());
+        }
+        index
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Applies a journaled record during recovery (no change tracking).
+    pub fn apply(&mut self, record: Record) {
+        match record {
+            Record::PutInode(inode) => {
+                if inode.kind == Kind::Dir {
+                    self.dirs.entry(inode.ino).or_default();
+                }
+                self.next_ino = self.next_ino.max(inode.ino + 1);
+                self.inodes.insert(inode.ino, inode);
+            }
+            Record::DelInode(ino) => {
+                self.inodes.remove(&ino);
+                self.dirs.remove(&ino);
+            }
+            Record::PutEntry { dir, name, ino } => {
+                self.dirs.entry(dir).or_default().insert(name, ino);
+            }
+            Record::DelEntry { dir, name } => {
+                if let Some(d) = self.dirs.get_mut(&dir) {
+                    d.remove(&name);
+                }
+            }
+        }
+    }
+
+    pub fn set_next_ino(&mut self, next: u64) {
+        self.next_ino = self.next_ino.max(next);
+    }
+
+    /// After loading: normalize files, reclaim inodes no directory links to (files
+    /// unlinked while open when the last writer died), and count block references.
+    /// Returns the reclaimed inode numbers.
+    pub fn finish_load(&mut self) -> Vec<Ino> {
+        let bs = self.block_size;
+        for inode in self.inodes.values_mut() {
+            inode.clip_extents(bs);
+        }
+        let mut linked: HashSet<Ino> = HashSet::from([ROOT_INO]);
+        for entries in self.dirs.values() {
+            linked.extend(entries.values().copied());
+        }
+        let orphans: Vec<Ino> = self
+            .inodes
+            .keys()
+            .copied()
+            .filter(|i| !linked.contains(i))
+            .collect();
+        for ino in &orphans {
+            self.inodes.remove(ino);
+            self.dirs.remove(ino);
+            self.dirty_inodes.insert(*ino);
+        }
+        self.ledger.refs.clear();
+        for inode in self.inodes.values() {
+            for e in inode.extents.values() {
+                if let Some(id) = e.block_id() {
+                    self.ledger.add(id);
+                }
+            }
+        }
+        orphans
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    /// Mutable access; the inode is journaled at the next commit.
+    pub fn get_mut(&mut self, ino: Ino) -> Option<&mut Inode> {
+        let inode = self.inodes.get_mut(&ino)?;
+        self.dirty_inodes.insert(ino);
+        Some(inode)
+    }
+
+    pub fn alloc_ino(&mut self) -> Ino {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        ino
+    }
+
+    pub fn insert_inode(&mut self, inode: Inode) {
+        let ino = inode.ino;
+        if inode.kind == Kind::Dir {
+            self.dirs.entry(ino).or_default();
+        }
+        for e in inode.extents.values() {
+            if let Some(id) = e.block_id() {
+                self.ledger.add(id);
+            }
+        }
+        self.inodes.insert(ino, inode);
+        self.dirty_inodes.insert(ino);
+    }
+
+    pub fn remove_inode(&mut self, ino: Ino) -> Option<Inode> {
+        let inode = self.inodes.remove(&ino)?;
+        self.dirs.remove(&ino);
+        self.durable_size.remove(&ino);
+        for e in inode.extents.values() {
+            self.release_extent(e);
+        }
+        self.dirty_inodes.insert(ino);
+        Some(inode)
+    }
+
+    fn release_extent(&mut self, e: &Extent) {
+        if let Some(id) = e.block_id() {
+            if self.ledger.remove(id) {
+                self.unreferenced.push(id);
+            }
+        }
+    }
+
+    pub fn lookup(&self, dir: Ino, name: &[u8]) -> Option<Ino> {
+        self.dirs.get(&dir)?.get(name).copied()
+    }
+
+    pub fn entries(&self, dir: Ino) -> Option<&BTreeMap<Vec<u8>, Ino>> {
+        self.dirs.get(&dir)
+    }
+
+    pub fn insert_entry(&mut self, dir: Ino, name: &[u8], ino: Ino) {
+        self.dirs.entry(dir).or_default().insert(name.to_vec(), ino);
+        self.dirty_entries.insert((dir, name.to_vec()));
+    }
+
+    pub fn remove_entry(&mut self, dir: Ino, name: &[u8]) -> Option<Ino> {
+        let ino = self.dirs.get_mut(&dir)?.remove(name)?;
+        self.dirty_entries.insert((dir, name.to_vec()));
+        Some(ino)
+    }
+
+    /// Points a file's block slot at new content.
+    pub fn set_extent(&mut self, ino: Ino, slot: u64, extent: Extent) {
+        if let Some(id) = extent.block_id() {
+            self.ledger.add(id);
+        }
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            // The file is gone; the new reference is dropped at once.
+            self.release_extent(&extent);
+            return;
+        };
+        self.dirty_inodes.insert(ino);
+        if let Some(old) = inode.extents.insert(slot, extent) {
+            self.release_extent(&old);
+        }
+    }
+
+    /// Sets a file's size, dropping content past it.
+    pub fn set_size(&mut self, ino: Ino, size: u64) {
+        let bs = self.block_size;
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        let old = inode.size;
+        // Clip at the smaller of the two sizes so bytes cut earlier never reappear.
+        inode.size = old.min(size);
+        let dropped = inode.clip_extents(bs);
+        inode.size = size;
+        self.dirty_inodes.insert(ino);
+        if let Some(d) = self.durable_size.get_mut(&ino) {
+            *d = (*d).min(size);
+        }
+        for id in dropped {
+            if self.ledger.remove(id) {
+                self.unreferenced.push(id);
+            }
+        }
+    }
+
+    /// The file has data not yet in the store: until `mark_data_flushed`, commits
+    /// journal it with its size from before the unflushed writes.
+    pub fn mark_data_pending(&mut self, ino: Ino) {
+        if let Some(inode) = self.inodes.get(&ino) {
+            self.durable_size.entry(ino).or_insert(inode.size);
+        }
+    }
+
+    pub fn mark_data_flushed(&mut self, ino: Ino) {
+        if self.durable_size.remove(&ino).is_some() {
+            self.dirty_inodes.insert(ino);
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Registers an upload about to happen, so no concurrent delete removes the block.
+    pub fn begin_upload(&mut self, id: BlockId) -> UploadStart {
+        if self.ledger.deleting.contains(&id) {
+            return UploadStart::Busy;
+        }
+        *self.ledger.uploading.entry(id).or_default() += 1;
+        if self.ledger.refs(&id) > 0 {
+            UploadStart::Present
+        } else {
+            UploadStart::Needed
+        }
+    }
+
+    pub fn end_upload(&mut self, id: BlockId) {
+        if let Some(n) = self.ledger.uploading.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.ledger.uploading.remove(&id);
+                if self.ledger.refs(&id) == 0 {
+                    // Uploaded but never referenced (the data changed meanwhile).
+                    self.unreferenced.push(id);
+                }
+            }
+        }
+    }
+
+    /// Claims a block for deletion if nothing references or is uploading it.
+    pub fn begin_delete(&mut self, id: BlockId) -> bool {
+        let free = self.ledger.refs(&id) == 0 && !self.ledger.uploading.contains_key(&id);
+        if free {
+            self.ledger.deleting.insert(id);
+        }
+        free
+    }
+
+    pub fn end_delete(&mut self, id: BlockId) {
+        self.ledger.deleting.remove(&id);
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.dirty_inodes.is_empty() || !self.dirty_entries.is_empty()
+    }
+
+    /// The inode as it may be persisted now: a file with unflushed data is journaled
+    /// with its last durable size, so a crash never exposes a tail of zeros.
+    fn persistable(&self, inode: &Inode) -> Inode {
+        let mut out = inode.clone();
+        if let Some(&durable) = self.durable_size.get(&inode.ino) {
+            out.size = out.size.min(durable);
+        }
+        out
+    }
+
+    /// Takes every change since the last commit as journal records.
+    pub fn take_changes(&mut self) -> Changes {
+        let inodes = std::mem::take(&mut self.dirty_inodes);
+        let entries = std::mem::take(&mut self.dirty_entries);
+        let mut records = Vec::with_capacity(inodes.len() + entries.len());
+        let mut ordered: Vec<Ino> = inodes.iter().copied().collect();
+        ordered.sort_unstable();
+        for ino in ordered {
+            match self.inodes.get(&ino) {
+                Some(inode) => {
+                    records.push(Record::PutInode(self.persistable(inode)));
+                    if self.durable_size.contains_key(&ino) {
+                        // Journal it again once its data is in the store.
+                        self.dirty_inodes.insert(ino);
+                    }
+                }
+                None => records.push(Record::DelInode(ino)),
+            }
+        }
+        let mut ordered: Vec<&(Ino, Vec<u8>)> = entries.iter().collect();
+        ordered.sort_unstable();
+        for (dir, name) in ordered {
+            match self.lookup(*dir, name) {
+                Some(ino) => records.push(Record::PutEntry {
+                    dir: *dir,
+                    name: name.clone(),
+                    ino,
+                }),
+                None => records.push(Record::DelEntry {
+                    dir: *dir,
+                    name: name.clone(),
+                }),
+            }
+        }
+        Changes {
+            records,
+            next_ino: self.next_ino,
+            inodes,
+            entries,
+            unreferenced: std::mem::take(&mut self.unreferenced),
+        }
+    }
+
+    /// Puts back changes whose commit failed, so the next commit carries them.
+    pub fn restore(&mut self, changes: Changes) {
+        self.dirty_inodes.extend(changes.inodes);
+        self.dirty_entries.extend(changes.entries);
+        self.unreferenced.extend(changes.unreferenced);
+    }
+
+    pub fn snapshot_body(&self, generation: u64) -> SnapshotBody {
+        let mut inodes: Vec<Inode> = self.inodes.values().map(|i| self.persistable(i)).collect();
+        inodes.sort_by_key(|i| i.ino);
+        let mut dirs: Vec<(Ino, Vec<(Vec<u8>, Ino)>)> = self
+            .dirs
+            .iter()
+            .map(|(d, e)| (*d, e.iter().map(|(n, i)| (n.clone(), *i)).collect()))
+            .collect();
+        dirs.sort_by_key(|(d, _)| *d);
+        SnapshotBody {
+            generation,
+            next_ino: self.next_ino,
+            inodes,
+            dirs,
+        }
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    pub fn inodes(&self) -> impl Iterator<Item = &Inode> {
+        self.inodes.values()
+    }
+
+    pub fn next_ino(&self) -> u64 {
+        self.next_ino
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(index: &mut Index, name: &[u8]) -> Ino {
+        let ino = index.alloc_ino();
+        index.insert_inode(Inode::new(ino, Kind::File, 0o644, 0, 0));
+        index.insert_entry(ROOT_INO, name, ino);
+        ino
+    }
+
+    #[test]
+    fn changes_replay_to_the_same_index() {
+        let mut index = Index::new_filesystem(4096, 0, 0);
+        let base = index.snapshot_body(0);
+        let a = file(&mut index, b"a");
+        let b = file(&mut index, b"b");
+        index.get_mut(a).unwrap().size = 10;
+        index.set_extent(a, 0, Extent::Inline(b"0123456789".to_vec()));
+        index.remove_entry(ROOT_INO, b"b");
+        index.remove_inode(b);
+        let changes = index.take_changes();
+        assert!(!index.has_changes());
+
+        let mut replayed = Index::from_snapshot(base, 4096);
+        for r in changes.records {
+            replayed.apply(r);
+        }
+        replayed.set_next_ino(changes.next_ino);
+        replayed.finish_load();
+        assert_eq!(replayed.get(a), index.get(a));
+        assert_eq!(replayed.get(b), None);
+        assert_eq!(replayed.lookup(ROOT_INO, b"b"), None);
+        assert_eq!(replayed.next_ino(), index.next_ino());
+    }
+
+    #[test]
+    fn refcounts_follow_extents() {
+        let mut index = Index::new_filesystem(4096, 0, 0);
+        let a = file(&mut index, b"a");
+        let b = file(&mut index, b"b");
+        let id = BlockId::of(b"x");
+        index.get_mut(a).unwrap().size = 4096;
+        index.get_mut(b).unwrap().size = 4096;
+        index.set_extent(a, 0, Extent::Block { id, len: 4096 });
+        index.set_extent(b, 0, Extent::Block { id, len: 4096 });
+        assert_eq!(index.ledger().refs(&id), 2);
+        index.set_size(a, 0);
+        assert_eq!(index.ledger().refs(&id), 1);
+        assert!(!index.begin_delete(id));
+        index.remove_inode(b);
+        assert_eq!(index.ledger().refs(&id), 0);
+        assert_eq!(index.take_changes().unreferenced, vec![id]);
+        assert!(index.begin_delete(id));
+        assert!(matches!(index.begin_upload(id), UploadStart::Busy));
+    }
+
+    #[test]
+    fn truncate_then_grow_reads_no_stale_bytes() {
+        let mut index = Index::new_filesystem(4096, 0, 0);
+        let a = file(&mut index, b"a");
+        index.get_mut(a).unwrap().size = 8000;
+        index.set_extent(a, 0, Extent::Inline(vec![7; 4096]));
+        index.set_extent(a, 1, Extent::Inline(vec![7; 3904]));
+        index.set_size(a, 100);
+        index.set_size(a, 8000);
+        let inode = index.get(a).unwrap();
+        assert_eq!(inode.extents.len(), 1);
+        assert_eq!(inode.extents[&0].len(), 100);
+    }
+
+    #[test]
+    fn unflushed_files_journal_their_durable_size() {
+        let mut index = Index::new_filesystem(4096, 0, 0);
+        let a = file(&mut index, b"a");
+        index.get_mut(a).unwrap().size = 5;
+        index.take_changes();
+        index.mark_data_pending(a);
+        index.get_mut(a).unwrap().size = 500;
+        let changes = index.take_changes();
+        let Record::PutInode(i) = &changes.records[0] else {
+            panic!()
+        };
+        assert_eq!(i.size, 5);
+        assert!(index.has_changes(), "journaled again after the flush");
+        index.mark_data_flushed(a);
+        let changes = index.take_changes();
+        let Record::PutInode(i) = &changes.records[0] else {
+            panic!()
+        };
+        assert_eq!(i.size, 500);
+    }
+
+    #[test]
+    fn orphans_are_reclaimed_on_load() {
+        let mut index = Index::new_filesystem(4096, 0, 0);
+        let a = file(&mut index, b"a");
+        index.remove_entry(ROOT_INO, b"a");
+        let body = index.snapshot_body(1);
+        let mut loaded = Index::from_snapshot(body, 4096);
+        assert_eq!(loaded.finish_load(), vec![a]);
+        assert!(loaded.get(a).is_none());
+    }
+}

@@ -1,0 +1,12 @@
+//! objfs: a POSIX filesystem whose data and metadata live in a flat object store.
+//!
+//! Layers, top to bottom: `cli` -> `fuse` (thin adapter) -> `fs` (POSIX semantics,
+//! plain Rust API) -> `index` (metadata, journal, snapshots) -> `cache` (block cache)
+//! -> `block` (content-addressed codec) -> `store` (object stores).
+
+pub mod block;
+pub mod cache;
+pub mod fs;
+pub mod index;
+pub mod store;
+pub mod util;

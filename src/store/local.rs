@@ -1,0 +1,227 @@
+use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Objects as files under a root directory. Every put is durable when it returns
+/// (temp file, fsync, rename, fsync directory) and never leaves a partial object visible.
+pub struct LocalStore {
+    root: PathBuf,
+    tmp_counter: AtomicU64,
+    nonce: u64,
+}
+
+impl LocalStore {
+    pub fn open(root: &Path, create: bool) -> StoreResult<LocalStore> {
+        let key = root.display().to_string();
+        if create {
+            fs::create_dir_all(root).map_err(|e| StoreError::from_io(&key, e))?;
+        }
+        let meta = fs::metadata(root).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound(key.clone()),
+            _ => StoreError::from_io(&key, e),
+        })?;
+        if !meta.is_dir() {
+            return Err(StoreError::Io(format!("{key} is not a directory")));
+        }
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+            tmp_counter: AtomicU64::new(0),
+            nonce: u64::from(std::process::id()) << 32 ^ crate::util::random_u64(),
+        })
+    }
+
+    fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
+        let valid = !key.is_empty()
+            && !key.starts_with('/')
+            && key
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != ".." && !part.starts_with(TMP_PREFIX));
+        if !valid {
+            return Err(StoreError::Io(format!("invalid object key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn write_temp(&self, dir: &Path, key: &str, data: &[u8]) -> StoreResult<PathBuf> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{TMP_PREFIX}{:x}-{n}", self.nonce));
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::from_io(key, e));
+        }
+        Ok(tmp)
+    }
+
+    fn ensure_parent(&self, path: &Path, key: &str) -> StoreResult<PathBuf> {
+        let dir = path.parent().expect("object path has a parent").to_path_buf();
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(|e| StoreError::from_io(key, e))?;
+            // The new directory's own entry must be durable too.
+            if let Some(grand) = dir.parent() {
+                sync_dir(grand).map_err(|e| StoreError::from_io(key, e))?;
+            }
+        }
+        Ok(dir)
+    }
+
+    fn collect(&self, dir: &Path, rel: &str, prefix: &str, out: &mut Vec<String>) -> StoreResult<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::from_io(rel, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::from_io(rel, e))?;
+            let name = entry.file_name();
+            let Ok(name) = std::str::from_utf8(name.as_bytes()) else {
+                continue;
+            };
+            if name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let key = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if is_dir {
+                let as_dir = format!("{key}/");
+                if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
+                    self.collect(&entry.path(), &key, prefix, out)?;
+                }
+            } else if key.starts_with(prefix) {
+                out.push(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl ObjectStore for LocalStore {
+    fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
+        let path = self.path_of(key)?;
+        fs::read(&path).map_err(|e| StoreError::from_io(key, e))
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        let path = self.path_of(key)?;
+        let dir = self.ensure_parent(&path, key)?;
+        let tmp = self.write_temp(&dir, key, data)?;
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::from_io(key, e));
+        }
+        sync_dir(&dir).map_err(|e| StoreError::from_io(key, e))
+    }
+
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        let path = self.path_of(key)?;
+        let dir = self.ensure_parent(&path, key)?;
+        let tmp = self.write_temp(&dir, key, data)?;
+        // link(2) fails with EEXIST atomically: conditional create without a lock.
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => sync_dir(&dir).map_err(|e| StoreError::from_io(key, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(StoreError::AlreadyExists(key.into()))
+            }
+            Err(e) => Err(StoreError::from_io(key, e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        let path = self.path_of(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::from_io(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        // Start the walk at the deepest directory the prefix fully names.
+        let (dir_rel, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let start = if dir_rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir_rel)
+        };
+        let mut out = Vec::new();
+        self.collect(&start, dir_rel, prefix, &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn space(&self) -> StoreResult<StoreSpace> {
+        let c = std::ffi::CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|_| StoreError::Io("store path has a NUL byte".into()))?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: c is a valid NUL-terminated path and st a properly sized out-parameter.
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        if rc != 0 {
+            return Err(StoreError::from_io(
+                "statvfs",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let frsize = st.f_frsize as u64;
+        Ok(StoreSpace {
+            total_bytes: st.f_blocks as u64 * frsize,
+            free_bytes: st.f_bavail as u64 * frsize,
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("s"), true).unwrap();
+        super::super::contract::check(&store);
+    }
+
+    #[test]
+    fn rejects_keys_that_escape_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        for key in ["../x", "/abs", "a//b", "a/./b", "", ".tmp-x"] {
+            assert!(store.put(key, b"x").is_err(), "{key}");
+        }
+    }
+
+    #[test]
+    fn leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        store.put("x/y", b"1").unwrap();
+        let _ = store.put_if_absent("x/y", b"2");
+        let names: Vec<_> = fs::read_dir(dir.path().join("x"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("y")]);
+    }
+}

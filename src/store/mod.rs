@@ -1,0 +1,144 @@
+//! Object stores: a flat namespace of immutable-by-convention keys.
+//!
+//! Everything above this layer talks to `dyn ObjectStore`; which backend is in use is
+//! decided once, by `open_store`, from the STORE argument.
+
+mod faulty;
+mod local;
+mod memory;
+
+pub use faulty::FaultyStore;
+pub use local::LocalStore;
+pub use memory::MemoryStore;
+
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("object {0} already exists")]
+    AlreadyExists(String),
+    #[error("store is out of space")]
+    NoSpace,
+    #[error("store denied access: {0}")]
+    AccessDenied(String),
+    #[error("store I/O error: {0}")]
+    Io(String),
+}
+
+impl StoreError {
+    pub fn from_io(key: &str, err: std::io::Error) -> StoreError {
+        match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace,
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                StoreError::AccessDenied(format!("{key}: {err}"))
+            }
+            _ if err.kind() == std::io::ErrorKind::NotFound => StoreError::NotFound(key.into()),
+            _ => StoreError::Io(format!("{key}: {err}")),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Capacity figures for statfs.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSpace {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// A flat key -> bytes store. Keys are `/`-separated ASCII; values are whole objects:
+/// a reader never sees a partially written object.
+pub trait ObjectStore: Send + Sync {
+    fn get(&self, key: &str) -> StoreResult<Vec<u8>>;
+    /// Durable when it returns.
+    fn put(&self, key: &str, data: &[u8]) -> StoreResult<()>;
+    /// Creates the object only if the key is free; `AlreadyExists` otherwise.
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()>;
+    /// Deleting a missing key is not an error.
+    fn delete(&self, key: &str) -> StoreResult<()>;
+    /// All keys starting with `prefix`, sorted.
+    fn list(&self, prefix: &str) -> StoreResult<Vec<String>>;
+    fn exists(&self, key: &str) -> StoreResult<bool> {
+        match self.get(key) {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+    fn space(&self) -> StoreResult<StoreSpace>;
+    /// Where this store lives, for messages.
+    fn describe(&self) -> String;
+}
+
+/// How a STORE argument names a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Local(std::path::PathBuf),
+}
+
+impl StoreLocation {
+    pub fn parse(spec: &str) -> Result<StoreLocation, String> {
+        if spec.is_empty() {
+            return Err("empty STORE".into());
+        }
+        if let Some(rest) = spec.strip_prefix("file://") {
+            if rest.is_empty() {
+                return Err(format!("{spec}: file:// URL needs a path"));
+            }
+            return Ok(StoreLocation::Local(rest.into()));
+        }
+        if let Some((scheme, _)) = spec.split_once("://") {
+            return Err(format!(
+                "{spec}: unsupported store scheme '{scheme}://' (use a local path or file://)"
+            ));
+        }
+        Ok(StoreLocation::Local(spec.into()))
+    }
+
+    /// A local path that is missing or an empty directory: a first mount may create
+    /// a filesystem there.
+    pub fn is_blank(&self) -> bool {
+        match self {
+            StoreLocation::Local(p) => match std::fs::read_dir(p) {
+                Ok(mut it) => it.next().is_none(),
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            },
+        }
+    }
+
+    pub fn open(&self, create: bool) -> StoreResult<Arc<dyn ObjectStore>> {
+        match self {
+            StoreLocation::Local(p) => Ok(Arc::new(LocalStore::open(p, create)?)),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! The behaviour every backend must share, run against each implementation.
+    use super::*;
+
+    pub fn check(store: &dyn ObjectStore) {
+        assert!(matches!(store.get("a/b"), Err(StoreError::NotFound(_))));
+        store.put("a/b", b"one").unwrap();
+        assert_eq!(store.get("a/b").unwrap(), b"one");
+        store.put("a/b", b"two").unwrap();
+        assert_eq!(store.get("a/b").unwrap(), b"two");
+        assert!(matches!(
+            store.put_if_absent("a/b", b"x"),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        store.put_if_absent("a/c", b"three").unwrap();
+        store.put("b/x", b"").unwrap();
+        assert_eq!(store.list("a/").unwrap(), vec!["a/b", "a/c"]);
+        assert_eq!(store.list("").unwrap(), vec!["a/b", "a/c", "b/x"]);
+        assert_eq!(store.get("b/x").unwrap(), b"");
+        store.delete("a/b").unwrap();
+        store.delete("a/b").unwrap();
+        assert!(!store.exists("a/b").unwrap());
+        assert_eq!(store.list("a/").unwrap(), vec!["a/c"]);
+    }
+}
