@@ -5,8 +5,12 @@
 //! -> `block` (content-addressed codec) -> `store` (object stores).
 
 pub mod block;
+pub mod cli;
+pub mod daemon;
 pub mod cache;
 pub mod fs;
+pub mod fuse;
 pub mod index;
 pub mod store;
+pub mod tools;
 pub mod util;

@@ -240,6 +240,22 @@ impl Volume {
         &self.config
     }
 
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Read access to the index, for offline tools.
+    pub fn with_index<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
+        f(&self.state().index)
+    }
+
+    /// Fetches a block from the store and checks its hash.
+    pub fn verify_block(&self, id: BlockId) -> FsResult<()> {
+        let stored = self.store.get(&id.key())?;
+        crate::block::decode(id, stored).map_err(|e| FsError::Io(e.to_string()))?;
+        Ok(())
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -798,7 +814,9 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
     if name.len() > XATTR_NAME_MAX {
         return Err(FsError::Range);
     }
-    const NAMESPACES: [&[u8]; 4] = [b"user.", b"trusted.", b"security.", b"system."];
+    // system.* (POSIX ACLs among them) is refused: storing ACLs without applying
+    // them would leave modes wrong after `cp -a`, which falls back to chmod on EOPNOTSUPP.
+    const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
     if !NAMESPACES.iter().any(|ns| name.starts_with(ns) && name.len() > ns.len()) {
         return Err(FsError::NotSupported);
     }

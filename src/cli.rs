@@ -1,0 +1,228 @@
+//! Command-line definitions and mount-option parsing.
+
+use crate::util::parse_size;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "objfs",
+    version,
+    about = "A POSIX filesystem kept in an object store",
+    long_about = "objfs shows a normal folder tree whose data and metadata live in a flat object store \
+                  (a local directory, or a file:// URL). Set RUST_LOG=debug for more logging."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a filesystem in STORE (a missing local directory is created).
+    Mkfs {
+        /// Where the filesystem lives: a local directory or file:// URL.
+        store: String,
+        /// Block size (power of two, 4K..64M; K/M/G suffixes).
+        #[arg(long, value_name = "SIZE", default_value = "1M")]
+        block_size: String,
+    },
+    /// Mount STORE at MOUNTPOINT. Returns once the mount is live; a daemon serves it.
+    Mount(MountArgs),
+    /// Flush everything to the store and unmount; returns after the daemon exited.
+    Umount {
+        mountpoint: PathBuf,
+        /// Seconds to wait for the daemon to finish flushing.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Check the filesystem in STORE for consistency.
+    Fsck {
+        store: String,
+        /// Also read every block and verify its hash.
+        #[arg(long)]
+        verify_data: bool,
+    },
+    /// Show what STORE holds: files, bytes, blocks, dedup ratio, index size.
+    Stat { store: String },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// Where the filesystem lives: a local directory or file:// URL.
+    pub store: String,
+    pub mountpoint: PathBuf,
+    /// Serve in this process instead of a background daemon.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Mount read-only (never creates or changes anything in STORE).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Memory block cache size.
+    #[arg(long, value_name = "SIZE")]
+    pub cache_size: Option<String>,
+    /// Dirty data held in memory before writers flush synchronously.
+    #[arg(long, value_name = "SIZE")]
+    pub dirty_limit: Option<String>,
+    /// Seconds between background journal commits.
+    #[arg(long, value_name = "SECS")]
+    pub commit_interval: Option<String>,
+    /// FUSE worker threads.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<String>,
+    /// Parallel block uploads per flush.
+    #[arg(long, value_name = "N")]
+    pub upload_threads: Option<String>,
+    /// Daemon log file [default: $XDG_STATE_HOME/objfs/<mountpoint>.log, i.e.
+    /// ~/.local/state/objfs/<mountpoint>.log].
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Let other users access the mount (default when mounted by root).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Comma-separated options: ro, rw, allow_other, default_permissions, and any
+    /// long option as key=value (cache_size=64M,commit_interval=2).
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+}
+
+/// Mount settings after flags and -o are merged and validated.
+#[derive(Debug, Clone)]
+pub struct MountSettings {
+    pub read_only: bool,
+    pub cache_size: u64,
+    pub dirty_limit: u64,
+    pub commit_interval_secs: u64,
+    pub threads: usize,
+    pub upload_threads: usize,
+    pub log_file: Option<PathBuf>,
+    pub allow_other: bool,
+}
+
+fn parse_count(name: &str, text: &str, max: u64) -> Result<u64, String> {
+    let n: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("--{name}: '{text}' is not a whole number"))?;
+    if n == 0 || n > max {
+        return Err(format!("--{name}: {n} is out of range (1..={max})"));
+    }
+    Ok(n)
+}
+
+fn parse_bounded_size(name: &str, text: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n = parse_size(text).map_err(|e| format!("--{name}: {e}"))?;
+    if n < min || n > max {
+        return Err(format!(
+            "--{name}: {text} is out of range ({} .. {})",
+            crate::util::format_bytes(min),
+            crate::util::format_bytes(max)
+        ));
+    }
+    Ok(n)
+}
+
+impl MountArgs {
+    pub fn settings(&self) -> Result<MountSettings, String> {
+        let mut a = self.clone();
+        for group in &self.options {
+            for opt in group.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+                a.apply_option(opt)?;
+            }
+        }
+        let is_root = unsafe { libc::geteuid() } == 0;
+        let cache_size = match &a.cache_size {
+            Some(s) => parse_bounded_size("cache-size", s, 1 << 20, 1 << 40)?,
+            None => 256 << 20,
+        };
+        let dirty_limit = match &a.dirty_limit {
+            Some(s) => parse_bounded_size("dirty-limit", s, 4 << 20, 1 << 40)?,
+            None => 128 << 20,
+        };
+        Ok(MountSettings {
+            read_only: a.read_only,
+            cache_size,
+            dirty_limit,
+            commit_interval_secs: match &a.commit_interval {
+                Some(s) => parse_count("commit-interval", s, 3600)?,
+                None => 5,
+            },
+            threads: match &a.threads {
+                Some(s) => parse_count("threads", s, 64)? as usize,
+                None => 4,
+            },
+            upload_threads: match &a.upload_threads {
+                Some(s) => parse_count("upload-threads", s, 256)? as usize,
+                None => 8,
+            },
+            log_file: a.log_file.clone(),
+            allow_other: a.allow_other || is_root,
+        })
+    }
+
+    fn apply_option(&mut self, opt: &str) -> Result<(), String> {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
+            None => (opt, None),
+        };
+        let key = key.replace('-', "_");
+        let need = |v: Option<String>| v.ok_or_else(|| format!("-o {key} needs a value ({key}=...)"));
+        match key.as_str() {
+            "ro" | "read_only" => self.read_only = true,
+            "rw" => self.read_only = false,
+            "allow_other" => self.allow_other = true,
+            // Always on: the kernel checks permissions.
+            "default_permissions" => {}
+            // Words mount(8) and fstab pass along that mean nothing to objfs.
+            "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "nouser" | "dev"
+            | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "relatime" | "atime" => {}
+            "cache_size" => self.cache_size = Some(need(value)?),
+            "dirty_limit" => self.dirty_limit = Some(need(value)?),
+            "commit_interval" => self.commit_interval = Some(need(value)?),
+            "threads" => self.threads = Some(need(value)?),
+            "upload_threads" => self.upload_threads = Some(need(value)?),
+            "log_file" => self.log_file = Some(need(value)?.into()),
+            "foreground" => self.foreground = true,
+            _ => return Err(format!("unknown mount option '{opt}'")),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> MountArgs {
+        let mut argv = vec!["objfs", "mount", "/s", "/m"];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Mount(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn dash_o_sets_the_same_tunables_as_flags() {
+        let s = args(&["-o", "ro,cache_size=64M,commit_interval=2"]).settings().unwrap();
+        assert!(s.read_only);
+        assert_eq!(s.cache_size, 64 << 20);
+        assert_eq!(s.commit_interval_secs, 2);
+        let s = args(&["--cache-size", "2g"]).settings().unwrap();
+        assert_eq!(s.cache_size, 2 << 30);
+    }
+
+    #[test]
+    fn bad_options_are_clear_errors() {
+        for bad in [
+            vec!["-o", "bogus"],
+            vec!["-o", "cache_size"],
+            vec!["--cache-size", "12Q"],
+            vec!["--cache-size", "99999T"],
+            vec!["--threads", "0"],
+            vec!["--commit-interval", "-1"],
+        ] {
+            assert!(args(&bad).settings().is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Offline tools on a store: `stat` and `fsck`.
+
+use crate::block::BlockId;
+use crate::fs::{Volume, VolumeConfig};
+use crate::index::{Extent, Ino, Kind, ROOT_INO};
+use crate::store::{ObjectStore, StoreLocation};
+use crate::util::format_bytes;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+type CliResult<T> = Result<T, String>;
+
+fn open_existing(spec: &str) -> CliResult<Arc<dyn ObjectStore>> {
+    let location = StoreLocation::parse(spec)?;
+    crate::daemon::open_or_create(&location, spec, true)
+}
+
+fn load_read_only(spec: &str) -> CliResult<Volume> {
+    let store = open_existing(spec)?;
+    Volume::load(
+        store,
+        VolumeConfig {
+            read_only: true,
+            ..VolumeConfig::default()
+        },
+    )
+    .map_err(|e| format!("{spec}: {e}"))
+}
+
+pub fn stat(spec: &str) -> CliResult<()> {
+    let volume = load_read_only(spec)?;
+    let u = volume.usage();
+    let report = volume.load_report();
+    let sb = volume.superblock();
+    let stored = stored_bytes(&volume);
+    println!("store:          {spec}");
+    println!("uuid:           {}", sb.uuid);
+    println!("block size:     {}", format_bytes(u64::from(sb.block_size)));
+    println!("files:          {}", u.files);
+    println!("directories:    {}", u.dirs);
+    println!("other nodes:    {}", u.other);
+    println!("logical bytes:  {} ({})", u.logical_bytes, format_bytes(u.logical_bytes));
+    println!("stored bytes:   {} ({})", stored, format_bytes(stored));
+    println!("inline bytes:   {}", u.inline_bytes);
+    println!("blocks:         {}", u.blocks);
+    let ratio = if stored == 0 { 1.0 } else { u.logical_bytes as f64 / stored as f64 };
+    println!("dedup ratio:    {ratio:.2}");
+    println!(
+        "index size:     {} (snapshot generation {}, {} journal segments, {} bytes)",
+        format_bytes(report.snapshot_bytes + report.journal_bytes),
+        report.generation,
+        report.segments,
+        report.journal_bytes
+    );
+    for w in &report.warnings {
+        println!("warning:        {w}");
+    }
+    Ok(())
+}
+
+/// Bytes the filesystem's content occupies in the store: each distinct block once,
+/// plus inline bytes.
+fn stored_bytes(volume: &Volume) -> u64 {
+    let mut blocks: HashMap<BlockId, u64> = HashMap::new();
+    let mut inline = 0;
+    volume.with_index(|index| {
+        for inode in index.inodes() {
+            for e in inode.extents.values() {
+                match e {
+                    Extent::Block { id, len } => {
+                        let v = blocks.entry(*id).or_default();
+                        *v = (*v).max(u64::from(*len));
+                    }
+                    Extent::Inline(d) => inline += d.len() as u64,
+                }
+            }
+        }
+    });
+    blocks.values().sum::<u64>() + inline
+}
+
+pub fn fsck(spec: &str, verify_data: bool) -> CliResult<bool> {
+    let volume = load_read_only(spec)?;
+    let mut problems: Vec<String> = volume
+        .load_report()
+        .warnings
+        .iter()
+        .map(|w| format!("journal: {w}"))
+        .collect();
+    let present: HashSet<BlockId> = volume
+        .store()
+        .list("blocks/")
+        .map_err(|e| format!("{spec}: {e}"))?
+        .iter()
+        .filter_map(|k| BlockId::from_key(k))
+        .collect();
+    let mut referenced: HashMap<BlockId, Vec<Ino>> = HashMap::new();
+    volume.with_index(|index| {
+        let mut links: HashMap<Ino, u32> = HashMap::new();
+        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+        for inode in index.inodes() {
+            if inode.kind == Kind::Dir {
+                let Some(entries) = index.entries(inode.ino) else {
+                    problems.push(format!("directory {} has no entry table", inode.ino));
+                    continue;
+                };
+                for (name, &child) in entries {
+                    match index.get(child) {
+                        None => problems.push(format!(
+                            "entry {:?} in directory {} points to missing inode {child}",
+                            String::from_utf8_lossy(name),
+                            inode.ino
+                        )),
+                        Some(c) if c.kind == Kind::Dir => {
+                            *subdirs.entry(inode.ino).or_default() += 1;
+                            if c.parent != inode.ino {
+                                problems.push(format!("directory {child} has wrong parent {}", c.parent));
+                            }
+                        }
+                        Some(_) => *links.entry(child).or_default() += 1,
+                    }
+                }
+            }
+            for e in inode.extents.values() {
+                if let Extent::Block { id, .. } = e {
+                    referenced.entry(*id).or_default().push(inode.ino);
+                }
+            }
+        }
+        for inode in index.inodes() {
+            let expected = match inode.kind {
+                Kind::Dir => 2 + subdirs.get(&inode.ino).copied().unwrap_or(0),
+                _ => links.get(&inode.ino).copied().unwrap_or(0),
+            };
+            if inode.nlink != expected {
+                problems.push(format!(
+                    "inode {} has link count {} but {} links",
+                    inode.ino, inode.nlink, expected
+                ));
+            }
+        }
+        if index.get(ROOT_INO).is_none_or(|r| r.kind != Kind::Dir) {
+            problems.push("root directory missing".into());
+        }
+    });
+    for (id, inos) in &referenced {
+        if !present.contains(id) {
+            problems.push(format!("block {} (used by inodes {inos:?}) is missing", id.to_hex()));
+        }
+    }
+    let orphans = present.iter().filter(|id| !referenced.contains_key(*id)).count();
+    if verify_data {
+        let total = referenced.len();
+        for (n, (id, inos)) in referenced.iter().enumerate() {
+            if !present.contains(id) {
+                continue;
+            }
+            if let Err(e) = volume.verify_block(*id) {
+                problems.push(format!("block {} (used by inodes {inos:?}): {e}", id.to_hex()));
+            }
+            if (n + 1) % 1000 == 0 {
+                eprintln!("verified {}/{total} blocks", n + 1);
+            }
+        }
+    }
+    println!(
+        "{spec}: {} inodes, {} referenced blocks, {orphans} unreferenced blocks",
+        volume.usage().files + volume.usage().dirs + volume.usage().other,
+        referenced.len()
+    );
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    if problems.is_empty() {
+        println!("clean");
+    }
+    Ok(problems.is_empty())
+}
