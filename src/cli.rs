@@ -193,22 +193,22 @@ impl MountArgs {
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> MountArgs {
+    fn parse(extra: &[&str]) -> Result<MountSettings, String> {
         let mut argv = vec!["objfs", "mount", "/s", "/m"];
         argv.extend_from_slice(extra);
-        match Cli::parse_from(argv).command {
-            Command::Mount(m) => m,
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Mount(m) => m.settings(),
             _ => unreachable!(),
         }
     }
 
     #[test]
     fn dash_o_sets_the_same_tunables_as_flags() {
-        let s = args(&["-o", "ro,cache_size=64M,commit_interval=2"]).settings().unwrap();
+        let s = parse(&["-o", "ro,cache_size=64M,commit_interval=2"]).unwrap();
         assert!(s.read_only);
         assert_eq!(s.cache_size, 64 << 20);
         assert_eq!(s.commit_interval_secs, 2);
-        let s = args(&["--cache-size", "2g"]).settings().unwrap();
+        let s = parse(&["--cache-size", "2g"]).unwrap();
         assert_eq!(s.cache_size, 2 << 30);
     }
 
@@ -221,8 +221,9 @@ mod tests {
             vec!["--cache-size", "99999T"],
             vec!["--threads", "0"],
             vec!["--commit-interval", "-1"],
+            vec!["--commit-interval=-1"],
         ] {
-            assert!(args(&bad).settings().is_err(), "{bad:?}");
+            assert!(parse(&bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -319,6 +319,8 @@ impl Volume {
         let (sealed, size) = {
             let file = fd.lock().unwrap();
             if file.dirty.is_empty() {
+                // Truncation may have removed the last dirty block.
+                self.state().index.mark_data_flushed(ino);
                 return Ok(());
             }
             let sealed: Vec<Sealed> = file

@@ -822,3 +822,6 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,338 @@
+//! fs-core tests: POSIX semantics and durability without FUSE.
+
+use super::*;
+use crate::index::journal;
+use crate::store::{FaultyStore, MemoryStore};
+
+const BS: u32 = 4096;
+
+fn new_store() -> Arc<dyn ObjectStore> {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    journal::mkfs(&*store, BS).unwrap();
+    store
+}
+
+fn open(store: &Arc<dyn ObjectStore>) -> Volume {
+    Volume::load(store.clone(), VolumeConfig::default()).unwrap()
+}
+
+fn root() -> Ctx {
+    Ctx::root()
+}
+
+fn file(v: &Volume, parent: Ino, name: &str) -> Ino {
+    let (a, fh) = v.create(root(), parent, name.as_bytes(), 0o644).unwrap();
+    v.release(fh).unwrap();
+    a.ino
+}
+
+fn read_all(v: &Volume, ino: Ino) -> Vec<u8> {
+    let size = v.getattr(ino).unwrap().size;
+    v.read(ino, 0, size as u32 + 10).unwrap()
+}
+
+#[test]
+fn writes_across_block_edges_holes_and_truncate() {
+    let store = new_store();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "f");
+    v.write(f, 4090, b"0123456789").unwrap();
+    let mut model = vec![0u8; 4100];
+    model[4090..].copy_from_slice(b"0123456789");
+    assert_eq!(read_all(&v, f), model);
+    // A hole far out reads as zeros.
+    v.write(f, 50_000, b"end").unwrap();
+    model.resize(50_000, 0);
+    model.extend_from_slice(b"end");
+    assert_eq!(read_all(&v, f), model);
+    v.flush_file(f).unwrap();
+    assert_eq!(read_all(&v, f), model);
+    v.setattr(f, SetAttr { size: Some(4093), ..Default::default() }).unwrap();
+    v.setattr(f, SetAttr { size: Some(9000), ..Default::default() }).unwrap();
+    model.truncate(4093);
+    model.resize(9000, 0);
+    assert_eq!(read_all(&v, f), model);
+    v.shutdown().unwrap();
+    let v = open(&store);
+    assert_eq!(read_all(&v, f), model);
+}
+
+#[test]
+fn names_and_directories_follow_posix() {
+    let v = open(&new_store());
+    let d = v.mkdir(root(), ROOT_INO, b"d", 0o755).unwrap().ino;
+    let f = file(&v, d, "f");
+    assert_eq!(v.mkdir(root(), ROOT_INO, b"d", 0o755), Err(FsError::Exists));
+    assert_eq!(v.rmdir(ROOT_INO, b"d"), Err(FsError::NotEmpty));
+    assert_eq!(v.unlink(ROOT_INO, b"d"), Err(FsError::IsDir));
+    assert_eq!(v.rmdir(d, b"f"), Err(FsError::NotDir));
+    assert_eq!(v.lookup(ROOT_INO, &[b'x'; 256]), Err(FsError::NameTooLong));
+    assert_eq!(v.mkdir(root(), ROOT_INO, &[b'x'; 256], 0o755), Err(FsError::NameTooLong));
+    assert_eq!(v.getattr(ROOT_INO).unwrap().nlink, 3);
+    // Directory into its own subtree.
+    let sub = v.mkdir(root(), d, b"sub", 0o755).unwrap().ino;
+    assert_eq!(
+        v.rename(ROOT_INO, b"d", sub, b"x", RenameFlags::default()),
+        Err(FsError::Invalid)
+    );
+    // File over directory and directory over file.
+    assert_eq!(v.rename(d, b"f", d, b"sub", RenameFlags::default()), Err(FsError::IsDir));
+    assert_eq!(v.rename(d, b"sub", d, b"f", RenameFlags::default()), Err(FsError::NotDir));
+    // Moving a non-empty directory is one index change.
+    let e = v.mkdir(root(), ROOT_INO, b"e", 0o755).unwrap().ino;
+    v.rename(ROOT_INO, b"d", e, b"moved", RenameFlags::default()).unwrap();
+    assert_eq!(v.lookup(e, b"moved").unwrap().ino, d);
+    assert_eq!(v.lookup(d, b"..").unwrap().ino, e);
+    assert_eq!(v.getattr(e).unwrap().nlink, 3);
+    assert_eq!(v.getattr(ROOT_INO).unwrap().nlink, 3);
+    assert_eq!(v.lookup(d, b"f").unwrap().ino, f);
+    // Noreplace and exchange.
+    let g = file(&v, e, "g");
+    assert_eq!(
+        v.rename(e, b"g", e, b"moved", RenameFlags { noreplace: true, exchange: false }),
+        Err(FsError::Exists)
+    );
+    v.rename(e, b"g", d, b"f", RenameFlags { noreplace: false, exchange: true }).unwrap();
+    assert_eq!(v.lookup(d, b"f").unwrap().ino, g);
+    assert_eq!(v.lookup(e, b"g").unwrap().ino, f);
+}
+
+#[test]
+fn links_and_unlink_while_open() {
+    let store = new_store();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "f");
+    v.link(f, ROOT_INO, b"g").unwrap();
+    assert_eq!(v.getattr(f).unwrap().nlink, 2);
+    let fh = v.open(f, false).unwrap();
+    v.write(f, 0, b"still here").unwrap();
+    v.unlink(ROOT_INO, b"f").unwrap();
+    v.unlink(ROOT_INO, b"g").unwrap();
+    assert_eq!(v.lookup(ROOT_INO, b"f"), Err(FsError::NotFound));
+    assert_eq!(v.read(f, 0, 100).unwrap(), b"still here");
+    v.write(f, 10, b"!").unwrap();
+    v.fsync(f).unwrap();
+    assert_eq!(v.read(f, 0, 100).unwrap(), b"still here!");
+    // A crash now leaves an orphan; the next load reclaims it.
+    let crashed = open(&store);
+    assert_eq!(crashed.load_report().reclaimed_orphans, 1);
+    assert_eq!(crashed.getattr(f), Err(FsError::NotFound));
+    v.release(fh).unwrap();
+    assert_eq!(v.getattr(f), Err(FsError::NotFound));
+}
+
+#[test]
+fn xattrs() {
+    let v = open(&new_store());
+    let f = file(&v, ROOT_INO, "f");
+    assert_eq!(v.getxattr(f, b"user.a"), Err(FsError::NoAttr));
+    v.setxattr(f, b"user.a", b"1", XattrSet::Create).unwrap();
+    assert_eq!(v.setxattr(f, b"user.a", b"2", XattrSet::Create), Err(FsError::Exists));
+    assert_eq!(v.setxattr(f, b"user.b", b"2", XattrSet::Replace), Err(FsError::NoAttr));
+    v.setxattr(f, b"user.a", b"3", XattrSet::Replace).unwrap();
+    v.setxattr(f, b"trusted.t", b"", XattrSet::Any).unwrap();
+    assert_eq!(v.getxattr(f, b"user.a").unwrap(), b"3");
+    assert_eq!(v.listxattr(f).unwrap(), b"trusted.t\0user.a\0");
+    assert_eq!(v.setxattr(f, b"user.big", &vec![0; 65537], XattrSet::Any), Err(FsError::TooBig));
+    assert_eq!(v.setxattr(f, b"bogus", b"", XattrSet::Any), Err(FsError::NotSupported));
+    assert_eq!(
+        v.setxattr(f, b"system.posix_acl_access", b"", XattrSet::Any),
+        Err(FsError::NotSupported)
+    );
+    v.removexattr(f, b"user.a").unwrap();
+    assert_eq!(v.removexattr(f, b"user.a"), Err(FsError::NoAttr));
+}
+
+#[test]
+fn setgid_directories_pass_their_group_on() {
+    let v = open(&new_store());
+    let d = v.mkdir(root(), ROOT_INO, b"d", 0o2775).unwrap().ino;
+    v.setattr(d, SetAttr { gid: Some(42), ..Default::default() }).unwrap();
+    let user = Ctx { uid: 1000, gid: 1000 };
+    let f = v.create(user, d, b"f", 0o644).unwrap().0;
+    assert_eq!((f.uid, f.gid), (1000, 42));
+    let sub = v.mkdir(user, d, b"s", 0o755).unwrap();
+    assert_eq!(sub.gid, 42);
+    assert_ne!(sub.perm & 0o2000, 0);
+}
+
+#[test]
+fn fsync_is_durable_without_unmount() {
+    let store = new_store();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "f");
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    v.write(f, 0, &data).unwrap();
+    v.fsync(f).unwrap();
+    let unsynced = file(&v, ROOT_INO, "later");
+    v.write(unsynced, 0, b"maybe").unwrap();
+    // "Crash": load the store again without any shutdown of `v`.
+    let after = open(&store);
+    assert_eq!(read_all(&after, f), data);
+}
+
+#[test]
+fn unflushed_growth_is_never_journaled_as_zeros() {
+    let store = new_store();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "f");
+    v.write(f, 0, b"first").unwrap();
+    v.fsync(f).unwrap();
+    v.write(f, 5, &[7u8; 10_000]).unwrap();
+    // A commit while that data is only in memory.
+    v.commit().unwrap();
+    let after = open(&store);
+    assert_eq!(read_all(&after, f), b"first");
+}
+
+#[test]
+fn write_back_errors_surface_once_and_data_stays_dirty() {
+    let mem: Arc<dyn ObjectStore> = new_store();
+    let faulty = Arc::new(FaultyStore::new(mem.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "f");
+    v.write(f, 0, &[1u8; 10_000]).unwrap();
+    faulty.set_fail_puts(true);
+    assert!(matches!(v.fsync(f), Err(FsError::Io(_))));
+    faulty.set_fail_puts(false);
+    v.fsync(f).unwrap();
+    let after = open(&mem);
+    assert_eq!(read_all(&after, f), vec![1u8; 10_000]);
+}
+
+#[test]
+fn corrupt_block_is_eio_not_wrong_bytes() {
+    let store = new_store();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "f");
+    v.write(f, 0, &[9u8; 8192]).unwrap();
+    v.shutdown().unwrap();
+    let key = store.list("blocks/").unwrap()[0].clone();
+    let mut bytes = store.get(&key).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    store.put(&key, &bytes).unwrap();
+    let v = open(&store);
+    assert!(matches!(v.read(f, 0, 8192), Err(FsError::Io(_))));
+}
+
+#[test]
+fn identical_blocks_are_stored_once_and_freed_when_unused() {
+    let store = new_store();
+    let v = open(&store);
+    let a = file(&v, ROOT_INO, "a");
+    let b = file(&v, ROOT_INO, "b");
+    v.write(a, 0, &[5u8; 3 * 4096]).unwrap();
+    v.write(b, 0, &[5u8; 3 * 4096]).unwrap();
+    v.sync_all().unwrap();
+    assert_eq!(store.list("blocks/").unwrap().len(), 1);
+    v.unlink(ROOT_INO, b"a").unwrap();
+    v.unlink(ROOT_INO, b"b").unwrap();
+    v.commit().unwrap();
+    assert_eq!(v.delete_freed_blocks(Duration::ZERO), 1);
+    assert!(store.list("blocks/").unwrap().is_empty());
+}
+
+#[test]
+fn readdir_offsets_survive_changes() {
+    let v = open(&new_store());
+    for i in 0..10 {
+        file(&v, ROOT_INO, &format!("f{i}"));
+    }
+    let fh = v.opendir(ROOT_INO).unwrap();
+    let first = v.readdir(ROOT_INO, fh, 0).unwrap();
+    assert_eq!(first.len(), 12);
+    let (off, _) = first[5].clone();
+    v.unlink(ROOT_INO, b"f0").unwrap();
+    file(&v, ROOT_INO, "a-new");
+    let rest = v.readdir(ROOT_INO, fh, off).unwrap();
+    let names: Vec<_> = rest.iter().map(|(_, e)| e.name.clone()).collect();
+    let expected: Vec<_> = first[6..].iter().map(|(_, e)| e.name.clone()).collect();
+    assert_eq!(names, expected);
+}
+
+#[test]
+fn read_only_volume_refuses_changes() {
+    let store = new_store();
+    let v = Volume::load(store, VolumeConfig { read_only: true, ..Default::default() }).unwrap();
+    assert_eq!(v.mkdir(root(), ROOT_INO, b"d", 0o755), Err(FsError::ReadOnly));
+    assert!(matches!(v.create(root(), ROOT_INO, b"f", 0o644), Err(FsError::ReadOnly)));
+}
+
+#[test]
+fn snapshots_compact_the_journal() {
+    let store = new_store();
+    let cfg = VolumeConfig { snapshot_segments: 3, ..Default::default() };
+    let v = Volume::load(store.clone(), cfg).unwrap();
+    for i in 0..10 {
+        file(&v, ROOT_INO, &format!("f{i}"));
+        v.commit().unwrap();
+    }
+    let segments = store.list("meta/journal-").unwrap().len();
+    assert!(segments < 3, "{segments} segments left");
+    let after = open(&store);
+    assert_eq!(after.readdir(ROOT_INO, after.opendir(ROOT_INO).unwrap(), 0).unwrap().len(), 12);
+}
+
+mod model {
+    //! Random file operations checked against a plain byte vector after every step,
+    //! including reloads of the volume from the store.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { offset: u64, len: usize, byte: u8 },
+        Truncate(u64),
+        Flush,
+        Fsync,
+        Reload,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..40_000, 1usize..9000, any::<u8>())
+                .prop_map(|(offset, len, byte)| Op::Write { offset, len, byte }),
+            1 => (0u64..40_000).prop_map(Op::Truncate),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Fsync),
+            1 => Just(Op::Reload),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn file_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let store = new_store();
+            let mut v = open(&store);
+            let f = file(&v, ROOT_INO, "f");
+            let mut model: Vec<u8> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Write { offset, len, byte } => {
+                        v.write(f, offset, &vec![byte; len]).unwrap();
+                        let end = offset as usize + len;
+                        if model.len() < end {
+                            model.resize(end, 0);
+                        }
+                        model[offset as usize..end].fill(byte);
+                    }
+                    Op::Truncate(size) => {
+                        v.setattr(f, SetAttr { size: Some(size), ..Default::default() }).unwrap();
+                        model.resize(size as usize, 0);
+                    }
+                    Op::Flush => v.flush_file(f).unwrap(),
+                    Op::Fsync => v.fsync(f).unwrap(),
+                    Op::Reload => {
+                        v.shutdown().unwrap();
+                        v = open(&store);
+                    }
+                }
+                prop_assert_eq!(v.getattr(f).unwrap().size, model.len() as u64);
+                prop_assert_eq!(read_all(&v, f), model.clone());
+            }
+        }
+    }
+}
