@@ -118,12 +118,12 @@ pub fn open_or_create(
 
 fn prepare_mountpoint(path: &Path) -> CliResult<PathBuf> {
     let abs = absolute(path)?;
+    if mount_state(&abs) == MountState::Dead {
+        // A dead mount left by a killed daemon: clear it and reuse the directory.
+        log::info!("clearing dead mount at {}", abs.display());
+        detach(&abs)?;
+    }
     match std::fs::metadata(&abs) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            // A dead mount left by a killed daemon: clear it and reuse the directory.
-            log::info!("clearing dead mount at {}", abs.display());
-            detach(&abs)?;
-        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!("mountpoint {} does not exist", abs.display()));
         }
@@ -136,10 +136,37 @@ fn prepare_mountpoint(path: &Path) -> CliResult<PathBuf> {
     let canonical = abs
         .canonicalize()
         .map_err(|e| format!("mountpoint {}: {e}", abs.display()))?;
-    if is_mounted(&canonical) {
+    if mount_state(&canonical) != MountState::NotMounted {
         return Err(format!("{} is already mounted", canonical.display()));
     }
     Ok(canonical)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum MountState {
+    NotMounted,
+    Live,
+    /// Still in the mount table, but its daemon is gone.
+    Dead,
+}
+
+fn mount_state(path: &Path) -> MountState {
+    if !is_mounted(path) {
+        return MountState::NotMounted;
+    }
+    let Ok(c) = c_path(path) else {
+        return MountState::Live;
+    };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // statfs always reaches the daemon (stat may be answered from the attribute cache).
+    // SAFETY: c is a valid path and st a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    let err = std::io::Error::last_os_error().raw_os_error();
+    if rc != 0 && matches!(err, Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) {
+        MountState::Dead
+    } else {
+        MountState::Live
+    }
 }
 
 fn open_log(path: &Path) -> CliResult<File> {
@@ -412,18 +439,14 @@ fn daemon_alive(pid: u32) -> bool {
 
 pub fn umount(mountpoint: &Path, timeout: Duration) -> CliResult<()> {
     let abs = absolute(mountpoint)?;
-    match std::fs::metadata(&abs) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            detach(&abs)?;
-            let _ = std::fs::remove_file(pid_file_for(&abs));
-            println!("cleaned up dead mount at {} (its daemon was gone)", abs.display());
-            return Ok(());
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("{} does not exist", abs.display()));
-        }
-        Err(e) => return Err(format!("{}: {e}", abs.display())),
-        Ok(_) => {}
+    if mount_state(&abs) == MountState::Dead {
+        detach(&abs)?;
+        let _ = std::fs::remove_file(pid_file_for(&abs));
+        println!("cleaned up dead mount at {} (its daemon was gone)", abs.display());
+        return Ok(());
+    }
+    if !abs.exists() {
+        return Err(format!("{} does not exist", abs.display()));
     }
     let canonical = abs.canonicalize().map_err(|e| format!("{}: {e}", abs.display()))?;
     if !is_mounted(&canonical) {

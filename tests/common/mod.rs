@@ -1,0 +1,237 @@
+//! Shared harness for tests that mount real FUSE filesystems in temp dirs.
+//! Every command runs under `timeout`, and teardown always unmounts, so a hung mount
+//! cannot hang the suite.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_objfs");
+
+/// Runs a command with a time limit; returns its output.
+pub fn run_with_timeout(secs: u64, program: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("-k")
+        .arg("5")
+        .arg(secs.to_string())
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
+}
+
+/// Runs a command that must succeed.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = run_with_timeout(300, program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A shell snippet that must succeed.
+pub fn bash(script: &str) -> String {
+    sh("bash", &["-euo", "pipefail", "-c", script])
+}
+
+pub fn objfs(args: &[&str]) -> Output {
+    run_with_timeout(120, BIN, args)
+}
+
+pub fn objfs_ok(args: &[&str]) -> String {
+    let out = objfs(args);
+    assert!(
+        out.status.success(),
+        "objfs {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn is_mountpoint(dir: &Path) -> bool {
+    Command::new("mountpoint")
+        .arg("-q")
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Pid of the daemon serving `dir`, found by its command line.
+pub fn daemon_pids(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'));
+        if comm.trim() == "objfs" && !zombie && args.iter().any(|a| a == "mount") && args.iter().any(|a| *a == needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// A store and a mountpoint in a temp dir; unmounted on drop whatever happened.
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+    pub store: PathBuf,
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+    pub extra: Vec<String>,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        assert_eq!(unsafe { libc::geteuid() }, 0, "mount tests run as root");
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let log = tmp.path().join("objfs.log");
+        Fixture {
+            tmp,
+            store,
+            mnt,
+            log,
+            extra: Vec::new(),
+        }
+    }
+
+    /// A fixture already mounted read-write.
+    pub fn mounted() -> Fixture {
+        let f = Fixture::new();
+        f.mount();
+        f
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn mount_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "mount".to_string(),
+            self.store.to_string_lossy().into_owned(),
+            self.mnt.to_string_lossy().into_owned(),
+            "--log-file".to_string(),
+            self.log.to_string_lossy().into_owned(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    pub fn try_mount(&self) -> Output {
+        let args = self.mount_args();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        objfs(&refs)
+    }
+
+    pub fn mount(&self) {
+        let out = self.try_mount();
+        assert!(
+            out.status.success(),
+            "mount failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        assert!(is_mountpoint(&self.mnt), "mount returned but is not live");
+    }
+
+    pub fn umount(&self) {
+        let out = objfs(&["umount", self.mnt.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "umount failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        assert!(!is_mountpoint(&self.mnt));
+    }
+
+    pub fn remount(&self) {
+        self.umount();
+        self.mount();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn store_str(&self) -> &str {
+        self.store.to_str().unwrap()
+    }
+
+    pub fn mnt_str(&self) -> &str {
+        self.mnt.to_str().unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if is_mountpoint(&self.mnt) {
+            let out = objfs(&["umount", self.mnt.to_str().unwrap(), "--timeout", "60"]);
+            if !out.status.success() || is_mountpoint(&self.mnt) {
+                let _ = run_with_timeout(30, "umount", &["-l", self.mnt.to_str().unwrap()]);
+            }
+        }
+        for pid in daemon_pids(&self.mnt) {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = run_with_timeout(30, "umount", &["-l", self.mnt.to_str().unwrap()]);
+    }
+}
+
+/// Builds a tree of assorted files (sizes around block edges, empty files, symlinks,
+/// hard links, nested dirs, odd names, modes, old mtimes) under `root`.
+pub fn make_sample_tree(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    std::fs::create_dir_all(root.join("name with spaces/ünïcödé")).unwrap();
+    let sizes = [0usize, 1, 100, 4095, 4096, 4097, 65536, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 12345];
+    for (i, size) in sizes.iter().enumerate() {
+        let data: Vec<u8> = (0..*size).map(|j| ((j * 31 + i * 7) % 253) as u8).collect();
+        std::fs::write(root.join(format!("a/file{i}.bin")), &data).unwrap();
+    }
+    std::fs::write(root.join("a/b/c/deep.txt"), b"deep\n").unwrap();
+    std::fs::write(root.join("name with spaces/ünïcödé/x y.txt"), b"odd names\n").unwrap();
+    std::fs::write(root.join("exec.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(root.join("exec.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(root.join("private"), b"secret").unwrap();
+    std::fs::set_permissions(root.join("private"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("a/b/c/deep.txt", root.join("link-to-deep")).unwrap();
+    std::os::unix::fs::symlink("does-not-exist", root.join("dangling")).unwrap();
+    std::fs::hard_link(root.join("a/file2.bin"), root.join("hardlink.bin")).unwrap();
+    bash(&format!(
+        "touch -h -d '2001-02-03 04:05:06.123456789' '{}'/a/file1.bin '{}'/link-to-deep",
+        root.display(),
+        root.display()
+    ));
+}
