@@ -126,6 +126,8 @@ fn set_time(t: TimeOrNow) -> SetTime {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // Nanosecond timestamps; the kernel's default granularity for FUSE is a second.
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);

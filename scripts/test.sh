@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine, as root: installs what the tests
+# need (fuse3, attr, ...) and runs unit, fs-core and real-mount tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh: run as root (the tests mount FUSE filesystems)" >&2
+    exit 1
+fi
+
+need=()
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+command -v getfattr >/dev/null 2>&1 || need+=(attr)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+command -v git >/dev/null 2>&1 || need+=(git)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cleanup_mounts() {
+    # Teardown bugs must not leave mounts behind on the machine.
+    awk '$3 ~ /^fuse/ && $2 ~ /^\/tmp\/\.tmp/ {print $2}' /proc/mounts | while read -r m; do
+        echo "!! leftover mount $m" >&2
+        umount -l "$m" || true
+    done
+}
+trap cleanup_mounts EXIT
+
+echo "== cargo test"
+timeout -k 30 2400 cargo test --locked --all-targets -- --test-threads=4

@@ -1,0 +1,153 @@
+//! Real shell tools on a real mount: cp -a, diff -r, tar, mv, rm -r, ln, dd, truncate.
+
+mod common;
+use common::*;
+
+fn tree_listing(root: &str) -> String {
+    // Type, mode, size, mtime (ns), link target and link count of everything, sorted.
+    bash(&format!(
+        "cd '{root}' && find . -mindepth 1 -printf '%y %m %s %T@ %l %n %p\\n' | grep -v '^d' | sort -k7; \
+         cd '{root}' && find . -mindepth 1 -type d -printf '%y %m %p\\n' | sort -k3"
+    ))
+}
+
+#[test]
+fn cp_a_and_tar_round_trip_a_real_tree() {
+    let f = Fixture::mounted();
+    let src = f.tmp.path().join("src");
+    make_sample_tree(&src);
+    let src = src.to_str().unwrap();
+    let m = f.mnt_str();
+    bash(&format!("cp -a '{src}' '{m}/copy'"));
+    bash(&format!("diff -r --no-dereference '{src}' '{m}/copy'"));
+    assert_eq!(tree_listing(src), tree_listing(&format!("{m}/copy")));
+    f.remount();
+    bash(&format!("diff -r --no-dereference '{src}' '{m}/copy'"));
+    assert_eq!(tree_listing(src), tree_listing(&format!("{m}/copy")));
+    // Back out with cp -a and with tar.
+    let out = f.tmp.path().join("out");
+    bash(&format!("cp -a '{m}/copy' '{}'", out.display()));
+    assert_eq!(tree_listing(src), tree_listing(out.to_str().unwrap()));
+    let untar = f.tmp.path().join("untar");
+    bash(&format!(
+        "mkdir '{0}' && tar --format=posix -C '{m}/copy' -cf - . | tar -C '{0}' -xpf - && diff -r --no-dereference '{src}' '{0}'",
+        untar.display()
+    ));
+    assert_eq!(tree_listing(src), tree_listing(untar.to_str().unwrap()));
+    // And tar extraction into the mount.
+    bash(&format!(
+        "mkdir '{m}/fromtar' && tar --format=posix -C '{src}' -cf - . | tar -C '{m}/fromtar' -xpf - && diff -r --no-dereference '{src}' '{m}/fromtar'"
+    ));
+    assert_eq!(tree_listing(src), tree_listing(&format!("{m}/fromtar")));
+    bash(&format!("rm -r '{m}/copy' '{m}/fromtar'"));
+    assert_eq!(std::fs::read_dir(&f.mnt).unwrap().count(), 0);
+    f.remount();
+    assert_eq!(std::fs::read_dir(&f.mnt).unwrap().count(), 0);
+}
+
+#[test]
+fn mv_ln_and_rename_of_non_empty_directories() {
+    let f = Fixture::mounted();
+    let m = f.mnt_str();
+    bash(&format!(
+        "mkdir -p {m}/a/b/c && echo one > {m}/a/b/c/f && echo two > {m}/a/g && \
+         mv {m}/a {m}/renamed && test -f {m}/renamed/b/c/f && test ! -e {m}/a && \
+         mkdir {m}/other && mv {m}/renamed/b {m}/other/ && test \"$(cat {m}/other/b/c/f)\" = one && \
+         ln {m}/renamed/g {m}/hard && ln -s renamed/g {m}/soft && test \"$(cat {m}/soft)\" = two && \
+         test \"$(stat -c %h {m}/hard)\" = 2 && echo new > {m}/new && mv -f {m}/new {m}/hard && \
+         test \"$(cat {m}/hard)\" = new && test \"$(stat -c %h {m}/renamed/g)\" = 1 && \
+         mkdir {m}/empty && mv -T {m}/other {m}/empty && test -f {m}/empty/b/c/f"
+    ));
+    f.remount();
+    bash(&format!(
+        "test \"$(cat {m}/empty/b/c/f)\" = one && test \"$(cat {m}/hard)\" = new && \
+         test \"$(readlink {m}/soft)\" = renamed/g && test \"$(cat {m}/soft)\" = two && \
+         test \"$(stat -c %h {m}/empty)\" = 3 && test \"$(stat -c %h {m})\" = 4"
+    ));
+    // rmdir of a non-empty directory fails, of an empty one works.
+    let out = run_with_timeout(30, "rmdir", &[&format!("{m}/empty")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+}
+
+#[test]
+fn dd_truncate_sparse_and_append() {
+    let f = Fixture::mounted();
+    let m = f.mnt_str();
+    let native = f.tmp.path().join("native");
+    std::fs::create_dir(&native).unwrap();
+    let n = native.to_str().unwrap();
+    // The same commands on the mount and on a native directory must give the same bytes.
+    let script = |d: &str| {
+        format!(
+            "set -e; cd {d}; \
+             dd if=/dev/zero of=z bs=1M count=3 status=none; \
+             printf 'abc' | dd of=z bs=1 seek=1048574 conv=notrunc status=none; \
+             dd if=/dev/urandom of=/dev/null bs=1 count=0 status=none; \
+             head -c 2500000 /dev/zero | tr '\\0' 'x' > x; \
+             printf tail >> x; printf more >> x; \
+             truncate -s 10M sparse; printf end >> sparse; \
+             truncate -s 7 x2; cp x x2; truncate -s 1048577 x2; truncate -s 5000000 x2; \
+             dd if=x of=part bs=4096 skip=3 count=5 status=none; \
+             printf hello > small; truncate -s 2 small; truncate -s 4 small"
+        )
+    };
+    bash(&script(m));
+    bash(&script(n));
+    for name in ["z", "x", "sparse", "x2", "part", "small"] {
+        let a = std::fs::read(f.path(name)).unwrap();
+        let b = std::fs::read(native.join(name)).unwrap();
+        assert!(a == b, "{name} differs");
+    }
+    f.remount();
+    for name in ["z", "x", "sparse", "x2", "part", "small"] {
+        let a = std::fs::read(f.path(name)).unwrap();
+        let b = std::fs::read(native.join(name)).unwrap();
+        assert!(a == b, "{name} differs after remount");
+    }
+}
+
+#[test]
+fn many_processes_at_once() {
+    let f = Fixture::mounted();
+    let m = f.mnt_str().to_string();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                bash(&format!(
+                    "mkdir -p {m}/w{i} && for j in $(seq 1 40); do \
+                       head -c $((j * 3000 + {i})) /dev/urandom > {m}/w{i}/f$j; \
+                       cp {m}/w{i}/f$j {m}/w{i}/g$j; cmp {m}/w{i}/f$j {m}/w{i}/g$j; \
+                       cat {m}/w{i}/g$j > /dev/null; ls -l {m} > /dev/null; done"
+                ));
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let sums = bash(&format!("cd {m} && md5sum */* | sort"));
+    f.remount();
+    assert_eq!(bash(&format!("cd {m} && md5sum */* | sort")), sums);
+}
+
+#[test]
+fn stat_reports_dedup_and_statfs_reports_space() {
+    let f = Fixture::mounted();
+    let m = f.mnt_str();
+    bash(&format!(
+        "head -c 3145728 /dev/urandom > {m}/a && cp {m}/a {m}/b && cp {m}/a {m}/c && mkdir {m}/d"
+    ));
+    let df = bash(&format!("df -B1 --output=size,avail {m} | tail -1"));
+    let nums: Vec<u64> = df.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert!(nums[0] > 0 && nums[1] > 0 && nums[1] <= nums[0], "{df}");
+    f.umount();
+    let out = objfs_ok(&["stat", f.store_str()]);
+    assert!(out.contains("files:          3"), "{out}");
+    assert!(out.contains("directories:    2"), "{out}");
+    assert!(out.contains("blocks:         3"), "{out}");
+    assert!(out.contains("dedup ratio:    3.00"), "{out}");
+    let out = objfs_ok(&["fsck", f.store_str()]);
+    assert!(out.contains("clean"), "{out}");
+}
