@@ -67,6 +67,9 @@ pub struct MountArgs {
     /// Seconds between background journal commits.
     #[arg(long, value_name = "SECS")]
     pub commit_interval: Option<String>,
+    /// Seconds a writer lease lasts unless renewed (renewed every third of it).
+    #[arg(long, value_name = "SECS")]
+    pub lease_ttl: Option<String>,
     /// FUSE worker threads.
     #[arg(long, value_name = "N")]
     pub threads: Option<String>,
@@ -93,6 +96,7 @@ pub struct MountSettings {
     pub cache_size: u64,
     pub dirty_limit: u64,
     pub commit_interval_secs: u64,
+    pub lease_ttl_secs: u64,
     pub threads: usize,
     pub upload_threads: usize,
     pub log_file: Option<PathBuf>,
@@ -147,6 +151,10 @@ impl MountArgs {
                 Some(s) => parse_count("commit-interval", s, 3600)?,
                 None => 5,
             },
+            lease_ttl_secs: match &a.lease_ttl {
+                Some(s) => parse_count("lease-ttl", s, 3600)?.max(3),
+                None => 30,
+            },
             threads: match &a.threads {
                 Some(s) => parse_count("threads", s, 64)? as usize,
                 None => 4,
@@ -180,6 +188,7 @@ impl MountArgs {
             "dirty_limit" => self.dirty_limit = Some(need(value)?),
             "commit_interval" => self.commit_interval = Some(need(value)?),
             "threads" => self.threads = Some(need(value)?),
+            "lease_ttl" => self.lease_ttl = Some(need(value)?),
             "upload_threads" => self.upload_threads = Some(need(value)?),
             "log_file" => self.log_file = Some(need(value)?.into()),
             "foreground" => self.foreground = true,

@@ -223,6 +223,7 @@ fn serve(
         dirty_limit: settings.dirty_limit,
         commit_interval: Duration::from_secs(settings.commit_interval_secs),
         upload_threads: settings.upload_threads,
+        lease_ttl: Duration::from_secs(settings.lease_ttl_secs),
         ..VolumeConfig::default()
     };
     let describe = store.describe();

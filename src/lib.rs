@@ -11,6 +11,7 @@ pub mod cache;
 pub mod fs;
 pub mod fuse;
 pub mod index;
+pub mod lease;
 pub mod store;
 pub mod tools;
 pub mod util;

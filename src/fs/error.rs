@@ -4,7 +4,7 @@ use crate::store::StoreError;
 
 /// Every failure of a filesystem operation. `errno` is the one place that turns
 /// any of them into what the kernel is told.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FsError {
     #[error("no such file or directory")]
     NotFound,
@@ -42,6 +42,8 @@ pub enum FsError {
     BadHandle,
     #[error("I/O error: {0}")]
     Io(String),
+    #[error(transparent)]
+    Lease(#[from] std::sync::Arc<crate::lease::LeaseError>),
 }
 
 impl FsError {
@@ -65,6 +67,7 @@ impl FsError {
             FsError::NoSpace => libc::ENOSPC,
             FsError::BadHandle => libc::EBADF,
             FsError::Io(_) => libc::EIO,
+            FsError::Lease(_) => libc::EROFS,
         }
     }
 }
@@ -97,3 +100,17 @@ impl From<IndexError> for FsError {
 }
 
 pub type FsResult<T> = Result<T, FsError>;
+
+impl PartialEq for FsError {
+    fn eq(&self, other: &FsError) -> bool {
+        self.errno() == other.errno() && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for FsError {}
+
+impl From<crate::lease::LeaseError> for FsError {
+    fn from(e: crate::lease::LeaseError) -> FsError {
+        FsError::Lease(std::sync::Arc::new(e))
+    }
+}

@@ -12,10 +12,11 @@ use crate::cache::BlockCache;
 use crate::index::journal::{self, Journal, LoadReport};
 use crate::index::superblock::Superblock;
 use crate::index::{Index, Ino, Inode, Kind, Timestamp, ROOT_INO};
+use crate::lease::Lease;
 use crate::store::ObjectStore;
 use data::FileData;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,8 @@ pub struct VolumeConfig {
     /// Journal segments (or bytes) after which a snapshot compacts the journal.
     pub snapshot_segments: u64,
     pub snapshot_bytes: u64,
+    /// How long a writer lease lasts without renewal (renewed every third of it).
+    pub lease_ttl: Duration,
 }
 
 impl Default for VolumeConfig {
@@ -154,6 +157,7 @@ impl Default for VolumeConfig {
             upload_threads: 8,
             snapshot_segments: 256,
             snapshot_bytes: 64 << 20,
+            lease_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -185,6 +189,10 @@ pub struct Volume {
     next_handle: AtomicU64,
     free_queue: Mutex<VecDeque<(Instant, BlockId)>>,
     load_report: LoadReport,
+    /// The writer lease (None when read-only).
+    lease: Mutex<Option<Lease>>,
+    /// Set when this writer lost its lease or saw a second writer: no more writes.
+    fenced: AtomicBool,
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -201,6 +209,12 @@ impl Volume {
     /// Loads the filesystem in `store` (recovering from its journal).
     pub fn load(store: Arc<dyn ObjectStore>, config: VolumeConfig) -> FsResult<Volume> {
         let writer = crate::util::random_hex(4);
+        // The lease comes first: the index must not be read while another writer changes it.
+        let lease = if config.read_only {
+            None
+        } else {
+            Some(Lease::acquire(store.clone(), &writer, config.lease_ttl)?)
+        };
         let loaded = journal::load(store.clone(), &writer).map_err(|e| FsError::Io(e.to_string()))?;
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
@@ -221,6 +235,8 @@ impl Volume {
             next_handle: AtomicU64::new(1),
             free_queue: Mutex::new(VecDeque::new()),
             load_report: loaded.report,
+            lease: Mutex::new(lease),
+            fenced: AtomicBool::new(false),
         };
         if !volume.config.read_only {
             volume.after_recovery()?;
@@ -261,11 +277,22 @@ impl Volume {
     }
 
     fn writable(&self) -> FsResult<()> {
-        if self.config.read_only {
+        if self.config.read_only || self.fenced.load(Ordering::Relaxed) {
             Err(FsError::ReadOnly)
         } else {
             Ok(())
         }
+    }
+
+    /// Stops all further writes (EROFS) after losing the store to another writer.
+    pub fn fence(&self, why: &str) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            log::error!("no longer writing to the store: {why}; the mount is read-only from now on");
+        }
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
     }
 
     fn inode<'a>(state: &'a State, ino: Ino) -> FsResult<&'a Inode> {

@@ -8,10 +8,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Stops the background thread when dropped or on `stop`.
+/// Stops the background threads when dropped or on `stop`.
 pub struct Background {
     stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Background {
@@ -23,7 +23,7 @@ impl Background {
         let (lock, cv) = &*self.stop;
         *lock.lock().unwrap() = true;
         cv.notify_all();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -33,6 +33,14 @@ impl Drop for Background {
     fn drop(&mut self) {
         self.halt();
     }
+}
+
+/// Sleeps `period` unless told to stop; false once stopped.
+fn wait(stop: &(Mutex<bool>, Condvar), period: Duration) -> bool {
+    let (lock, cv) = stop;
+    let guard = lock.lock().unwrap();
+    let (guard, _) = cv.wait_timeout_while(guard, period, |stopped| !*stopped).unwrap();
+    !*guard
 }
 
 impl Volume {
@@ -53,10 +61,14 @@ impl Volume {
             return Ok(());
         }
         let mut journal = self.journal.lock().unwrap();
+        self.check_lease()?;
         let changes = self.state().index.take_changes();
         if !changes.is_empty() {
             if let Err(e) = journal.commit(&changes) {
                 log::error!("journal commit failed: {e}");
+                if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
+                    self.fence(&e.to_string());
+                }
                 self.state().index.restore(changes);
                 return Err(e.into());
             }
@@ -72,7 +84,48 @@ impl Volume {
         Ok(())
     }
 
+    /// Metadata is written only under a valid lease.
+    fn check_lease(&self) -> FsResult<()> {
+        if self.is_fenced() {
+            return Err(FsError::ReadOnly);
+        }
+        let lease = self.lease.lock().unwrap();
+        match lease.as_ref() {
+            Some(l) if l.valid_now() => Ok(()),
+            Some(_) => {
+                self.fence("the writer lease lapsed (renewals failed)");
+                Err(FsError::ReadOnly)
+            }
+            None => Err(FsError::ReadOnly),
+        }
+    }
+
+    /// Renews the writer lease; fences the volume if it was lost or lapsed.
+    pub fn renew_lease(&self) {
+        let mut guard = self.lease.lock().unwrap();
+        let Some(lease) = guard.as_mut() else {
+            return;
+        };
+        match lease.renew() {
+            Ok(()) => {}
+            Err(crate::lease::LeaseError::Lost(who)) => {
+                self.fence(&format!("the writer lease was taken over by {who}"))
+            }
+            Err(e) if !lease.valid_now() => self.fence(&format!("could not renew the writer lease: {e}")),
+            Err(e) => log::warn!("renewing the writer lease failed (will retry): {e}"),
+        }
+    }
+
+    fn release_lease(&self) {
+        if let Some(mut lease) = self.lease.lock().unwrap().take() {
+            if let Err(e) = lease.release() {
+                log::warn!("releasing the writer lease: {e}");
+            }
+        }
+    }
+
     fn snapshot_locked(&self, journal: &mut crate::index::journal::Journal) -> FsResult<()> {
+        self.check_lease()?;
         let (changes, body) = {
             let mut state = self.state();
             let changes = state.index.take_changes();
@@ -169,6 +222,9 @@ impl Volume {
         if self.config.read_only {
             return Ok(());
         }
+        if self.is_fenced() {
+            return Err(FsError::ReadOnly);
+        }
         self.sync_all()?;
         let mut journal = self.journal.lock().unwrap();
         if journal.segments > 0 {
@@ -176,36 +232,38 @@ impl Volume {
         }
         drop(journal);
         self.delete_freed_blocks(self.config.free_grace);
+        self.release_lease();
+        // The volume is closed: nothing more may reach the store.
+        self.fenced.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Starts the thread that flushes and commits every `commit_interval`.
+    /// Starts the threads that flush and commit every `commit_interval` and renew
+    /// the writer lease every third of its TTL (separate, so a long flush never
+    /// lets the lease lapse).
     pub fn start_background(self: &Arc<Self>) -> Background {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let volume = Arc::clone(self);
-        let signal = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("objfs-commit".into())
-            .spawn(move || volume.background_loop(&signal))
-            .expect("spawn background thread");
-        Background {
-            stop,
-            thread: Some(thread),
-        }
+        let spawn = |name: &str, body: fn(&Volume, &(Mutex<bool>, Condvar))| {
+            let volume = Arc::clone(self);
+            let signal = stop.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || body(&volume, &signal))
+                .expect("spawn background thread")
+        };
+        let threads = vec![
+            spawn("objfs-commit", Volume::commit_loop),
+            spawn("objfs-lease", Volume::lease_loop),
+        ];
+        Background { stop, threads }
     }
 
-    fn background_loop(&self, stop: &(Mutex<bool>, Condvar)) {
-        let (lock, cv) = stop;
+    fn commit_loop(&self, stop: &(Mutex<bool>, Condvar)) {
         let failing = AtomicBool::new(false);
-        loop {
-            let guard = lock.lock().unwrap();
-            let (guard, _) = cv
-                .wait_timeout_while(guard, self.config.commit_interval, |stopped| !*stopped)
-                .unwrap();
-            if *guard {
-                return;
+        while wait(stop, self.config.commit_interval) {
+            if self.is_fenced() {
+                continue;
             }
-            drop(guard);
             match self.sync_all() {
                 Ok(()) => {
                     if failing.swap(false, Ordering::Relaxed) {
@@ -219,6 +277,14 @@ impl Volume {
                 }
             }
             self.delete_freed_blocks(self.config.free_grace);
+        }
+    }
+
+    fn lease_loop(&self, stop: &(Mutex<bool>, Condvar)) {
+        while wait(stop, self.config.lease_ttl / 3) {
+            if !self.is_fenced() {
+                self.renew_lease();
+            }
         }
     }
 }

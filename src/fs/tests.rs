@@ -16,6 +16,11 @@ fn open(store: &Arc<dyn ObjectStore>) -> Volume {
     Volume::load(store.clone(), VolumeConfig::default()).unwrap()
 }
 
+/// Loads the store as a "crash" survivor would, while the first volume still exists.
+fn open_ro(store: &Arc<dyn ObjectStore>) -> Volume {
+    Volume::load(store.clone(), VolumeConfig { read_only: true, ..Default::default() }).unwrap()
+}
+
 fn root() -> Ctx {
     Ctx::root()
 }
@@ -114,7 +119,7 @@ fn links_and_unlink_while_open() {
     v.fsync(f).unwrap();
     assert_eq!(v.read(f, 0, 100).unwrap(), b"still here!");
     // A crash now leaves an orphan; the next load reclaims it.
-    let crashed = open(&store);
+    let crashed = open_ro(&store);
     assert_eq!(crashed.load_report().reclaimed_orphans, 1);
     assert_eq!(crashed.getattr(f), Err(FsError::NotFound));
     v.release(fh).unwrap();
@@ -167,7 +172,7 @@ fn fsync_is_durable_without_unmount() {
     let unsynced = file(&v, ROOT_INO, "later");
     v.write(unsynced, 0, b"maybe").unwrap();
     // "Crash": load the store again without any shutdown of `v`.
-    let after = open(&store);
+    let after = open_ro(&store);
     assert_eq!(read_all(&after, f), data);
 }
 
@@ -181,7 +186,7 @@ fn unflushed_growth_is_never_journaled_as_zeros() {
     v.write(f, 5, &[7u8; 10_000]).unwrap();
     // A commit while that data is only in memory.
     v.commit().unwrap();
-    let after = open(&store);
+    let after = open_ro(&store);
     assert_eq!(read_all(&after, f), b"first");
 }
 
@@ -197,7 +202,7 @@ fn write_back_errors_surface_once_and_data_stays_dirty() {
     assert!(matches!(v.fsync(f), Err(FsError::Io(_))));
     faulty.set_fail_puts(false);
     v.fsync(f).unwrap();
-    let after = open(&mem);
+    let after = open_ro(&mem);
     assert_eq!(read_all(&after, f), vec![1u8; 10_000]);
 }
 
@@ -271,7 +276,7 @@ fn snapshots_compact_the_journal() {
     }
     let segments = store.list("meta/journal-").unwrap().len();
     assert!(segments < 3, "{segments} segments left");
-    let after = open(&store);
+    let after = open_ro(&store);
     assert_eq!(after.readdir(ROOT_INO, after.opendir(ROOT_INO).unwrap(), 0).unwrap().len(), 12);
 }
 
@@ -335,4 +340,53 @@ mod model {
             }
         }
     }
+}
+
+#[test]
+fn one_writer_at_a_time_and_a_fenced_writer_stops() {
+    let store = new_store();
+    let a = open(&store);
+    let err = Volume::load(store.clone(), VolumeConfig::default()).err().unwrap();
+    assert!(err.to_string().contains("mounted read-write by"), "{err}");
+    assert_eq!(err.errno(), libc::EROFS);
+    // Readers need no lease.
+    open_ro(&store);
+    // Someone takes the store over (as after an expiry): `a` must stop writing.
+    for k in store.list("meta/lease-").unwrap() {
+        store.delete(&k).unwrap();
+    }
+    let b = open(&store);
+    a.renew_lease();
+    assert!(a.is_fenced());
+    assert_eq!(a.mkdir(root(), ROOT_INO, b"later", 0o755), Err(FsError::ReadOnly));
+    assert_eq!(a.commit(), Err(FsError::ReadOnly));
+    b.mkdir(root(), ROOT_INO, b"mine", 0o755).unwrap();
+    b.shutdown().unwrap();
+    // After a clean unmount the next writer needs no wait.
+    let c = open(&store);
+    assert!(c.lookup(ROOT_INO, b"mine").is_ok());
+    assert_eq!(b.mkdir(root(), ROOT_INO, b"closed", 0o755), Err(FsError::ReadOnly));
+}
+
+#[test]
+fn a_second_writer_on_a_store_without_cas_is_detected_as_a_fork() {
+    // Two volumes that both believe they hold the lease (as on Garage): the second
+    // commit at the same sequence number fences its writer.
+    let store = new_store();
+    let a = open(&store);
+    let b = Volume::load(store.clone(), VolumeConfig::default());
+    assert!(b.is_err(), "the lease stops the second writer where the store has CAS");
+    let b = {
+        // Simulate a store that ignored put-if-absent: clear the lease objects.
+        for k in store.list("meta/lease-").unwrap() {
+            store.delete(&k).unwrap();
+        }
+        open(&store)
+    };
+    a.mkdir(root(), ROOT_INO, b"from-a", 0o755).unwrap();
+    b.mkdir(root(), ROOT_INO, b"from-b", 0o755).unwrap();
+    a.commit().unwrap();
+    assert!(b.commit().is_err());
+    assert!(b.is_fenced());
+    assert_eq!(b.mkdir(root(), ROOT_INO, b"x", 0o755), Err(FsError::ReadOnly));
 }

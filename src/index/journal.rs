@@ -298,6 +298,22 @@ impl Journal {
         };
         let bytes = codec::encode(&codec::SEGMENT, &segment);
         self.store.put(&key, &bytes)?;
+        // A second writer (on a store without conditional create) shows up as another
+        // segment with our sequence number: stop before the chains diverge further.
+        let same_seq = self
+            .store
+            .list(&format!("{JOURNAL_PREFIX}{:020}-{seq:020}-", self.generation))?;
+        if same_seq.len() > 1 {
+            let writers: Vec<String> = same_seq
+                .iter()
+                .filter_map(|k| parse_segment_key(k).map(|p| p.2))
+                .collect();
+            return Err(IndexError::Fork {
+                generation: self.generation,
+                seq,
+                writers: writers.join(", "),
+            });
+        }
         self.seq = seq;
         self.last_key = Some(key);
         self.segments += 1;
@@ -451,7 +467,10 @@ mod tests {
         add_file(&mut a.index, "a");
         a.journal.commit(&a.index.take_changes()).unwrap();
         add_file(&mut b.index, "b");
-        b.journal.commit(&b.index.take_changes()).unwrap();
+        assert!(matches!(
+            b.journal.commit(&b.index.take_changes()),
+            Err(IndexError::Fork { .. })
+        ));
         match load(store, "c") {
             Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
             other => panic!("expected a fork, got {:?}", other.map(|l| l.report)),

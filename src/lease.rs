@@ -1,0 +1,287 @@
+//! The writer lease: one read-write mount per store. Generations `meta/lease-<n>` are
+//! created with put-if-absent; the holder renews its generation by a heartbeat, and a
+//! newer generation (a takeover) or a lapse it could not renew fences it (EROFS).
+//! On stores that ignore conditional create, a read-back after writing catches most
+//! races and the journal chain exposes the rest as a fork.
+
+use crate::index::codec::{self, FrameError, Kind};
+use crate::store::{ObjectStore, StoreError};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+const PREFIX: &str = "meta/lease-";
+pub const LEASE: Kind = Kind {
+    name: "lease",
+    magic: b"OBJFSLS\x01",
+};
+/// How far apart two machines' clocks may be; a lease counts as live this long
+/// after its stated expiry.
+pub const CLOCK_SKEW_SECS: i64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{key}: {err}")]
+    Frame { key: String, err: FrameError },
+    #[error("the store is mounted read-write by {0}")]
+    Held(String),
+    #[error("lost the race for the writer lease to {0}")]
+    Lost(String),
+}
+
+/// Who holds a lease, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub writer: String,
+    pub host: String,
+    pub boot_id: String,
+    pub pid: u32,
+    /// Process start time in clock ticks since boot: tells a reused pid apart.
+    pub start_time: u64,
+    pub acquired_unix: i64,
+    pub expires_unix: i64,
+    pub released: bool,
+}
+
+impl Holder {
+    fn describe(&self) -> String {
+        format!(
+            "writer {} (pid {} on host {}), lease expires {}",
+            self.writer,
+            self.pid,
+            self.host,
+            format_unix(self.expires_unix)
+        )
+    }
+
+    /// A holder on this machine whose process is gone can be taken over at once.
+    fn is_dead_local(&self) -> bool {
+        self.boot_id == boot_id() && process_start_time(self.pid) != Some(self.start_time)
+    }
+
+    fn is_live(&self, now: i64) -> bool {
+        !self.released && now <= self.expires_unix + CLOCK_SKEW_SECS && !self.is_dead_local()
+    }
+}
+
+fn format_unix(t: i64) -> String {
+    let now = crate::util::unix_now().0;
+    if t >= now {
+        format!("in {}s", t - now)
+    } else {
+        format!("{}s ago", now - t)
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+pub fn boot_id() -> String {
+    read_trimmed("/proc/sys/kernel/random/boot_id")
+}
+
+fn hostname() -> String {
+    read_trimmed("/proc/sys/kernel/hostname")
+}
+
+/// Start time of a live (non-zombie) process, from /proc/PID/stat field 22.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn key(generation: u64) -> String {
+    format!("{PREFIX}{generation:020}")
+}
+
+fn parse_key(k: &str) -> Option<u64> {
+    k.strip_prefix(PREFIX)?.parse().ok()
+}
+
+/// The newest lease generation and its holder, if any.
+pub fn current(store: &dyn ObjectStore) -> Result<Option<(u64, Holder)>, LeaseError> {
+    let Some(generation) = store.list(PREFIX)?.iter().filter_map(|k| parse_key(k)).max() else {
+        return Ok(None);
+    };
+    let k = key(generation);
+    let bytes = match store.get(&k) {
+        Ok(b) => b,
+        Err(StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let holder = codec::decode(&LEASE, &bytes).map_err(|err| LeaseError::Frame { key: k, err })?;
+    Ok(Some((generation, holder)))
+}
+
+/// A description of the live writer, if one holds the store.
+pub fn live_holder(store: &dyn ObjectStore) -> Result<Option<String>, LeaseError> {
+    let now = crate::util::unix_now().0;
+    Ok(current(store)?.filter(|(_, h)| h.is_live(now)).map(|(_, h)| h.describe()))
+}
+
+pub struct Lease {
+    store: Arc<dyn ObjectStore>,
+    generation: u64,
+    holder: Holder,
+    ttl: Duration,
+}
+
+impl Lease {
+    /// Takes the next lease generation, unless a live writer holds the store.
+    pub fn acquire(store: Arc<dyn ObjectStore>, writer: &str, ttl: Duration) -> Result<Lease, LeaseError> {
+        let now = crate::util::unix_now().0;
+        let next = match current(&*store)? {
+            Some((_, h)) if h.is_live(now) => return Err(LeaseError::Held(h.describe())),
+            Some((g, h)) => {
+                if !h.released {
+                    log::warn!("taking over the lease of {} (expired or its process is gone)", h.describe());
+                }
+                g + 1
+            }
+            None => 1,
+        };
+        let holder = Holder {
+            writer: writer.to_string(),
+            host: hostname(),
+            boot_id: boot_id(),
+            pid: std::process::id(),
+            start_time: process_start_time(std::process::id()).unwrap_or(0),
+            acquired_unix: now,
+            expires_unix: now + ttl.as_secs() as i64,
+            released: false,
+        };
+        match store.put_if_absent(&key(next), &codec::encode(&LEASE, &holder)) {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                let other = current(&*store)?.map(|(_, h)| h.describe()).unwrap_or_default();
+                return Err(LeaseError::Lost(other));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let lease = Lease {
+            store,
+            generation: next,
+            holder,
+            ttl,
+        };
+        // Stores that ignore conditional create: read back to see who really won.
+        lease.check_still_ours()?;
+        lease.remove_old_generations();
+        Ok(lease)
+    }
+
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// True while our lease has not lapsed by our own clock.
+    pub fn valid_now(&self) -> bool {
+        crate::util::unix_now().0 < self.holder.expires_unix
+    }
+
+    /// Fails if a newer generation exists or our object now names someone else.
+    pub fn check_still_ours(&self) -> Result<(), LeaseError> {
+        match current(&*self.store)? {
+            Some((g, h)) if g == self.generation && h.writer == self.holder.writer => Ok(()),
+            Some((_, h)) => Err(LeaseError::Lost(h.describe())),
+            None => Err(LeaseError::Lost("nobody (our lease object vanished)".into())),
+        }
+    }
+
+    /// Extends the lease by its TTL; fails if it was taken over.
+    pub fn renew(&mut self) -> Result<(), LeaseError> {
+        self.check_still_ours()?;
+        let mut next = self.holder.clone();
+        next.expires_unix = crate::util::unix_now().0 + self.ttl.as_secs() as i64;
+        self.store.put(&key(self.generation), &codec::encode(&LEASE, &next))?;
+        self.holder = next;
+        Ok(())
+    }
+
+    /// Marks the lease released so the next writer need not wait for it to expire.
+    pub fn release(&mut self) -> Result<(), LeaseError> {
+        self.check_still_ours()?;
+        let mut released = self.holder.clone();
+        released.released = true;
+        released.expires_unix = crate::util::unix_now().0;
+        self.store.put(&key(self.generation), &codec::encode(&LEASE, &released))?;
+        self.holder = released;
+        Ok(())
+    }
+
+    fn remove_old_generations(&self) {
+        let Ok(keys) = self.store.list(PREFIX) else {
+            return;
+        };
+        for k in keys {
+            if parse_key(&k).is_some_and(|g| g + 1 < self.generation) {
+                let _ = self.store.delete(&k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn one_holder_at_a_time() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let ttl = Duration::from_secs(30);
+        let mut a = Lease::acquire(store.clone(), "aaaa", ttl).unwrap();
+        match Lease::acquire(store.clone(), "bbbb", ttl) {
+            Err(LeaseError::Held(who)) => assert!(who.contains("aaaa"), "{who}"),
+            other => panic!("expected Held, got {:?}", other.map(|l| l.generation)),
+        }
+        assert!(live_holder(&*store).unwrap().is_some());
+        a.renew().unwrap();
+        a.release().unwrap();
+        assert!(live_holder(&*store).unwrap().is_none());
+        let b = Lease::acquire(store.clone(), "bbbb", ttl).unwrap();
+        assert_eq!(b.generation, 2);
+        // The old holder notices it lost the store.
+        assert!(matches!(a.renew(), Err(LeaseError::Lost(_))));
+    }
+
+    #[test]
+    fn dead_local_holders_and_expired_leases_are_taken_over() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let now = crate::util::unix_now().0;
+        let dead = Holder {
+            writer: "dead".into(),
+            host: hostname(),
+            boot_id: boot_id(),
+            pid: std::process::id(),
+            start_time: 1, // not our start time: a previous process with our pid
+            acquired_unix: now,
+            expires_unix: now + 1000,
+            released: false,
+        };
+        store.put(&key(1), &codec::encode(&LEASE, &dead)).unwrap();
+        Lease::acquire(store.clone(), "new", Duration::from_secs(30)).unwrap();
+
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let expired = Holder {
+            boot_id: "another-machine".into(),
+            expires_unix: now - CLOCK_SKEW_SECS - 1,
+            ..dead
+        };
+        store.put(&key(7), &codec::encode(&LEASE, &expired)).unwrap();
+        let l = Lease::acquire(store.clone(), "new", Duration::from_secs(30)).unwrap();
+        assert_eq!(l.generation, 8);
+    }
+}

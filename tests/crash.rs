@@ -1,0 +1,149 @@
+//! Crash safety: SIGKILL the daemon at random moments while a writer fsyncs files and
+//! saves a document the editor way (write tmp, fsync, rename over, fsync dir); after
+//! remounting, every fsynced file must be intact and the document a whole version.
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const WRITER: &str = r#"
+import os, sys, hashlib, random
+mnt, log, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+logf = open(log, "a")
+def note(line):
+    logf.write(line + "\n"); logf.flush()
+def write_all(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+    os.close(fd)
+i = 0
+while True:
+    i += 1
+    data = rng.randbytes(rng.choice([0, 100, 5000, 300000, 1500000]))
+    name = "f%d_%d" % (seed, i)
+    write_all(os.path.join(mnt, name), data)
+    note("file %s %s" % (name, hashlib.sha256(data).hexdigest()))
+    doc = rng.randbytes(rng.randint(1, 200000))
+    note("try %d %s" % (i, hashlib.sha256(doc).hexdigest()))
+    write_all(os.path.join(mnt, "doc.tmp"), doc)
+    os.rename(os.path.join(mnt, "doc.tmp"), os.path.join(mnt, "doc%d" % seed))
+    dfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dfd)
+    os.close(dfd)
+    note("doc %d %s" % (i, hashlib.sha256(doc).hexdigest()))
+    if i % 7 == 0:
+        os.unlink(os.path.join(mnt, name))
+        note("gone %s" % name)
+"#;
+
+fn sha256_file(path: &std::path::Path) -> Option<String> {
+    let out = run_with_timeout(60, "sha256sum", &[path.to_str().unwrap()]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string())
+}
+
+fn check_round(f: &Fixture, round: u64, log: &str) -> usize {
+    let mut files: HashMap<String, String> = HashMap::new();
+    let mut tries: Vec<(u64, String)> = Vec::new();
+    let mut last_doc: Option<u64> = None;
+    for line in log.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        match parts.as_slice() {
+            ["file", name, sha] => {
+                files.insert(name.to_string(), sha.to_string());
+            }
+            ["gone", name] => {
+                files.remove(*name);
+            }
+            ["try", i, sha] => tries.push((i.parse().unwrap(), sha.to_string())),
+            ["doc", i, _] => last_doc = Some(i.parse().unwrap()),
+            _ => {}
+        }
+    }
+    for (name, sha) in &files {
+        let got = sha256_file(&f.path(name));
+        assert_eq!(got.as_deref(), Some(sha.as_str()), "fsynced file {name} lost or damaged");
+    }
+    let doc_name = format!("doc{round}");
+    let doc = sha256_file(&f.path(&doc_name));
+    let allowed: Vec<&String> = tries
+        .iter()
+        .filter(|(i, _)| last_doc.is_none_or(|d| *i >= d))
+        .map(|(_, s)| s)
+        .collect();
+    match (&doc, last_doc) {
+        (None, None) => {}
+        (Some(d), _) => assert!(
+            allowed.contains(&d),
+            "doc is not a whole saved version: sha {d}, size {:?}, last saved {last_doc:?}, allowed {allowed:?}\nlog tail:\n{}",
+            std::fs::metadata(f.path(&doc_name)).map(|m| m.len()),
+            log.lines().rev().take(8).collect::<Vec<_>>().join("\n")
+        ),
+        (None, Some(i)) => panic!("doc saved (version {i}) but missing"),
+    }
+    files.len()
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing_fsynced() {
+    let rounds: u64 = std::env::var("OBJFS_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let f = Fixture::new();
+    let script = f.tmp.path().join("writer.py");
+    std::fs::write(&script, WRITER).unwrap();
+    let mut checked = 0;
+    for round in 1..=rounds {
+        f.mount();
+        let log = f.tmp.path().join(format!("round{round}.log"));
+        let mut writer = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&f.mnt)
+            .arg(&log)
+            .arg(round.to_string())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill somewhere between 0.1 and 1.5 s in, varying by round.
+        std::thread::sleep(Duration::from_millis(100 + (round * 337) % 1400));
+        let pids = daemon_pids(&f.mnt);
+        assert_eq!(pids.len(), 1);
+        unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+        let _ = writer.kill();
+        let _ = writer.wait();
+        assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
+        // The next mount clears the dead mount and takes over the dead daemon's lease.
+        f.mount();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        checked += check_round(&f, round, &text);
+        f.umount();
+        let out = objfs_ok(&["fsck", f.store_str()]);
+        assert!(out.contains("clean"), "{out}");
+    }
+    eprintln!("{checked} fsynced files verified over {rounds} crashes");
+    assert!(checked > 0, "the writer never got a file fsynced");
+}
+
+#[test]
+fn second_writer_is_refused_with_the_holder_named() {
+    let f = Fixture::mounted();
+    let other = f.tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let out = objfs(&["mount", f.store_str(), other.to_str().unwrap(), "--log-file", f.log.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mounted read-write by writer"), "{err}");
+    assert!(err.contains("expires in"), "{err}");
+    assert!(!is_mountpoint(&other));
+    // A read-only mount beside the writer is fine.
+    let out = objfs(&["mount", f.store_str(), other.to_str().unwrap(), "--read-only", "--log-file", f.log.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    objfs_ok(&["umount", other.to_str().unwrap()]);
+    // After a clean unmount the next writer gets in at once.
+    f.umount();
+    f.mount();
+}
