@@ -43,6 +43,13 @@ pub enum Command {
         #[arg(long)]
         verify_data: bool,
     },
+    /// Delete blocks in STORE that no file references (refuses beside a live writer).
+    Gc {
+        store: String,
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show what STORE holds: files, bytes, blocks, dedup ratio, index size.
     Stat { store: String },
 }

@@ -224,10 +224,11 @@ fn serve(
         commit_interval: Duration::from_secs(settings.commit_interval_secs),
         upload_threads: settings.upload_threads,
         lease_ttl: Duration::from_secs(settings.lease_ttl_secs),
+        mountpoint: mountpoint.display().to_string(),
         ..VolumeConfig::default()
     };
     let describe = store.describe();
-    let volume = match Volume::load(store, config) {
+    let volume = match load_waiting_for_predecessor(store, config) {
         Ok(v) => Arc::new(v),
         Err(e) => return fail(&mut ready, format!("{describe}: {e}")),
     };
@@ -289,6 +290,35 @@ fn serve(
         Err(e) => Err(format!("final flush failed, changes since the last commit may be lost: {e}")),
     }
 }
+
+/// A daemon on this machine whose mount is already gone is still flushing (after a
+/// plain `umount DIR`): wait for it, a bounded time, instead of failing.
+fn load_waiting_for_predecessor(
+    store: Arc<dyn ObjectStore>,
+    config: VolumeConfig,
+) -> Result<Volume, crate::fs::FsError> {
+    let deadline = Instant::now() + PREDECESSOR_WAIT;
+    loop {
+        match Volume::load(store.clone(), config.clone()) {
+            Err(crate::fs::FsError::Lease(e)) => {
+                let finishing = match &*e {
+                    crate::lease::LeaseError::Held(h) => {
+                        h.is_local() && !h.mountpoint.is_empty() && !is_mounted(Path::new(&h.mountpoint))
+                    }
+                    _ => false,
+                };
+                if !finishing || Instant::now() >= deadline {
+                    return Err(crate::fs::FsError::Lease(e));
+                }
+                log::info!("waiting for the previous daemon to finish: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(120);
 
 fn spawn_signal_handler(volume: Arc<Volume>, mountpoint: PathBuf) {
     use signal_hook::consts::{SIGINT, SIGTERM};

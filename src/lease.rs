@@ -25,8 +25,8 @@ pub enum LeaseError {
     Store(#[from] StoreError),
     #[error("{key}: {err}")]
     Frame { key: String, err: FrameError },
-    #[error("the store is mounted read-write by {0}")]
-    Held(String),
+    #[error("the store is mounted read-write by {}", .0.describe())]
+    Held(Box<Holder>),
     #[error("lost the race for the writer lease to {0}")]
     Lost(String),
 }
@@ -43,17 +43,29 @@ pub struct Holder {
     pub acquired_unix: i64,
     pub expires_unix: i64,
     pub released: bool,
+    /// Where the holder is mounted (empty for tools such as gc).
+    pub mountpoint: String,
 }
 
 impl Holder {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
+        let place = if self.mountpoint.is_empty() {
+            String::new()
+        } else {
+            format!(" at {}", self.mountpoint)
+        };
         format!(
-            "writer {} (pid {} on host {}), lease expires {}",
+            "writer {} (pid {} on host {}{place}), lease expires {}",
             self.writer,
             self.pid,
             self.host,
             format_unix(self.expires_unix)
         )
+    }
+
+    /// True if the holder runs on this machine (same boot).
+    pub fn is_local(&self) -> bool {
+        self.boot_id == boot_id()
     }
 
     /// A holder on this machine whose process is gone can be taken over at once.
@@ -136,10 +148,15 @@ pub struct Lease {
 
 impl Lease {
     /// Takes the next lease generation, unless a live writer holds the store.
-    pub fn acquire(store: Arc<dyn ObjectStore>, writer: &str, ttl: Duration) -> Result<Lease, LeaseError> {
+    pub fn acquire(
+        store: Arc<dyn ObjectStore>,
+        writer: &str,
+        ttl: Duration,
+        mountpoint: &str,
+    ) -> Result<Lease, LeaseError> {
         let now = crate::util::unix_now().0;
         let next = match current(&*store)? {
-            Some((_, h)) if h.is_live(now) => return Err(LeaseError::Held(h.describe())),
+            Some((_, h)) if h.is_live(now) => return Err(LeaseError::Held(Box::new(h))),
             Some((g, h)) => {
                 if !h.released {
                     log::warn!("taking over the lease of {} (expired or its process is gone)", h.describe());
@@ -157,6 +174,7 @@ impl Lease {
             acquired_unix: now,
             expires_unix: now + ttl.as_secs() as i64,
             released: false,
+            mountpoint: mountpoint.to_string(),
         };
         match store.put_if_absent(&key(next), &codec::encode(&LEASE, &holder)) {
             Ok(()) => {}
@@ -242,16 +260,16 @@ mod tests {
     fn one_holder_at_a_time() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let ttl = Duration::from_secs(30);
-        let mut a = Lease::acquire(store.clone(), "aaaa", ttl).unwrap();
-        match Lease::acquire(store.clone(), "bbbb", ttl) {
-            Err(LeaseError::Held(who)) => assert!(who.contains("aaaa"), "{who}"),
+        let mut a = Lease::acquire(store.clone(), "aaaa", ttl, "/m").unwrap();
+        match Lease::acquire(store.clone(), "bbbb", ttl, "") {
+            Err(LeaseError::Held(who)) => assert!(who.describe().contains("aaaa at /m")),
             other => panic!("expected Held, got {:?}", other.map(|l| l.generation)),
         }
         assert!(live_holder(&*store).unwrap().is_some());
         a.renew().unwrap();
         a.release().unwrap();
         assert!(live_holder(&*store).unwrap().is_none());
-        let b = Lease::acquire(store.clone(), "bbbb", ttl).unwrap();
+        let b = Lease::acquire(store.clone(), "bbbb", ttl, "").unwrap();
         assert_eq!(b.generation, 2);
         // The old holder notices it lost the store.
         assert!(matches!(a.renew(), Err(LeaseError::Lost(_))));
@@ -270,9 +288,10 @@ mod tests {
             acquired_unix: now,
             expires_unix: now + 1000,
             released: false,
+            mountpoint: String::new(),
         };
         store.put(&key(1), &codec::encode(&LEASE, &dead)).unwrap();
-        Lease::acquire(store.clone(), "new", Duration::from_secs(30)).unwrap();
+        Lease::acquire(store.clone(), "new", Duration::from_secs(30), "").unwrap();
 
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let expired = Holder {
@@ -281,7 +300,7 @@ mod tests {
             ..dead
         };
         store.put(&key(7), &codec::encode(&LEASE, &expired)).unwrap();
-        let l = Lease::acquire(store.clone(), "new", Duration::from_secs(30)).unwrap();
+        let l = Lease::acquire(store.clone(), "new", Duration::from_secs(30), "").unwrap();
         assert_eq!(l.generation, 8);
     }
 }

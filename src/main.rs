@@ -27,6 +27,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             objfs::daemon::umount(&mountpoint, Duration::from_secs(timeout))?
         }
         Command::Stat { store } => objfs::tools::stat(&store)?,
+        Command::Gc { store, dry_run } => objfs::tools::gc(&store, dry_run)?,
         Command::Fsck { store, verify_data } => {
             if !objfs::tools::fsck(&store, verify_data)? {
                 return Ok(ExitCode::from(1));

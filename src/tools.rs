@@ -176,3 +176,58 @@ pub fn fsck(spec: &str, verify_data: bool) -> CliResult<bool> {
     }
     Ok(problems.is_empty())
 }
+
+/// Deletes every block no file references (blocks left by a writer that died before
+/// committing, or freed while no daemon ran). Holds the writer lease meanwhile, so it
+/// refuses to run beside a live writer.
+pub fn gc(spec: &str, dry_run: bool) -> CliResult<()> {
+    let store = open_existing(spec)?;
+    let writer = format!("gc{}", crate::util::random_hex(2));
+    let mut lease = crate::lease::Lease::acquire(store.clone(), &writer, std::time::Duration::from_secs(300), "")
+        .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;
+    let result = collect(spec, &store, &writer, dry_run);
+    if let Err(e) = lease.release() {
+        eprintln!("objfs: warning: releasing the lease: {e}");
+    }
+    result
+}
+
+fn collect(spec: &str, store: &Arc<dyn ObjectStore>, writer: &str, dry_run: bool) -> CliResult<()> {
+    let loaded = crate::index::journal::load(store.clone(), writer).map_err(|e| format!("{spec}: {e}"))?;
+    if !loaded.report.clean() {
+        return Err(format!(
+            "{spec}: the journal did not replay cleanly ({}); run objfs fsck and mount it once before gc",
+            loaded.report.warnings.join("; ")
+        ));
+    }
+    let referenced: HashSet<BlockId> = loaded.index.ledger().referenced().map(|(id, _)| *id).collect();
+    let keys = store.list("blocks/").map_err(|e| format!("{spec}: {e}"))?;
+    let mut freed = 0u64;
+    let mut failed = 0u64;
+    for key in keys {
+        let Some(id) = BlockId::from_key(&key) else {
+            continue;
+        };
+        if referenced.contains(&id) {
+            continue;
+        }
+        if dry_run {
+            println!("would delete {key}");
+            freed += 1;
+            continue;
+        }
+        match store.delete(&key) {
+            Ok(()) => freed += 1,
+            Err(e) => {
+                eprintln!("objfs: deleting {key}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    let verb = if dry_run { "would free" } else { "freed" };
+    println!("{spec}: {verb} {freed} unreferenced blocks; {} blocks in use", referenced.len());
+    if failed > 0 {
+        return Err(format!("{failed} blocks could not be deleted"));
+    }
+    Ok(())
+}

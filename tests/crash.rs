@@ -147,3 +147,25 @@ fn second_writer_is_refused_with_the_holder_named() {
     f.umount();
     f.mount();
 }
+
+#[test]
+fn gc_frees_what_a_dead_writer_left_and_refuses_beside_a_live_one() {
+    let f = Fixture::mounted();
+    std::fs::write(f.path("keep"), vec![1u8; 2 << 20]).unwrap();
+    let out = objfs(&["gc", f.store_str()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mounted read-write by"));
+    f.umount();
+    // Blocks uploaded but never committed, as a killed writer leaves them.
+    let orphan = f.store.join("blocks/ab/ab00000000000000000000000000000000000000000000000000000000000000");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"OBK\0junk").unwrap();
+    let out = objfs_ok(&["gc", f.store_str(), "--dry-run"]);
+    assert!(out.contains("would free 1 "), "{out}");
+    assert!(orphan.exists());
+    let out = objfs_ok(&["gc", f.store_str()]);
+    assert!(out.contains("freed 1 unreferenced blocks; 1 blocks in use"), "{out}");
+    assert!(!orphan.exists());
+    f.mount();
+    assert_eq!(std::fs::read(f.path("keep")).unwrap(), vec![1u8; 2 << 20]);
+}

@@ -107,9 +107,8 @@ fn sigterm_flushes_and_the_store_remounts() {
 fn plain_umount_also_flushes() {
     let f = Fixture::mounted();
     std::fs::write(f.path("a"), vec![3u8; 3 << 20]).unwrap();
-    let pids = daemon_pids(&f.mnt);
     sh("umount", &[f.mnt_str()]);
-    assert!(wait_until(Duration::from_secs(30), || pids.iter().all(|p| !daemon_pids(&f.mnt).contains(p))));
+    // Right away: a daemon still flushing is waited for, not reported as a second writer.
     f.mount();
     assert_eq!(std::fs::read(f.path("a")).unwrap(), vec![3u8; 3 << 20]);
 }

@@ -144,6 +144,8 @@ pub struct VolumeConfig {
     pub snapshot_bytes: u64,
     /// How long a writer lease lasts without renewal (renewed every third of it).
     pub lease_ttl: Duration,
+    /// Recorded in the lease so others can tell where the writer is mounted.
+    pub mountpoint: String,
 }
 
 impl Default for VolumeConfig {
@@ -158,6 +160,7 @@ impl Default for VolumeConfig {
             snapshot_segments: 256,
             snapshot_bytes: 64 << 20,
             lease_ttl: Duration::from_secs(30),
+            mountpoint: String::new(),
         }
     }
 }
@@ -213,7 +216,7 @@ impl Volume {
         let lease = if config.read_only {
             None
         } else {
-            Some(Lease::acquire(store.clone(), &writer, config.lease_ttl)?)
+            Some(Lease::acquire(store.clone(), &writer, config.lease_ttl, &config.mountpoint)?)
         };
         let loaded = journal::load(store.clone(), &writer).map_err(|e| FsError::Io(e.to_string()))?;
         let block_size = u64::from(loaded.superblock.block_size);
