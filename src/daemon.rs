@@ -23,18 +23,23 @@ pub fn mount(args: &MountArgs) -> CliResult<()> {
         StoreLocation::Local(p) => StoreLocation::Local(absolute(&p)?),
     };
     let mountpoint = prepare_mountpoint(&args.mountpoint)?;
-    let store = open_or_create(&location, &args.store, settings.read_only)?;
     let log_file = match &settings.log_file {
         Some(p) => absolute(p)?,
         None => default_log_file(&mountpoint),
     };
+    let target = Target {
+        location,
+        spec: args.store.clone(),
+        mountpoint,
+    };
     if args.foreground {
         init_logging();
-        return serve(store, &mountpoint, &settings, None);
+        return serve(&target, &settings, &mut Reporter(None));
     }
     let log = open_log(&log_file)?;
     let (read_end, write_end) = pipe()?;
     let log2 = log.try_clone().map_err(|e| format!("log file: {e}"))?;
+    // Nothing that starts threads (store clients, runtimes) may run before this fork.
     match daemonize::Daemonize::new()
         .working_directory("/")
         .umask(0o022)
@@ -50,7 +55,8 @@ pub fn mount(args: &MountArgs) -> CliResult<()> {
         daemonize::Outcome::Child(Ok(_)) => {
             drop(read_end);
             init_logging();
-            let code = match serve(store, &mountpoint, &settings, Some(write_end)) {
+            let mut reporter = Reporter(Some(File::from(write_end)));
+            let code = match serve(&target, &settings, &mut reporter) {
                 Ok(()) => 0,
                 Err(e) => {
                     log::error!("{e}");
@@ -67,20 +73,58 @@ pub fn mount(args: &MountArgs) -> CliResult<()> {
     }
 }
 
+/// What to mount where.
+struct Target {
+    location: StoreLocation,
+    spec: String,
+    mountpoint: PathBuf,
+}
+
+/// Tells the user what happens during start-up: through the readiness pipe to the
+/// waiting parent, or straight to stdout in the foreground.
+struct Reporter(Option<File>);
+
+impl Reporter {
+    fn say(&mut self, msg: &str) {
+        match &mut self.0 {
+            Some(pipe) => {
+                let _ = writeln!(pipe, "MSG {msg}");
+            }
+            None => println!("{msg}"),
+        }
+    }
+
+    /// The mount is live (or failed): the parent may exit now.
+    fn finish(&mut self, result: Result<(), &str>) {
+        match (self.0.take(), result) {
+            (Some(mut pipe), Ok(())) => {
+                let _ = writeln!(pipe, "OK");
+            }
+            (Some(mut pipe), Err(msg)) => {
+                let _ = writeln!(pipe, "ERR {msg}");
+            }
+            (None, Ok(())) => {}
+            (None, Err(msg)) => eprintln!("objfs: {msg}"),
+        }
+    }
+}
+
 fn wait_for_daemon(read_end: OwnedFd, log_file: &Path) -> CliResult<()> {
     let mut msg = String::new();
     let _ = File::from(read_end).read_to_string(&mut msg);
-    let line = msg.lines().next().unwrap_or("");
-    if line == "OK" {
-        return Ok(());
+    for line in msg.lines() {
+        if let Some(text) = line.strip_prefix("MSG ") {
+            println!("{text}");
+        } else if line == "OK" {
+            return Ok(());
+        } else if let Some(reason) = line.strip_prefix("ERR ") {
+            return Err(reason.to_string());
+        }
     }
-    match line.strip_prefix("ERR ") {
-        Some(reason) => Err(reason.to_string()),
-        None => Err(format!(
-            "the daemon exited during start-up; see {}",
-            log_file.display()
-        )),
-    }
+    Err(format!(
+        "the daemon exited during start-up; see {}",
+        log_file.display()
+    ))
 }
 
 fn absolute(p: &Path) -> CliResult<PathBuf> {
@@ -92,12 +136,13 @@ pub fn open_or_create(
     location: &StoreLocation,
     spec: &str,
     read_only: bool,
+    say: &mut dyn FnMut(&str),
 ) -> CliResult<Arc<dyn ObjectStore>> {
     if !read_only && location.is_blank() {
         let store = location.open(true).map_err(|e| format!("{spec}: {e}"))?;
         let sb = journal::mkfs(&*store, crate::index::superblock::DEFAULT_BLOCK_SIZE)
             .map_err(|e| format!("{spec}: {e}"))?;
-        println!("created a new objfs filesystem in {spec} (uuid {})", sb.uuid);
+        say(&format!("created a new objfs filesystem in {spec} (uuid {})", sb.uuid));
         return Ok(store);
     }
     let store = location.open(false).map_err(|e| match e {
@@ -199,24 +244,28 @@ fn pipe() -> CliResult<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn report(ready: &mut Option<OwnedFd>, line: &str) {
-    if let Some(fd) = ready.take() {
-        let mut f = File::from(fd);
-        let _ = writeln!(f, "{line}");
+/// Runs the mount until it is unmounted or the daemon is told to stop.
+fn serve(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> CliResult<()> {
+    match start(target, settings, reporter) {
+        Ok((volume, session, background)) => {
+            reporter.finish(Ok(()));
+            run_until_unmounted(volume, session, background, &target.mountpoint)
+        }
+        Err(msg) => {
+            reporter.finish(Err(&msg));
+            Err(msg)
+        }
     }
 }
 
-/// Runs the mount until it is unmounted or the daemon is told to stop.
-fn serve(
-    store: Arc<dyn ObjectStore>,
-    mountpoint: &Path,
-    settings: &MountSettings,
-    mut ready: Option<OwnedFd>,
-) -> CliResult<()> {
-    let fail = |ready: &mut Option<OwnedFd>, msg: String| {
-        report(ready, &format!("ERR {msg}"));
-        Err(msg)
-    };
+type Started = (Arc<Volume>, fuser::BackgroundSession, Option<crate::fs::Background>);
+
+/// Opens (or creates) the store, loads the index, takes the lease and mounts.
+fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> CliResult<Started> {
+    let mountpoint = target.mountpoint.as_path();
+    let store = open_or_create(&target.location, &target.spec, settings.read_only, &mut |m| {
+        reporter.say(m)
+    })?;
     let config = VolumeConfig {
         read_only: settings.read_only,
         cache_size: settings.cache_size,
@@ -228,28 +277,25 @@ fn serve(
         ..VolumeConfig::default()
     };
     let describe = store.describe();
-    let volume = match load_waiting_for_predecessor(store, config) {
-        Ok(v) => Arc::new(v),
-        Err(e) => return fail(&mut ready, format!("{describe}: {e}")),
-    };
+    let volume = load_waiting_for_predecessor(store, config)
+        .map(Arc::new)
+        .map_err(|e| format!("{describe}: {e}"))?;
     for w in &volume.load_report().warnings {
         log::warn!("recovery: {w}");
     }
-    let background = (!settings.read_only).then(|| volume.start_background());
     let mut fuse_config = fuser::Config::default();
-    let mut options = vec![
+    fuse_config.mount_options = vec![
         fuser::MountOption::FSName(format!("objfs:{describe}")),
         fuser::MountOption::Subtype("objfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
+        if settings.read_only {
+            fuser::MountOption::RO
+        } else {
+            fuser::MountOption::RW
+        },
     ];
-    options.push(if settings.read_only {
-        fuser::MountOption::RO
-    } else {
-        fuser::MountOption::RW
-    });
-    fuse_config.mount_options = options;
     fuse_config.acl = if settings.allow_other {
         fuser::SessionACL::All
     } else {
@@ -257,22 +303,24 @@ fn serve(
     };
     fuse_config.n_threads = Some(settings.threads);
     fuse_config.clone_fd = true;
-    let session = match fuser::spawn_mount(FuseAdapter::new(volume.clone()), mountpoint, &fuse_config) {
-        Ok(s) => s,
-        Err(e) => return fail(&mut ready, format!("mounting {}: {e}", mountpoint.display())),
-    };
-    let pid_file = pid_file_for(mountpoint);
-    write_pid_file(&pid_file);
+    let session = fuser::spawn_mount(FuseAdapter::new(volume.clone()), mountpoint, &fuse_config)
+        .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
+    let background = (!settings.read_only).then(|| volume.start_background());
+    write_pid_file(&pid_file_for(mountpoint));
     log::info!(
         "mounted {describe} at {} ({})",
         mountpoint.display(),
         if settings.read_only { "read-only" } else { "read-write" }
     );
-    if ready.is_some() {
-        report(&mut ready, "OK");
-    } else {
-        println!("mounted {describe} at {}", mountpoint.display());
-    }
+    Ok((volume, session, background))
+}
+
+fn run_until_unmounted(
+    volume: Arc<Volume>,
+    session: fuser::BackgroundSession,
+    background: Option<crate::fs::Background>,
+    mountpoint: &Path,
+) -> CliResult<()> {
     spawn_signal_handler(volume.clone(), mountpoint.to_path_buf());
     if let Err(e) = session.join() {
         log::warn!("FUSE session ended with: {e}");
@@ -281,7 +329,7 @@ fn serve(
         bg.stop();
     }
     let result = volume.shutdown();
-    let _ = std::fs::remove_file(&pid_file);
+    let _ = std::fs::remove_file(pid_file_for(mountpoint));
     match result {
         Ok(()) => {
             log::info!("unmounted {}; everything is in the store", mountpoint.display());

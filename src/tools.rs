@@ -12,7 +12,7 @@ type CliResult<T> = Result<T, String>;
 
 fn open_existing(spec: &str) -> CliResult<Arc<dyn ObjectStore>> {
     let location = StoreLocation::parse(spec)?;
-    crate::daemon::open_or_create(&location, spec, true)
+    crate::daemon::open_or_create(&location, spec, true, &mut |m| println!("{m}"))
 }
 
 fn load_read_only(spec: &str) -> CliResult<Volume> {

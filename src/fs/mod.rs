@@ -6,6 +6,7 @@ mod error;
 mod persist;
 
 pub use error::{FsError, FsResult};
+pub use persist::Background;
 
 use crate::block::BlockId;
 use crate::cache::BlockCache;
