@@ -1,5 +1,6 @@
 //! Command-line definitions and mount-option parsing.
 
+use crate::store::StoreOptions;
 use crate::util::parse_size;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -17,6 +18,33 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How to reach the store; S3 settings otherwise come from AWS_* variables and ~/.aws.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// S3 endpoint URL [default: AWS_ENDPOINT_URL, ~/.aws/config endpoint_url, else AWS].
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// S3 path-style addressing [default: on when an endpoint is given].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub path_style: Option<bool>,
+    /// Seconds a failing store request is retried before the operation fails (EIO).
+    #[arg(long, value_name = "SECS")]
+    pub retry_budget: Option<u64>,
+}
+
+impl StoreArgs {
+    pub fn options(&self) -> Result<StoreOptions, String> {
+        if self.retry_budget == Some(0) || self.retry_budget.is_some_and(|s| s > 86_400) {
+            return Err("--retry-budget must be between 1 and 86400 seconds".into());
+        }
+        Ok(StoreOptions {
+            endpoint: self.endpoint.clone(),
+            path_style: self.path_style,
+            retry_budget: self.retry_budget.map(std::time::Duration::from_secs),
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a filesystem in STORE (a missing local directory is created).
@@ -26,6 +54,8 @@ pub enum Command {
         /// Block size (power of two, 4K..64M; K/M/G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "1M")]
         block_size: String,
+        #[command(flatten)]
+        store_args: StoreArgs,
     },
     /// Mount STORE at MOUNTPOINT. Returns once the mount is live; a daemon serves it.
     Mount(MountArgs),
@@ -42,6 +72,8 @@ pub enum Command {
         /// Also read every block and verify its hash.
         #[arg(long)]
         verify_data: bool,
+        #[command(flatten)]
+        store_args: StoreArgs,
     },
     /// Delete blocks in STORE that no file references (refuses beside a live writer).
     Gc {
@@ -49,16 +81,24 @@ pub enum Command {
         /// Only list what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        store_args: StoreArgs,
     },
     /// Show what STORE holds: files, bytes, blocks, dedup ratio, index size.
-    Stat { store: String },
+    Stat {
+        store: String,
+        #[command(flatten)]
+        store_args: StoreArgs,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct MountArgs {
-    /// Where the filesystem lives: a local directory or file:// URL.
+    /// Where the filesystem lives: a local directory, file:// URL or s3://BUCKET[/PREFIX].
     pub store: String,
     pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub store_args: StoreArgs,
     /// Serve in this process instead of a background daemon.
     #[arg(long)]
     pub foreground: bool,
@@ -74,6 +114,12 @@ pub struct MountArgs {
     /// Seconds between background journal commits.
     #[arg(long, value_name = "SECS")]
     pub commit_interval: Option<String>,
+    /// Journal segments after which a snapshot compacts the journal.
+    #[arg(long, value_name = "N")]
+    pub snapshot_every: Option<String>,
+    /// Read-only mounts: seconds between checks for the writer's new commits.
+    #[arg(long, value_name = "SECS")]
+    pub refresh: Option<String>,
     /// Seconds a writer lease lasts unless renewed (renewed every third of it).
     #[arg(long, value_name = "SECS")]
     pub lease_ttl: Option<String>,
@@ -104,10 +150,13 @@ pub struct MountSettings {
     pub dirty_limit: u64,
     pub commit_interval_secs: u64,
     pub lease_ttl_secs: u64,
+    pub refresh_secs: u64,
+    pub snapshot_every: u64,
     pub threads: usize,
     pub upload_threads: usize,
     pub log_file: Option<PathBuf>,
     pub allow_other: bool,
+    pub store: StoreOptions,
 }
 
 fn parse_count(name: &str, text: &str, max: u64) -> Result<u64, String> {
@@ -162,6 +211,14 @@ impl MountArgs {
                 Some(s) => parse_count("lease-ttl", s, 3600)?.max(3),
                 None => 30,
             },
+            refresh_secs: match &a.refresh {
+                Some(s) => parse_count("refresh", s, 3600)?,
+                None => 1,
+            },
+            snapshot_every: match &a.snapshot_every {
+                Some(s) => parse_count("snapshot-every", s, 1_000_000)?,
+                None => 256,
+            },
             threads: match &a.threads {
                 Some(s) => parse_count("threads", s, 64)? as usize,
                 None => 4,
@@ -172,6 +229,7 @@ impl MountArgs {
             },
             log_file: a.log_file.clone(),
             allow_other: a.allow_other || is_root,
+            store: a.store_args.options()?,
         })
     }
 
@@ -196,9 +254,22 @@ impl MountArgs {
             "commit_interval" => self.commit_interval = Some(need(value)?),
             "threads" => self.threads = Some(need(value)?),
             "lease_ttl" => self.lease_ttl = Some(need(value)?),
+            "refresh" => self.refresh = Some(need(value)?),
+            "snapshot_every" => self.snapshot_every = Some(need(value)?),
             "upload_threads" => self.upload_threads = Some(need(value)?),
             "log_file" => self.log_file = Some(need(value)?.into()),
             "foreground" => self.foreground = true,
+            "endpoint" => self.store_args.endpoint = Some(need(value)?),
+            "path_style" => {
+                let v = value.unwrap_or_else(|| "true".into());
+                self.store_args.path_style =
+                    Some(v.parse().map_err(|_| format!("-o path_style={v}: use true or false"))?);
+            }
+            "retry_budget" => {
+                let v = need(value)?;
+                self.store_args.retry_budget =
+                    Some(v.parse().map_err(|_| format!("-o retry_budget={v}: not a whole number"))?);
+            }
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
         Ok(())

@@ -19,8 +19,9 @@ type CliResult<T> = Result<T, String>;
 
 pub fn mount(args: &MountArgs) -> CliResult<()> {
     let settings = args.settings()?;
-    let location = match StoreLocation::parse(&args.store)? {
+    let location = match StoreLocation::parse_with(&args.store, &settings.store)? {
         StoreLocation::Local(p) => StoreLocation::Local(absolute(&p)?),
+        other => other,
     };
     let mountpoint = prepare_mountpoint(&args.mountpoint)?;
     let log_file = match &settings.log_file {
@@ -149,9 +150,17 @@ pub fn open_or_create(
         StoreError::NotFound(_) => format!("{spec}: store does not exist"),
         e => format!("{spec}: {e}"),
     })?;
+    let hint = if matches!(location, StoreLocation::S3(_)) {
+        format!(" (create one with: objfs mkfs {spec})")
+    } else {
+        String::new()
+    };
     journal::read_superblock(&*store).map_err(|e| match e {
         IndexError::NotObjfs(_) if read_only => {
-            format!("{spec} does not hold an objfs filesystem (a read-only mount never creates one)")
+            format!("{spec} does not hold an objfs filesystem (a read-only mount never creates one){hint}")
+        }
+        IndexError::NotObjfs(_) if !hint.is_empty() => {
+            format!("{spec} does not hold an objfs filesystem{hint}")
         }
         IndexError::NotObjfs(_) => format!(
             "{spec} is not empty and does not hold an objfs filesystem; refusing to use it"
@@ -274,6 +283,7 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
         upload_threads: settings.upload_threads,
         lease_ttl: Duration::from_secs(settings.lease_ttl_secs),
         mountpoint: mountpoint.display().to_string(),
+        snapshot_segments: settings.snapshot_every,
         ..VolumeConfig::default()
     };
     let describe = store.describe();
@@ -306,6 +316,13 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     let session = fuser::spawn_mount(FuseAdapter::new(volume.clone()), mountpoint, &fuse_config)
         .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
     let background = (!settings.read_only).then(|| volume.start_background());
+    if settings.read_only {
+        crate::fuse::spawn_follower(
+            volume.clone(),
+            session.notifier(),
+            Duration::from_secs(settings.refresh_secs),
+        );
+    }
     write_pid_file(&pid_file_for(mountpoint));
     log::info!(
         "mounted {describe} at {} ({})",

@@ -18,13 +18,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct FuseAdapter {
     volume: Arc<Volume>,
     ttl: Duration,
+    /// Page cache kept across opens: only where no one else changes the files.
+    open_flags: FopenFlags,
 }
 
 impl FuseAdapter {
     pub fn new(volume: Arc<Volume>) -> FuseAdapter {
+        let open_flags = if volume.config().read_only {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
         FuseAdapter {
             volume,
             ttl: Duration::from_secs(1),
+            open_flags,
         }
     }
 
@@ -251,7 +259,7 @@ impl Filesystem for FuseAdapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let truncate = flags.0 & libc::O_TRUNC != 0;
         match self.volume.open(ino.0, truncate) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => reply.opened(FileHandle(fh), self.open_flags),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -412,7 +420,7 @@ impl Filesystem for FuseAdapter {
                 &self.attr(&a),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                self.open_flags,
             ),
             Err(e) => reply.error(errno(&e)),
         }
@@ -442,5 +450,31 @@ mod tests {
         ] {
             assert_eq!(from_system_time(to_system_time(t)), t);
         }
+    }
+}
+
+/// Read-only mounts: applies the writer's commits every `period` and tells the kernel
+/// to drop what it cached of the changed inodes and names.
+pub fn spawn_follower(volume: Arc<Volume>, notifier: fuser::Notifier, period: Duration) {
+    std::thread::Builder::new()
+        .name("objfs-follow".into())
+        .spawn(move || loop {
+            std::thread::sleep(period);
+            match volume.refresh() {
+                Ok(changed) if !changed.is_empty() => invalidate(&notifier, &changed),
+                Ok(_) => {}
+                Err(e) => log::warn!("following the writer: {e}"),
+            }
+        })
+        .expect("spawn follower thread");
+}
+
+fn invalidate(notifier: &fuser::Notifier, changed: &crate::fs::Changed) {
+    // Errors here mean the kernel had nothing cached for that inode or name.
+    for (dir, name) in &changed.entries {
+        let _ = notifier.inval_entry(INodeNo(*dir), OsStr::from_bytes(name));
+    }
+    for ino in changed.inodes.iter().chain(&changed.all) {
+        let _ = notifier.inval_inode(INodeNo(*ino), 0, 0);
     }
 }

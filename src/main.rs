@@ -5,10 +5,10 @@ use objfs::store::StoreLocation;
 use std::process::ExitCode;
 use std::time::Duration;
 
-fn mkfs(spec: &str, block_size: &str) -> Result<(), String> {
+fn mkfs(spec: &str, block_size: &str, opts: &objfs::store::StoreOptions) -> Result<(), String> {
     let size = objfs::util::parse_size(block_size).map_err(|e| format!("--block-size: {e}"))?;
     let size = superblock::validate_block_size(size).map_err(|e| format!("--block-size: {e}"))?;
-    let location = StoreLocation::parse(spec)?;
+    let location = StoreLocation::parse_with(spec, opts)?;
     let store = location.open(true).map_err(|e| format!("{spec}: {e}"))?;
     let sb = journal::mkfs(&*store, size).map_err(|e| format!("{spec}: {e}"))?;
     println!(
@@ -21,15 +21,27 @@ fn mkfs(spec: &str, block_size: &str) -> Result<(), String> {
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
-        Command::Mkfs { store, block_size } => mkfs(&store, &block_size)?,
+        Command::Mkfs {
+            store,
+            block_size,
+            store_args,
+        } => mkfs(&store, &block_size, &store_args.options()?)?,
         Command::Mount(args) => objfs::daemon::mount(&args)?,
         Command::Umount { mountpoint, timeout } => {
             objfs::daemon::umount(&mountpoint, Duration::from_secs(timeout))?
         }
-        Command::Stat { store } => objfs::tools::stat(&store)?,
-        Command::Gc { store, dry_run } => objfs::tools::gc(&store, dry_run)?,
-        Command::Fsck { store, verify_data } => {
-            if !objfs::tools::fsck(&store, verify_data)? {
+        Command::Stat { store, store_args } => objfs::tools::stat(&store, &store_args.options()?)?,
+        Command::Gc {
+            store,
+            dry_run,
+            store_args,
+        } => objfs::tools::gc(&store, dry_run, &store_args.options()?)?,
+        Command::Fsck {
+            store,
+            verify_data,
+            store_args,
+        } => {
+            if !objfs::tools::fsck(&store, verify_data, &store_args.options()?)? {
                 return Ok(ExitCode::from(1));
             }
         }

@@ -3,20 +3,20 @@
 use crate::block::BlockId;
 use crate::fs::{Volume, VolumeConfig};
 use crate::index::{Extent, Ino, Kind, ROOT_INO};
-use crate::store::{ObjectStore, StoreLocation};
+use crate::store::{ObjectStore, StoreLocation, StoreOptions};
 use crate::util::format_bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 type CliResult<T> = Result<T, String>;
 
-fn open_existing(spec: &str) -> CliResult<Arc<dyn ObjectStore>> {
-    let location = StoreLocation::parse(spec)?;
+fn open_existing(spec: &str, opts: &StoreOptions) -> CliResult<Arc<dyn ObjectStore>> {
+    let location = StoreLocation::parse_with(spec, opts)?;
     crate::daemon::open_or_create(&location, spec, true, &mut |m| println!("{m}"))
 }
 
-fn load_read_only(spec: &str) -> CliResult<Volume> {
-    let store = open_existing(spec)?;
+fn load_read_only(spec: &str, opts: &StoreOptions) -> CliResult<Volume> {
+    let store = open_existing(spec, opts)?;
     Volume::load(
         store,
         VolumeConfig {
@@ -27,8 +27,8 @@ fn load_read_only(spec: &str) -> CliResult<Volume> {
     .map_err(|e| format!("{spec}: {e}"))
 }
 
-pub fn stat(spec: &str) -> CliResult<()> {
-    let volume = load_read_only(spec)?;
+pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
+    let volume = load_read_only(spec, opts)?;
     let u = volume.usage();
     let report = volume.load_report();
     let sb = volume.superblock();
@@ -79,8 +79,8 @@ fn stored_bytes(volume: &Volume) -> u64 {
     blocks.values().sum::<u64>() + inline
 }
 
-pub fn fsck(spec: &str, verify_data: bool) -> CliResult<bool> {
-    let volume = load_read_only(spec)?;
+pub fn fsck(spec: &str, verify_data: bool, opts: &StoreOptions) -> CliResult<bool> {
+    let volume = load_read_only(spec, opts)?;
     let mut problems: Vec<String> = volume
         .load_report()
         .warnings
@@ -180,8 +180,8 @@ pub fn fsck(spec: &str, verify_data: bool) -> CliResult<bool> {
 /// Deletes every block no file references (blocks left by a writer that died before
 /// committing, or freed while no daemon ran). Holds the writer lease meanwhile, so it
 /// refuses to run beside a live writer.
-pub fn gc(spec: &str, dry_run: bool) -> CliResult<()> {
-    let store = open_existing(spec)?;
+pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
+    let store = open_existing(spec, opts)?;
     let writer = format!("gc{}", crate::util::random_hex(2));
     let mut lease = crate::lease::Lease::acquire(store.clone(), &writer, std::time::Duration::from_secs(300), "")
         .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;

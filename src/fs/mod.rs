@@ -6,7 +6,7 @@ mod error;
 mod persist;
 
 pub use error::{FsError, FsResult};
-pub use persist::Background;
+pub use persist::{Background, Changed};
 
 use crate::block::BlockId;
 use crate::cache::BlockCache;
@@ -745,9 +745,15 @@ impl Volume {
     pub fn statfs(&self) -> FsResult<FsStats> {
         let space = self.store.space()?;
         let files = self.state().index.inode_count() as u64;
+        let free_bytes = if space.unbounded {
+            let used: u64 = self.state().index.inodes().map(|i| i.size).sum();
+            space.total_bytes.saturating_sub(used)
+        } else {
+            space.free_bytes
+        };
         Ok(FsStats {
             total_bytes: space.total_bytes,
-            free_bytes: space.free_bytes,
+            free_bytes,
             files,
             block_size: self.superblock.block_size,
         })

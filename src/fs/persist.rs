@@ -289,6 +289,59 @@ impl Volume {
     }
 }
 
+/// What a follower refresh changed, for the kernel's caches.
+#[derive(Debug, Default)]
+pub struct Changed {
+    pub inodes: Vec<Ino>,
+    pub entries: Vec<(Ino, Vec<u8>)>,
+    /// Everything may have changed (reloaded from a new snapshot).
+    pub all: Vec<Ino>,
+}
+
+impl Changed {
+    pub fn is_empty(&self) -> bool {
+        self.inodes.is_empty() && self.entries.is_empty() && self.all.is_empty()
+    }
+}
+
+impl Volume {
+    /// Read-only mounts: apply what the writer committed since the last refresh.
+    pub fn refresh(&self) -> FsResult<Changed> {
+        use crate::index::journal::Followed;
+        use crate::index::Record;
+        let mut journal = self.journal.lock().unwrap();
+        let mut changed = Changed::default();
+        match journal.follow()? {
+            Followed::Nothing => {}
+            Followed::Records(records) => {
+                let mut state = self.state();
+                for r in records {
+                    match &r {
+                        Record::PutInode(i) => changed.inodes.push(i.ino),
+                        Record::DelInode(ino) => changed.inodes.push(*ino),
+                        Record::PutEntry { dir, name, .. } | Record::DelEntry { dir, name } => {
+                            changed.entries.push((*dir, name.clone()));
+                            changed.inodes.push(*dir);
+                        }
+                    }
+                    state.index.apply(r);
+                }
+            }
+            Followed::NewGeneration => {
+                let loaded = crate::index::journal::load(self.store.clone(), "reader")?;
+                let mut state = self.state();
+                changed.all = state.index.inodes().map(|i| i.ino).collect();
+                state.index = loaded.index;
+                *journal = loaded.journal;
+                log::info!("reloaded from snapshot generation {}", journal.generation());
+            }
+        }
+        changed.inodes.sort_unstable();
+        changed.inodes.dedup();
+        Ok(changed)
+    }
+}
+
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> FsError {
         FsError::Io(e.to_string())

@@ -275,7 +275,58 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
     })
 }
 
+/// What a read-only follower found in the store since it last looked.
+pub enum Followed {
+    Nothing,
+    /// Records of new segments, in order.
+    Records(Vec<Record>),
+    /// The writer compacted into a newer snapshot: reload from scratch.
+    NewGeneration,
+}
+
 impl Journal {
+    /// For read-only followers: the records the writer committed since we last looked.
+    pub fn follow(&mut self) -> Result<Followed, IndexError> {
+        if list_snapshots(&*self.store)?.last().is_some_and(|&g| g > self.generation) {
+            return Ok(Followed::NewGeneration);
+        }
+        let mut records = Vec::new();
+        for (&s, keys) in list_segments(&*self.store, self.generation)?.range(self.seq + 1..) {
+            if s != self.seq + 1 {
+                break;
+            }
+            if keys.len() > 1 {
+                let writers: Vec<String> = keys.iter().filter_map(|k| parse_segment_key(k).map(|p| p.2)).collect();
+                return Err(IndexError::Fork {
+                    generation: self.generation,
+                    seq: s,
+                    writers: writers.join(", "),
+                });
+            }
+            let key = &keys[0];
+            let bytes = match self.store.get(key) {
+                Ok(b) => b,
+                // Compaction removed it between list and get.
+                Err(StoreError::NotFound(_)) => return Ok(Followed::NewGeneration),
+                Err(e) => return Err(e.into()),
+            };
+            let segment: Segment = codec::decode(&codec::SEGMENT, &bytes)
+                .map_err(|err| IndexError::Frame { key: key.clone(), err })?;
+            if segment.prev != self.last_key {
+                log::warn!("{key} does not follow the segment we read last; waiting");
+                break;
+            }
+            records.extend(segment.records);
+            self.seq = s;
+            self.last_key = Some(key.clone());
+        }
+        Ok(if records.is_empty() {
+            Followed::Nothing
+        } else {
+            Followed::Records(records)
+        })
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -184,6 +184,7 @@ impl ObjectStore for LocalStore {
         Ok(StoreSpace {
             total_bytes: st.f_blocks as u64 * frsize,
             free_bytes: st.f_bavail as u64 * frsize,
+            unbounded: false,
         })
     }
 

@@ -58,6 +58,7 @@ impl ObjectStore for MemoryStore {
         Ok(StoreSpace {
             total_bytes: 1 << 40,
             free_bytes: 1 << 40,
+            unbounded: false,
         })
     }
 

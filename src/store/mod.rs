@@ -6,10 +6,12 @@
 mod faulty;
 mod local;
 mod memory;
+mod s3;
 
 pub use faulty::FaultyStore;
 pub use local::LocalStore;
 pub use memory::MemoryStore;
+pub use s3::{S3Settings, S3Store, S3_CAPACITY};
 
 use std::sync::Arc;
 
@@ -23,6 +25,8 @@ pub enum StoreError {
     NoSpace,
     #[error("store denied access: {0}")]
     AccessDenied(String),
+    #[error("no such bucket")]
+    NoSuchBucket,
     #[error("store I/O error: {0}")]
     Io(String),
 }
@@ -47,6 +51,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub struct StoreSpace {
     pub total_bytes: u64,
     pub free_bytes: u64,
+    /// No real capacity (S3): statfs reports a fixed size minus what the files use.
+    pub unbounded: bool,
 }
 
 /// A flat key -> bytes store. Keys are `/`-separated ASCII; values are whole objects:
@@ -77,10 +83,23 @@ pub trait ObjectStore: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     Local(std::path::PathBuf),
+    S3(S3Settings),
+}
+
+/// Backend options given on the command line (the rest comes from the environment).
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    pub endpoint: Option<String>,
+    pub path_style: Option<bool>,
+    pub retry_budget: Option<std::time::Duration>,
 }
 
 impl StoreLocation {
     pub fn parse(spec: &str) -> Result<StoreLocation, String> {
+        StoreLocation::parse_with(spec, &StoreOptions::default())
+    }
+
+    pub fn parse_with(spec: &str, opts: &StoreOptions) -> Result<StoreLocation, String> {
         if spec.is_empty() {
             return Err("empty STORE".into());
         }
@@ -90,29 +109,43 @@ impl StoreLocation {
             }
             return Ok(StoreLocation::Local(rest.into()));
         }
+        if spec.starts_with("s3://") {
+            let mut s = S3Settings::parse(spec, opts.endpoint.as_deref(), opts.path_style)?;
+            if let Some(budget) = opts.retry_budget {
+                s.retry_budget = budget;
+            }
+            return Ok(StoreLocation::S3(s));
+        }
         if let Some((scheme, _)) = spec.split_once("://") {
             return Err(format!(
-                "{spec}: unsupported store scheme '{scheme}://' (use a local path or file://)"
+                "{spec}: unsupported store scheme '{scheme}://' (use a local path, file:// or s3://)"
             ));
         }
         Ok(StoreLocation::Local(spec.into()))
     }
 
     /// A local path that is missing or an empty directory: a first mount may create
-    /// a filesystem there.
+    /// a filesystem there. S3 prefixes are created only by `objfs mkfs`.
     pub fn is_blank(&self) -> bool {
         match self {
             StoreLocation::Local(p) => match std::fs::read_dir(p) {
                 Ok(mut it) => it.next().is_none(),
                 Err(e) => e.kind() == std::io::ErrorKind::NotFound,
             },
+            StoreLocation::S3(_) => false,
         }
     }
 
     pub fn open(&self, create: bool) -> StoreResult<Arc<dyn ObjectStore>> {
         match self {
             StoreLocation::Local(p) => Ok(Arc::new(LocalStore::open(p, create)?)),
+            StoreLocation::S3(s) => Ok(Arc::new(S3Store::open(s.clone())?)),
         }
+    }
+
+    /// Whether statfs should report a fixed large capacity instead of real space.
+    pub fn is_unbounded(&self) -> bool {
+        matches!(self, StoreLocation::S3(_))
     }
 }
 

@@ -11,12 +11,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_objfs");
 
 /// Runs a command with a time limit; returns its output.
 pub fn run_with_timeout(secs: u64, program: &str, args: &[&str]) -> Output {
+    run_with_env(secs, program, args, &[])
+}
+
+/// Like `run_with_timeout`, with extra environment variables.
+pub fn run_with_env(secs: u64, program: &str, args: &[&str], env: &[(String, String)]) -> Output {
     Command::new("timeout")
         .arg("-k")
         .arg("5")
         .arg(secs.to_string())
         .arg(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
@@ -101,7 +107,12 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// A store and a mountpoint in a temp dir; unmounted on drop whatever happened.
 pub struct Fixture {
     pub tmp: tempfile::TempDir,
+    /// The local store directory (for local-store fixtures).
     pub store: PathBuf,
+    /// The STORE argument given to objfs.
+    pub spec: String,
+    /// Environment for objfs commands (S3 credentials and endpoint).
+    pub env: Vec<(String, String)>,
     pub mnt: PathBuf,
     pub log: PathBuf,
     pub extra: Vec<String>,
@@ -117,11 +128,36 @@ impl Fixture {
         let log = tmp.path().join("objfs.log");
         Fixture {
             tmp,
+            spec: store.to_string_lossy().into_owned(),
             store,
+            env: Vec::new(),
             mnt,
             log,
             extra: Vec::new(),
         }
+    }
+
+    /// A fixture for another kind of store (e.g. s3://...), with its environment.
+    pub fn with_store(spec: &str, env: &[(&str, String)]) -> Fixture {
+        let mut f = Fixture::new();
+        f.spec = spec.to_string();
+        f.env = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        f
+    }
+
+    /// Runs objfs with this fixture's environment.
+    pub fn objfs(&self, args: &[&str]) -> Output {
+        run_with_env(120, BIN, args, &self.env)
+    }
+
+    pub fn objfs_ok(&self, args: &[&str]) -> String {
+        let out = self.objfs(args);
+        assert!(
+            out.status.success(),
+            "objfs {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// A fixture already mounted read-write.
@@ -138,7 +174,7 @@ impl Fixture {
     pub fn mount_args(&self) -> Vec<String> {
         let mut args = vec![
             "mount".to_string(),
-            self.store.to_string_lossy().into_owned(),
+            self.spec.clone(),
             self.mnt.to_string_lossy().into_owned(),
             "--log-file".to_string(),
             self.log.to_string_lossy().into_owned(),
@@ -150,7 +186,7 @@ impl Fixture {
     pub fn try_mount(&self) -> Output {
         let args = self.mount_args();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        objfs(&refs)
+        self.objfs(&refs)
     }
 
     pub fn mount(&self) {
@@ -185,7 +221,7 @@ impl Fixture {
     }
 
     pub fn store_str(&self) -> &str {
-        self.store.to_str().unwrap()
+        &self.spec
     }
 
     pub fn mnt_str(&self) -> &str {

@@ -1,0 +1,295 @@
+//! S3-compatible object store (AWS S3, Garage, MinIO, Ceph RGW) through the
+//! `object_store` crate: SigV4, retries with backoff, connection pooling.
+//! The sync `ObjectStore` trait is served from one shared tokio runtime.
+
+use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt, PutMode, PutOptions, RetryConfig};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// What statfs reports for S3: a large fixed capacity, as peers do.
+pub const S3_CAPACITY: u64 = 1 << 50;
+
+/// Where and how to reach a bucket; built from flags, environment and ~/.aws files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// "" or "some/prefix/" (always ends with '/').
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    pub retry_budget: Duration,
+}
+
+#[derive(Clone)]
+struct Credentials {
+    key_id: String,
+    secret: String,
+    token: Option<String>,
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("objfs-s3")
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    })
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn aws_file(var: &str, default_name: &str) -> Option<ini::Ini> {
+    let path = env(var).map(std::path::PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".aws").join(default_name))
+    })?;
+    ini::Ini::load_from_file(path).ok()
+}
+
+fn profile() -> String {
+    env("AWS_PROFILE").unwrap_or_else(|| "default".into())
+}
+
+/// A value from ~/.aws/config for the current profile ("[default]" or "[profile X]").
+fn config_value(key: &str) -> Option<String> {
+    let ini = aws_file("AWS_CONFIG_FILE", "config")?;
+    let p = profile();
+    let section = if p == "default" { p } else { format!("profile {p}") };
+    ini.get_from(Some(section.as_str()), key).map(str::to_string)
+}
+
+fn credentials() -> Result<Credentials, String> {
+    if let (Some(key_id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        return Ok(Credentials {
+            key_id,
+            secret,
+            token: env("AWS_SESSION_TOKEN"),
+        });
+    }
+    let p = profile();
+    let from_file = aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials").and_then(|ini| {
+        let s = ini.section(Some(p.as_str()))?;
+        Some(Credentials {
+            key_id: s.get("aws_access_key_id")?.to_string(),
+            secret: s.get("aws_secret_access_key")?.to_string(),
+            token: s.get("aws_session_token").map(str::to_string),
+        })
+    });
+    from_file.ok_or_else(|| {
+        format!(
+            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or add profile '{p}' to ~/.aws/credentials"
+        )
+    })
+}
+
+impl S3Settings {
+    /// `s3://BUCKET[/PREFIX]` plus an optional endpoint override.
+    pub fn parse(spec: &str, endpoint: Option<&str>, path_style: Option<bool>) -> Result<S3Settings, String> {
+        let rest = spec.strip_prefix("s3://").ok_or_else(|| format!("{spec}: not an s3:// URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!("{spec}: missing bucket name (s3://BUCKET[/PREFIX])"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
+            return Err(format!("{spec}: invalid prefix"));
+        }
+        let endpoint = endpoint
+            .map(str::to_string)
+            .or_else(|| env("AWS_ENDPOINT_URL_S3"))
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| config_value("endpoint_url"));
+        let region = env("AWS_REGION")
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .or_else(|| config_value("region"))
+            .unwrap_or_else(|| "us-east-1".into());
+        Ok(S3Settings {
+            bucket: bucket.to_string(),
+            prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+            path_style: path_style.unwrap_or(endpoint.is_some()),
+            endpoint,
+            region,
+            retry_budget: Duration::from_secs(60),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+pub struct S3Store {
+    client: Arc<AmazonS3>,
+    settings: S3Settings,
+}
+
+fn map_err(key: &str, e: object_store::Error) -> StoreError {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => StoreError::NotFound(key.into()),
+        E::AlreadyExists { .. } | E::Precondition { .. } => StoreError::AlreadyExists(key.into()),
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
+            StoreError::AccessDenied("access denied (check the access key and secret)".into())
+        }
+        other => {
+            let text = other.to_string();
+            if text.contains("NoSuchBucket") {
+                StoreError::NoSuchBucket
+            } else if text.contains("AccessDenied") || text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") {
+                StoreError::AccessDenied("access denied (check the access key and secret)".into())
+            } else {
+                StoreError::Io(format!("{key}: {}", one_line(&text)))
+            }
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl S3Store {
+    pub fn open(settings: S3Settings) -> StoreResult<S3Store> {
+        let creds = credentials().map_err(StoreError::AccessDenied)?;
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&settings.bucket)
+            .with_region(&settings.region)
+            .with_access_key_id(&creds.key_id)
+            .with_secret_access_key(&creds.secret)
+            .with_virtual_hosted_style_request(!settings.path_style)
+            .with_retry(RetryConfig {
+                max_retries: 1000,
+                retry_timeout: settings.retry_budget,
+                ..RetryConfig::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(Duration::from_secs(60))
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_allow_http(true),
+            );
+        if let Some(token) = &creds.token {
+            builder = builder.with_token(token);
+        }
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| StoreError::Io(format!("S3 configuration: {}", one_line(&e.to_string()))))?;
+        let store = S3Store {
+            client: Arc::new(client),
+            settings,
+        };
+        store.check_bucket()?;
+        Ok(store)
+    }
+
+    /// One cheap request up front, so a wrong key or bucket is a clear error at once.
+    fn check_bucket(&self) -> StoreResult<()> {
+        let client = self.client.clone();
+        let prefix = ObjPath::from(format!("{}meta", self.settings.prefix));
+        runtime()
+            .block_on(async move { client.list_with_delimiter(Some(&prefix)).await })
+            .map(|_| ())
+            .map_err(|e| match map_err(&self.settings.url(), e) {
+                StoreError::NotFound(_) => StoreError::NoSuchBucket,
+                other => other,
+            })
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        ObjPath::from(format!("{}{key}", self.settings.prefix))
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
+        let client = self.client.clone();
+        let path = self.path(key);
+        runtime()
+            .block_on(async move {
+                let r = client.get(&path).await?;
+                r.bytes().await
+            })
+            .map(|b| b.to_vec())
+            .map_err(|e| map_err(key, e))
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        let client = self.client.clone();
+        let path = self.path(key);
+        let payload = object_store::PutPayload::from(data.to_vec());
+        runtime()
+            .block_on(async move { client.put(&path, payload).await })
+            .map(|_| ())
+            .map_err(|e| map_err(key, e))
+    }
+
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        let client = self.client.clone();
+        let path = self.path(key);
+        let payload = object_store::PutPayload::from(data.to_vec());
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        runtime()
+            .block_on(async move { client.put_opts(&path, payload, opts).await })
+            .map(|_| ())
+            .map_err(|e| map_err(key, e))
+    }
+
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        let client = self.client.clone();
+        let path = self.path(key);
+        match runtime().block_on(async move { client.delete(&path).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_err(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        // object_store lists whole path segments: list the directory part, then
+        // filter by the full (possibly partial-name) prefix.
+        let dir = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+        let full_dir = format!("{}{dir}", self.settings.prefix);
+        let client = self.client.clone();
+        let strip = self.settings.prefix.clone();
+        let listed = runtime().block_on(async move {
+            let dir_path = (!full_dir.is_empty()).then(|| ObjPath::from(full_dir.trim_end_matches('/')));
+            client.list(dir_path.as_ref()).try_collect::<Vec<_>>().await
+        });
+        let metas = listed.map_err(|e| map_err(prefix, e))?;
+        let mut keys: Vec<String> = metas
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(str::to_string))
+            .filter(|k| k.starts_with(prefix))
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn space(&self) -> StoreResult<StoreSpace> {
+        Ok(StoreSpace {
+            total_bytes: S3_CAPACITY,
+            free_bytes: S3_CAPACITY,
+            unbounded: true,
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.settings.url()
+    }
+}
