@@ -21,6 +21,16 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# A real S3-compatible server for the S3 backend's tests: Garage, built from crates.io
+# once per machine (~7 minutes on 2 cores) and kept in /opt/garage.
+GARAGE_BIN=${GARAGE_BIN:-/opt/garage/bin/garage}
+if [ ! -x "$GARAGE_BIN" ]; then
+    echo "== building garage (once per machine)"
+    cargo install garage --version 2.5.0 --locked --root /opt/garage
+    GARAGE_BIN=/opt/garage/bin/garage
+fi
+export GARAGE_BIN
+
 cleanup_mounts() {
     # Teardown bugs must not leave mounts behind on the machine.
     awk '$3 ~ /^fuse/ && $2 ~ /^\/tmp\/\.tmp/ {print $2}' /proc/mounts | while read -r m; do
