@@ -15,6 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Directory entries fetched per readdir request (more than one reply buffer holds).
+const READDIR_BATCH: usize = 512;
+
 pub struct FuseAdapter {
     volume: Arc<Volume>,
     ttl: Duration,
@@ -138,7 +141,12 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_time_granularity(Duration::from_nanos(1));
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_CACHE_SYMLINKS
+                | fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         Ok(())
     }
 
@@ -328,7 +336,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.volume.readdir(ino.0, fh.0, offset) {
+        match self.volume.readdir(ino.0, fh.0, offset, READDIR_BATCH) {
             Ok(entries) => {
                 for (next, e) in entries {
                     if reply.add(INodeNo(e.ino), next, file_type(e.kind), OsStr::from_bytes(&e.name)) {
@@ -339,6 +347,29 @@ impl Filesystem for FuseAdapter {
             }
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let entries = match self.volume.readdir(ino.0, fh.0, offset, READDIR_BATCH) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let attrs = self.volume.attrs(entries.iter().map(|(_, e)| e.ino));
+        for ((next, e), attr) in entries.iter().zip(attrs) {
+            // An entry removed since opendir is skipped.
+            let Some(a) = attr else { continue };
+            if reply.add(INodeNo(e.ino), *next, OsStr::from_bytes(&e.name), &self.ttl, &self.attr(&a), Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
@@ -398,6 +429,19 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         empty(reply, self.volume.removexattr(ino.0, name.as_bytes()));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.volume.fallocate(ino.0, offset, length, mode));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

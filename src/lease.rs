@@ -262,7 +262,10 @@ mod tests {
         let ttl = Duration::from_secs(30);
         let mut a = Lease::acquire(store.clone(), "aaaa", ttl, "/m").unwrap();
         match Lease::acquire(store.clone(), "bbbb", ttl, "") {
-            Err(LeaseError::Held(who)) => assert!(who.describe().contains("aaaa at /m")),
+            Err(LeaseError::Held(who)) => {
+                let d = who.describe();
+                assert!(d.contains("writer aaaa") && d.contains(" at /m)"), "{d}");
+            }
             other => panic!("expected Held, got {:?}", other.map(|l| l.generation)),
         }
         assert!(live_holder(&*store).unwrap().is_some());

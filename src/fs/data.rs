@@ -310,6 +310,81 @@ impl Volume {
         Ok(())
     }
 
+    /// fallocate(2): plain allocation extends the size (space is not reserved: the
+    /// store grows on demand), KEEP_SIZE is a no-op, PUNCH_HOLE and ZERO_RANGE zero a
+    /// range (whole blocks become holes). Other modes are EOPNOTSUPP.
+    pub fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        self.writable()?;
+        if length == 0 {
+            return Err(FsError::Invalid);
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooBig)?;
+        let size = {
+            let state = self.state();
+            let inode = Self::inode(&state, ino)?;
+            match inode.kind {
+                Kind::File => inode.size,
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::NotSupported),
+            }
+        };
+        const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        match mode {
+            0 if end > size => self.truncate(ino, end),
+            0 | KEEP => Ok(()),
+            m if m == PUNCH | KEEP => self.zero_range(ino, offset, end.min(size)),
+            m if m == ZERO || m == ZERO | KEEP => {
+                self.zero_range(ino, offset, end.min(size))?;
+                if m == ZERO && end > size {
+                    self.truncate(ino, end)?;
+                }
+                Ok(())
+            }
+            _ => Err(FsError::NotSupported),
+        }
+    }
+
+    fn zero_range(&self, ino: Ino, start: u64, end: u64) -> FsResult<()> {
+        if start >= end {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let first_whole = start.div_ceil(bs);
+        let last_whole = end / bs; // exclusive
+        if first_whole >= last_whole {
+            return self.write(ino, start, &vec![0; (end - start) as usize]).map(|_| ());
+        }
+        if start < first_whole * bs {
+            self.write(ino, start, &vec![0; (first_whole * bs - start) as usize])?;
+        }
+        if last_whole * bs < end {
+            self.write(ino, last_whole * bs, &vec![0; (end - last_whole * bs) as usize])?;
+        }
+        let fd = self.file_data(ino, false);
+        let mut guard = fd.as_ref().map(|f| f.lock().unwrap());
+        let mut state = self.state();
+        let mut removed = 0u64;
+        for slot in first_whole..last_whole {
+            if let Some(file) = guard.as_mut() {
+                if let Some(b) = file.dirty.remove(&slot) {
+                    removed += b.data.len() as u64;
+                }
+            }
+            state.index.remove_extent(ino, slot);
+        }
+        self.account_dirty(-(removed as i64));
+        let now = Timestamp::now();
+        let inode = Self::inode_mut(&mut state, ino)?;
+        inode.mtime = now;
+        inode.ctime = now;
+        Ok(())
+    }
+
     /// Uploads the file's dirty blocks and points the index at them. Small files
     /// go inline into the index instead.
     pub fn flush_file(&self, ino: Ino) -> FsResult<()> {

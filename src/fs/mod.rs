@@ -174,7 +174,8 @@ struct State {
 
 enum Handle {
     File { ino: Ino },
-    Dir { entries: Vec<DirEntry> },
+    /// `served`: a readdir already read this listing (offset 0 then means rewind).
+    Dir { entries: Vec<DirEntry>, served: bool },
 }
 
 pub struct Volume {
@@ -691,7 +692,10 @@ impl Volume {
 
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let entries = self.list_dir(ino)?;
-        Ok(self.add_handle(Handle::Dir { entries }))
+        Ok(self.add_handle(Handle::Dir {
+            entries,
+            served: false,
+        }))
     }
 
     fn list_dir(&self, ino: Ino) -> FsResult<Vec<DirEntry>> {
@@ -721,25 +725,36 @@ impl Volume {
         Ok(entries)
     }
 
-    /// Entries from position `offset` of the listing taken at opendir (re-taken when a
-    /// reader rewinds to 0), so offsets stay stable while the directory changes.
-    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
-        if offset == 0 {
+    /// Up to `max` entries from position `offset` of the listing taken at opendir
+    /// (taken again when a reader rewinds to 0), so offsets stay stable while the
+    /// directory changes. Each entry comes with the offset of the one after it.
+    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64, max: usize) -> FsResult<Vec<(u64, DirEntry)>> {
+        let rewound = offset == 0
+            && matches!(self.handles.lock().unwrap().get(&fh), Some(Handle::Dir { served: true, .. }));
+        if rewound {
             let fresh = self.list_dir(ino)?;
-            if let Some(Handle::Dir { entries }) = self.handles.lock().unwrap().get_mut(&fh) {
+            if let Some(Handle::Dir { entries, .. }) = self.handles.lock().unwrap().get_mut(&fh) {
                 *entries = fresh;
             }
         }
-        let handles = self.handles.lock().unwrap();
-        let Some(Handle::Dir { entries }) = handles.get(&fh) else {
+        let mut handles = self.handles.lock().unwrap();
+        let Some(Handle::Dir { entries, served }) = handles.get_mut(&fh) else {
             return Err(FsError::BadHandle);
         };
+        *served = true;
         Ok(entries
             .iter()
             .enumerate()
             .skip(offset as usize)
+            .take(max)
             .map(|(i, e)| (i as u64 + 1, e.clone()))
             .collect())
+    }
+
+    /// Attributes of several inodes under one lock (readdirplus).
+    pub fn attrs(&self, inos: impl Iterator<Item = Ino>) -> Vec<Option<Attr>> {
+        let state = self.state();
+        inos.map(|i| state.index.get(i).map(Attr::of)).collect()
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {

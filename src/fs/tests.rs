@@ -246,12 +246,12 @@ fn readdir_offsets_survive_changes() {
         file(&v, ROOT_INO, &format!("f{i}"));
     }
     let fh = v.opendir(ROOT_INO).unwrap();
-    let first = v.readdir(ROOT_INO, fh, 0).unwrap();
+    let first = v.readdir(ROOT_INO, fh, 0, 1000).unwrap();
     assert_eq!(first.len(), 12);
     let (off, _) = first[5].clone();
     v.unlink(ROOT_INO, b"f0").unwrap();
     file(&v, ROOT_INO, "a-new");
-    let rest = v.readdir(ROOT_INO, fh, off).unwrap();
+    let rest = v.readdir(ROOT_INO, fh, off, 1000).unwrap();
     let names: Vec<_> = rest.iter().map(|(_, e)| e.name.clone()).collect();
     let expected: Vec<_> = first[6..].iter().map(|(_, e)| e.name.clone()).collect();
     assert_eq!(names, expected);
@@ -277,7 +277,7 @@ fn snapshots_compact_the_journal() {
     let segments = store.list("meta/journal-").unwrap().len();
     assert!(segments < 3, "{segments} segments left");
     let after = open_ro(&store);
-    assert_eq!(after.readdir(ROOT_INO, after.opendir(ROOT_INO).unwrap(), 0).unwrap().len(), 12);
+    assert_eq!(after.readdir(ROOT_INO, after.opendir(ROOT_INO).unwrap(), 0, 1000).unwrap().len(), 12);
 }
 
 mod model {
@@ -389,4 +389,29 @@ fn a_second_writer_on_a_store_without_cas_is_detected_as_a_fork() {
     assert!(b.commit().is_err());
     assert!(b.is_fenced());
     assert_eq!(b.mkdir(root(), ROOT_INO, b"x", 0o755), Err(FsError::ReadOnly));
+}
+
+#[test]
+fn fallocate_modes() {
+    let v = open(&new_store());
+    let f = file(&v, ROOT_INO, "f");
+    v.write(f, 0, &[7u8; 20_000]).unwrap();
+    v.flush_file(f).unwrap();
+    // Punch a hole spanning whole and partial blocks; the size stays.
+    v.fallocate(f, 1000, 12_000, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).unwrap();
+    let mut model = vec![7u8; 20_000];
+    model[1000..13_000].fill(0);
+    assert_eq!(read_all(&v, f), model);
+    assert_eq!(v.with_index(|i| i.get(f).unwrap().extents.len()), 3, "block 1 became a hole");
+    v.fallocate(f, 0, 50_000, 0).unwrap();
+    model.resize(50_000, 0);
+    assert_eq!(read_all(&v, f), model);
+    v.fallocate(f, 0, 90_000, libc::FALLOC_FL_KEEP_SIZE).unwrap();
+    assert_eq!(v.getattr(f).unwrap().size, 50_000);
+    v.fallocate(f, 19_000, 40_000, libc::FALLOC_FL_ZERO_RANGE).unwrap();
+    model[19_000..].fill(0);
+    model.resize(59_000, 0);
+    assert_eq!(read_all(&v, f), model);
+    assert_eq!(v.fallocate(f, 0, 10, libc::FALLOC_FL_COLLAPSE_RANGE), Err(FsError::NotSupported));
+    assert_eq!(v.fallocate(f, 0, 0, 0), Err(FsError::Invalid));
 }

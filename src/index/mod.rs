@@ -412,6 +412,17 @@ impl Index {
         }
     }
 
+    /// Makes a block slot a hole.
+    pub fn remove_extent(&mut self, ino: Ino, slot: u64) {
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        if let Some(old) = inode.extents.remove(&slot) {
+            self.dirty_inodes.insert(ino);
+            self.release_extent(&old);
+        }
+    }
+
     /// Sets a file's size, dropping content past it.
     pub fn set_size(&mut self, ino: Ino, size: u64) {
         let bs = self.block_size;
