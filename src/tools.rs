@@ -143,9 +143,19 @@ pub fn fsck(spec: &str, verify_data: bool, opts: &StoreOptions) -> CliResult<boo
             problems.push("root directory missing".into());
         }
     });
+    let paths = volume.with_index(paths_by_inode);
+    let name_files = |inos: &[Ino]| -> String {
+        let mut names: Vec<String> = inos
+            .iter()
+            .map(|i| paths.get(i).cloned().unwrap_or_else(|| format!("<inode {i}>")))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.join(", ")
+    };
     for (id, inos) in &referenced {
         if !present.contains(id) {
-            problems.push(format!("block {} (used by inodes {inos:?}) is missing", id.to_hex()));
+            problems.push(format!("block {} is missing; damaged files: {}", id.to_hex(), name_files(inos)));
         }
     }
     let orphans = present.iter().filter(|id| !referenced.contains_key(*id)).count();
@@ -156,7 +166,7 @@ pub fn fsck(spec: &str, verify_data: bool, opts: &StoreOptions) -> CliResult<boo
                 continue;
             }
             if let Err(e) = volume.verify_block(*id) {
-                problems.push(format!("block {} (used by inodes {inos:?}): {e}", id.to_hex()));
+                problems.push(format!("block {}: {e}; damaged files: {}", id.to_hex(), name_files(inos)));
             }
             if (n + 1) % 1000 == 0 {
                 eprintln!("verified {}/{total} blocks", n + 1);
@@ -230,4 +240,24 @@ fn collect(spec: &str, store: &Arc<dyn ObjectStore>, writer: &str, dry_run: bool
         return Err(format!("{failed} blocks could not be deleted"));
     }
     Ok(())
+}
+
+/// One path for every reachable inode, for messages that name files.
+fn paths_by_inode(index: &crate::index::Index) -> HashMap<Ino, String> {
+    let mut paths = HashMap::from([(ROOT_INO, "/".to_string())]);
+    let mut queue = std::collections::VecDeque::from([ROOT_INO]);
+    while let Some(dir) = queue.pop_front() {
+        let base = paths[&dir].clone();
+        for (name, &child) in index.entries(dir).into_iter().flatten() {
+            if paths.contains_key(&child) {
+                continue;
+            }
+            let sep = if base.ends_with('/') { "" } else { "/" };
+            paths.insert(child, format!("{base}{sep}{}", String::from_utf8_lossy(name)));
+            if index.get(child).is_some_and(|c| c.kind == Kind::Dir) {
+                queue.push_back(child);
+            }
+        }
+    }
+    paths
 }

@@ -220,7 +220,15 @@ impl Volume {
         } else {
             Some(Lease::acquire(store.clone(), &writer, config.lease_ttl, &config.mountpoint)?)
         };
-        let loaded = journal::load(store.clone(), &writer).map_err(|e| FsError::Io(e.to_string()))?;
+        let loaded = match journal::load(store.clone(), &writer) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(mut l) = lease {
+                    let _ = l.release();
+                }
+                return Err(FsError::Io(e.to_string()));
+            }
+        };
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
             cache: BlockCache::new(store.clone(), config.cache_size),
