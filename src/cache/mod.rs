@@ -5,7 +5,8 @@
 use crate::block::{self, BlockError, BlockId};
 use crate::store::{ObjectStore, StoreError};
 use lru::LruCache;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -22,10 +23,19 @@ struct Lru {
     bytes: u64,
 }
 
+/// One fetch in progress; others asking for the same block wait for it.
+#[derive(Default)]
+struct Flight {
+    /// Some(Some(block)) once fetched, Some(None) if the fetch failed.
+    done: Mutex<Option<Option<Block>>>,
+    cv: Condvar,
+}
+
 pub struct BlockCache {
     store: Arc<dyn ObjectStore>,
     lru: Mutex<Lru>,
     capacity: u64,
+    inflight: Mutex<HashMap<BlockId, Arc<Flight>>>,
 }
 
 impl BlockCache {
@@ -37,6 +47,7 @@ impl BlockCache {
                 bytes: 0,
             }),
             capacity,
+            inflight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -45,10 +56,47 @@ impl BlockCache {
     }
 
     /// The block's plain bytes, from memory or fetched from the store and verified.
+    /// Concurrent requests for the same block share one fetch.
     pub fn get(&self, id: BlockId) -> Result<Block, CacheError> {
-        if let Some(b) = self.lru.lock().unwrap().map.get(&id) {
-            return Ok(b.clone());
+        if let Some(b) = self.cached(&id) {
+            return Ok(b);
         }
+        let (flight, leader) = {
+            let mut inflight = self.inflight.lock().unwrap();
+            match inflight.get(&id) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    inflight.insert(id, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = flight.done.lock().unwrap();
+            while done.is_none() {
+                done = flight.cv.wait(done).unwrap();
+            }
+            if let Some(Some(b)) = done.as_ref() {
+                return Ok(b.clone());
+            }
+            drop(done);
+            // The shared fetch failed: try once more ourselves for our own error.
+            return self.fetch(id);
+        }
+        let result = self.fetch(id);
+        *flight.done.lock().unwrap() = Some(result.as_ref().ok().cloned());
+        flight.cv.notify_all();
+        self.inflight.lock().unwrap().remove(&id);
+        result
+    }
+
+    /// Whether the block is in memory, without fetching it.
+    pub fn cached(&self, id: &BlockId) -> Option<Block> {
+        self.lru.lock().unwrap().map.get(id).cloned()
+    }
+
+    fn fetch(&self, id: BlockId) -> Result<Block, CacheError> {
         let stored = self.store.get(&id.key())?;
         let plain = match block::decode(id, stored) {
             Ok(p) => Arc::new(p),

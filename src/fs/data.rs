@@ -68,7 +68,7 @@ impl Volume {
         let bs = self.block_size;
         let fd = self.file_data(ino, false);
         let guard = fd.as_ref().map(|f| f.lock().unwrap());
-        let (start, end, plan) = {
+        let (start, end, plan, ahead) = {
             let mut state = self.state();
             let inode = Self::inode(&state, ino)?;
             match inode.kind {
@@ -101,10 +101,21 @@ impl Volume {
                 };
                 plan.push((slot, piece));
             }
+            let dirty = |slot: &u64| guard.as_ref().is_some_and(|g| g.dirty.contains_key(slot));
+            let ahead: Vec<BlockId> = self
+                .readahead
+                .on_read(ino, offset, end, bs)
+                .filter(|slot| !dirty(slot))
+                .filter_map(|slot| match inode.extents.get(&slot) {
+                    Some(Extent::Block { id, .. }) => Some(*id),
+                    _ => None,
+                })
+                .collect();
             self.touch_atime(&mut state, ino);
-            (offset, end, plan)
+            (offset, end, plan, ahead)
         };
         drop(guard);
+        self.prefetch(ahead);
         let blocks = self.fetch_all(plan.iter().filter_map(|(_, p)| match p {
             Piece::Block { id, .. } => Some(*id),
             _ => None,
@@ -128,6 +139,33 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+
+    /// Fetches blocks into the cache in the background, a few at a time.
+    fn prefetch(&self, ids: Vec<BlockId>) {
+        let ids: Vec<BlockId> = ids.into_iter().filter(|id| self.cache.cached(id).is_none()).collect();
+        if ids.is_empty() || !self.readahead.try_start() {
+            return;
+        }
+        let cache = self.cache.clone();
+        let readahead = self.readahead.clone();
+        let spawned = std::thread::Builder::new().name("objfs-prefetch".into()).spawn(move || {
+            std::thread::scope(|s| {
+                for chunk in ids.chunks(ids.len().div_ceil(4)) {
+                    let cache = &cache;
+                    s.spawn(move || {
+                        for id in chunk {
+                            // A failure here is reported when the reader gets to it.
+                            let _ = cache.get(*id);
+                        }
+                    });
+                }
+            });
+            readahead.finish();
+        });
+        if spawned.is_err() {
+            self.readahead.finish();
+        }
     }
 
     /// relatime: atime moves only when it is older than mtime/ctime or a day old.

@@ -4,6 +4,7 @@
 mod data;
 mod error;
 mod persist;
+mod prefetch;
 
 pub use error::{FsError, FsResult};
 pub use persist::{Background, Changed};
@@ -180,7 +181,8 @@ enum Handle {
 
 pub struct Volume {
     store: Arc<dyn ObjectStore>,
-    cache: BlockCache,
+    cache: Arc<BlockCache>,
+    readahead: Arc<prefetch::Readahead>,
     superblock: Superblock,
     block_size: u64,
     config: VolumeConfig,
@@ -231,7 +233,8 @@ impl Volume {
         };
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
-            cache: BlockCache::new(store.clone(), config.cache_size),
+            cache: Arc::new(BlockCache::new(store.clone(), config.cache_size)),
+            readahead: Arc::new(prefetch::Readahead::default()),
             store,
             superblock: loaded.superblock,
             block_size,
@@ -680,6 +683,9 @@ impl Volume {
             }
             None => false,
         };
+        if last {
+            self.readahead.forget(ino);
+        }
         if last && state.index.get(ino).is_some_and(|i| i.nlink == 0) {
             self.destroy_inode(&mut state, ino);
         }
