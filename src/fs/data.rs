@@ -11,16 +11,16 @@ use std::time::Duration;
 
 /// One block slot with bytes not yet in the store. `version` changes on every
 /// modification, so a flush only installs what it actually uploaded.
-struct DirtyBlock {
+pub(super) struct DirtyBlock {
     data: Arc<Vec<u8>>,
-    version: u64,
+    pub(super) version: u64,
 }
 
 #[derive(Default)]
 pub(super) struct FileData {
-    dirty: BTreeMap<u64, DirtyBlock>,
+    pub(super) dirty: BTreeMap<u64, DirtyBlock>,
     /// A write-back failure not yet reported to the user (by fsync or close).
-    error: Option<FsError>,
+    pub(super) error: Option<FsError>,
 }
 
 impl FileData {
@@ -58,6 +58,10 @@ impl Volume {
         } else {
             files.get(&ino).cloned()
         }
+    }
+
+    pub(super) fn file_data_of(&self, ino: Ino) -> Option<Arc<Mutex<FileData>>> {
+        self.file_data(ino, false)
     }
 
     fn next_version(&self) -> u64 {
@@ -252,6 +256,7 @@ impl Volume {
         let fd = self.file_data(ino, true).expect("created");
         let mut file = fd.lock().unwrap();
         let mut added = 0i64;
+        let mut full = Vec::new();
         for slot in offset / bs..end.div_ceil(bs) {
             let slot_start = slot * bs;
             let lo = (offset.max(slot_start) - slot_start) as usize;
@@ -282,9 +287,17 @@ impl Volume {
             }
             let src = (slot_start + lo as u64 - offset) as usize;
             buf[lo..hi].copy_from_slice(&data[src..src + (hi - lo)]);
+            if buf.len() as u64 == bs && self.uploader.running() {
+                full.push(super::upload::Job {
+                    ino,
+                    slot,
+                    version,
+                    data: block.data.clone(),
+                });
+            }
         }
         self.account_dirty(added);
-        let many = file.dirty.len() as u64 * bs >= self.config.dirty_limit / 4;
+        let many = !self.uploader.running() && file.dirty.len() as u64 * bs >= self.config.dirty_limit / 4;
         {
             let mut state = self.state();
             state.index.mark_data_pending(ino);
@@ -295,13 +308,15 @@ impl Volume {
             inode.ctime = now;
         }
         drop(file);
+        // Outside the file lock: a full queue blocks here until workers catch up.
+        self.uploader.submit(full);
         if many || self.dirty_bytes.load(Ordering::Relaxed) > self.config.dirty_limit {
             self.flush_file(ino)?;
         }
         Ok(data.len() as u32)
     }
 
-    fn account_dirty(&self, delta: i64) {
+    pub(super) fn account_dirty(&self, delta: i64) {
         if delta >= 0 {
             self.dirty_bytes.fetch_add(delta as u64, Ordering::Relaxed);
         } else {
@@ -429,6 +444,8 @@ impl Volume {
         let Some(fd) = self.file_data(ino, false) else {
             return Ok(());
         };
+        // Blocks already on their way are not uploaded twice.
+        self.uploader.wait_for(ino);
         let (sealed, size) = {
             let file = fd.lock().unwrap();
             if file.dirty.is_empty() {
@@ -518,7 +535,7 @@ impl Volume {
 
     /// Puts one block in the store unless an identical one is already referenced.
     /// The caller must `end_upload` the returned id once the index points at it.
-    fn upload_block(&self, plain: &Arc<Vec<u8>>) -> FsResult<BlockId> {
+    pub(super) fn upload_block(&self, plain: &Arc<Vec<u8>>) -> FsResult<BlockId> {
         let id = BlockId::of(plain);
         loop {
             let start = self.state().index.begin_upload(id);

@@ -5,6 +5,7 @@ mod data;
 mod error;
 mod persist;
 mod prefetch;
+mod upload;
 
 pub use error::{FsError, FsResult};
 pub use persist::{Background, Changed};
@@ -183,6 +184,7 @@ pub struct Volume {
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
     readahead: Arc<prefetch::Readahead>,
+    uploader: upload::Uploader,
     superblock: Superblock,
     block_size: u64,
     config: VolumeConfig,
@@ -190,6 +192,8 @@ pub struct Volume {
     /// Serializes commits and snapshots; lock order: journal -> file data -> state.
     journal: Mutex<Journal>,
     files: Mutex<HashMap<Ino, Arc<Mutex<FileData>>>>,
+    /// Data of destroyed files, discarded once the state lock is released.
+    graveyard: Mutex<Vec<Arc<Mutex<FileData>>>>,
     dirty_bytes: AtomicU64,
     versions: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -235,6 +239,7 @@ impl Volume {
         let volume = Volume {
             cache: Arc::new(BlockCache::new(store.clone(), config.cache_size)),
             readahead: Arc::new(prefetch::Readahead::default()),
+            uploader: upload::Uploader::default(),
             store,
             superblock: loaded.superblock,
             block_size,
@@ -245,6 +250,7 @@ impl Volume {
             }),
             journal: Mutex::new(loaded.journal),
             files: Mutex::new(HashMap::new()),
+            graveyard: Mutex::new(Vec::new()),
             dirty_bytes: AtomicU64::new(0),
             versions: AtomicU64::new(1),
             handles: Mutex::new(HashMap::new()),
@@ -484,6 +490,15 @@ impl Volume {
     fn destroy_inode(&self, state: &mut State, ino: Ino) {
         state.index.remove_inode(ino);
         if let Some(fd) = self.files.lock().unwrap().remove(&ino) {
+            // Its data lock ranks above the state lock we hold: discard it later.
+            self.graveyard.lock().unwrap().push(fd);
+        }
+    }
+
+    /// Drops the unflushed data of destroyed files; call without the state lock.
+    fn bury(&self) {
+        let dead: Vec<_> = std::mem::take(&mut *self.graveyard.lock().unwrap());
+        for fd in dead {
             let dropped = fd.lock().unwrap().discard();
             self.dirty_bytes.fetch_sub(dropped, Ordering::Relaxed);
         }
@@ -500,6 +515,8 @@ impl Volume {
         state.index.remove_entry(parent, name);
         Self::touch_dir(&mut state, parent);
         self.drop_link(&mut state, ino);
+        drop(state);
+        self.bury();
         Ok(())
     }
 
@@ -522,6 +539,8 @@ impl Volume {
         Self::touch_dir(&mut state, parent);
         Self::inode_mut(&mut state, parent)?.nlink -= 1;
         self.drop_link(&mut state, ino);
+        drop(state);
+        self.bury();
         Ok(())
     }
 
@@ -599,7 +618,10 @@ impl Volume {
         }
         state.index.remove_entry(parent, name);
         state.index.insert_entry(new_parent, new_name, src);
-        self.moved(&mut state, src, src_is_dir, parent, new_parent)
+        let result = self.moved(&mut state, src, src_is_dir, parent, new_parent);
+        drop(state);
+        self.bury();
+        result
     }
 
     /// Bookkeeping after `ino` moved from directory `from` to `to`.
@@ -689,6 +711,8 @@ impl Volume {
         if last && state.index.get(ino).is_some_and(|i| i.nlink == 0) {
             self.destroy_inode(&mut state, ino);
         }
+        drop(state);
+        self.bury();
     }
 
     /// Last close of a handle.

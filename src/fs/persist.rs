@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct Background {
     stop: Arc<(Mutex<bool>, Condvar)>,
     threads: Vec<JoinHandle<()>>,
+    uploads: Vec<JoinHandle<()>>,
+    volume: Arc<Volume>,
 }
 
 impl Background {
@@ -24,6 +26,11 @@ impl Background {
         *lock.lock().unwrap() = true;
         cv.notify_all();
         for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Queued uploads finish; later flushes upload synchronously.
+        self.volume.uploader.close();
+        for t in self.uploads.drain(..) {
             let _ = t.join();
         }
     }
@@ -255,7 +262,12 @@ impl Volume {
             spawn("objfs-commit", Volume::commit_loop),
             spawn("objfs-lease", Volume::lease_loop),
         ];
-        Background { stop, threads }
+        Background {
+            stop,
+            threads,
+            uploads: self.start_uploads(),
+            volume: Arc::clone(self),
+        }
     }
 
     fn commit_loop(&self, stop: &(Mutex<bool>, Condvar)) {

@@ -306,38 +306,73 @@ mod model {
         ]
     }
 
+    /// A volume, optionally with its background workers (async uploads) running.
+    struct Running {
+        volume: Arc<Volume>,
+        background: Option<Background>,
+    }
+
+    impl Running {
+        fn start(store: &Arc<dyn ObjectStore>, workers: bool) -> Running {
+            let cfg = VolumeConfig { upload_threads: 3, ..Default::default() };
+            let volume = Arc::new(Volume::load(store.clone(), cfg).unwrap());
+            let background = workers.then(|| volume.start_background());
+            Running { volume, background }
+        }
+
+        fn stop(mut self) {
+            if let Some(b) = self.background.take() {
+                b.stop();
+            }
+            self.volume.shutdown().unwrap();
+        }
+    }
+
+    fn run_model(ops: Vec<Op>, workers: bool) -> Result<(), TestCaseError> {
+        let store = new_store();
+        let mut r = Running::start(&store, workers);
+        let f = file(&r.volume, ROOT_INO, "f");
+        let mut model: Vec<u8> = Vec::new();
+        for op in ops {
+            let v = &r.volume;
+            match op {
+                Op::Write { offset, len, byte } => {
+                    v.write(f, offset, &vec![byte; len]).unwrap();
+                    let end = offset as usize + len;
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[offset as usize..end].fill(byte);
+                }
+                Op::Truncate(size) => {
+                    v.setattr(f, SetAttr { size: Some(size), ..Default::default() }).unwrap();
+                    model.resize(size as usize, 0);
+                }
+                Op::Flush => v.flush_file(f).unwrap(),
+                Op::Fsync => v.fsync(f).unwrap(),
+                Op::Reload => {
+                    r.stop();
+                    r = Running::start(&store, workers);
+                }
+            }
+            let v = &r.volume;
+            prop_assert_eq!(v.getattr(f).unwrap().size, model.len() as u64);
+            prop_assert_eq!(read_all(v, f), model.clone());
+        }
+        r.stop();
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
         #[test]
         fn file_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
-            let store = new_store();
-            let mut v = open(&store);
-            let f = file(&v, ROOT_INO, "f");
-            let mut model: Vec<u8> = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Write { offset, len, byte } => {
-                        v.write(f, offset, &vec![byte; len]).unwrap();
-                        let end = offset as usize + len;
-                        if model.len() < end {
-                            model.resize(end, 0);
-                        }
-                        model[offset as usize..end].fill(byte);
-                    }
-                    Op::Truncate(size) => {
-                        v.setattr(f, SetAttr { size: Some(size), ..Default::default() }).unwrap();
-                        model.resize(size as usize, 0);
-                    }
-                    Op::Flush => v.flush_file(f).unwrap(),
-                    Op::Fsync => v.fsync(f).unwrap(),
-                    Op::Reload => {
-                        v.shutdown().unwrap();
-                        v = open(&store);
-                    }
-                }
-                prop_assert_eq!(v.getattr(f).unwrap().size, model.len() as u64);
-                prop_assert_eq!(read_all(&v, f), model.clone());
-            }
+            run_model(ops, false)?;
+        }
+
+        #[test]
+        fn file_matches_model_with_write_back_workers(ops in proptest::collection::vec(op(), 1..40)) {
+            run_model(ops, true)?;
         }
     }
 }
