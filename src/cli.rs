@@ -108,6 +108,10 @@ pub struct MountArgs {
     /// Memory block cache size.
     #[arg(long, value_name = "SIZE")]
     pub cache_size: Option<String>,
+    /// Hard budget for the memory cache, dirty data and uploads together
+    /// (--cache-size and --dirty-limit shrink to fit inside it).
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
     /// Dirty data held in memory before writers flush synchronously.
     #[arg(long, value_name = "SIZE")]
     pub dirty_limit: Option<String>,
@@ -148,6 +152,7 @@ pub struct MountSettings {
     pub read_only: bool,
     pub cache_size: u64,
     pub dirty_limit: u64,
+    pub memory_limit: Option<u64>,
     pub commit_interval_secs: u64,
     pub lease_ttl_secs: u64,
     pub refresh_secs: u64,
@@ -199,10 +204,15 @@ impl MountArgs {
             Some(s) => parse_bounded_size("dirty-limit", s, 4 << 20, 1 << 40)?,
             None => 128 << 20,
         };
+        let memory_limit = match &a.memory_limit {
+            Some(s) => Some(parse_bounded_size("memory-limit", s, 32 << 20, 1 << 42)?),
+            None => None,
+        };
         Ok(MountSettings {
             read_only: a.read_only,
             cache_size,
             dirty_limit,
+            memory_limit,
             commit_interval_secs: match &a.commit_interval {
                 Some(s) => parse_count("commit-interval", s, 3600)?,
                 None => 5,
@@ -251,6 +261,7 @@ impl MountArgs {
             | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "relatime" | "atime" => {}
             "cache_size" => self.cache_size = Some(need(value)?),
             "dirty_limit" => self.dirty_limit = Some(need(value)?),
+            "memory_limit" => self.memory_limit = Some(need(value)?),
             "commit_interval" => self.commit_interval = Some(need(value)?),
             "threads" => self.threads = Some(need(value)?),
             "lease_ttl" => self.lease_ttl = Some(need(value)?),

@@ -279,6 +279,7 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
         read_only: settings.read_only,
         cache_size: settings.cache_size,
         dirty_limit: settings.dirty_limit,
+        memory_limit: settings.memory_limit,
         commit_interval: Duration::from_secs(settings.commit_interval_secs),
         upload_threads: settings.upload_threads,
         lease_ttl: Duration::from_secs(settings.lease_ttl_secs),

@@ -130,7 +130,22 @@ fn from_system_time(t: SystemTime) -> Timestamp {
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(st) => SetTime::At(from_system_time(st)),
+        TimeOrNow::SpecificTime(st) => SetTime::At(from_kernel_time(st)),
+    }
+}
+
+/// Times the kernel sends: fuser 0.18 turns (sec < 0, nsec) into EPOCH - (|sec| + nsec)
+/// instead of EPOCH - |sec| + nsec (its own TODO in time.rs); this undoes exactly that.
+fn from_kernel_time(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => from_system_time(t),
+        Err(e) => {
+            let d = e.duration();
+            Timestamp {
+                sec: -(d.as_secs() as i64),
+                nsec: d.subsec_nanos(),
+            }
+        }
     }
 }
 
@@ -484,6 +499,18 @@ fn sized_reply(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, FsError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_times_before_1970_keep_their_fraction() {
+        // What fuser hands us for 1929-06-01 00:00:00.25 (sec -1280448000, nsec 250000000).
+        let from_fuser = UNIX_EPOCH - Duration::new(1_280_448_000, 250_000_000);
+        assert_eq!(
+            from_kernel_time(from_fuser),
+            Timestamp { sec: -1_280_448_000, nsec: 250_000_000 }
+        );
+        let later = UNIX_EPOCH + Duration::new(5, 7);
+        assert_eq!(from_kernel_time(later), Timestamp { sec: 5, nsec: 7 });
+    }
 
     #[test]
     fn time_round_trips() {

@@ -42,6 +42,8 @@ pub enum FsError {
     BadHandle,
     #[error("I/O error: {0}")]
     Io(String),
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Lease(#[from] std::sync::Arc<crate::lease::LeaseError>),
 }
@@ -68,6 +70,7 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::Io(_) => libc::EIO,
             FsError::Lease(_) => libc::EROFS,
+            FsError::Config(_) => libc::EINVAL,
         }
     }
 }

@@ -138,6 +138,8 @@ pub struct VolumeConfig {
     pub cache_size: u64,
     /// Dirty bytes held in memory before writers flush synchronously.
     pub dirty_limit: u64,
+    /// Budget for cache, dirty data and upload buffers together.
+    pub memory_limit: Option<u64>,
     pub commit_interval: Duration,
     /// Freed blocks stay in the store this long after the commit that freed them.
     pub free_grace: Duration,
@@ -151,12 +153,41 @@ pub struct VolumeConfig {
     pub mountpoint: String,
 }
 
+/// Room for what the budget does not itemize: FUSE buffers, read replies, the index.
+const MEMORY_OVERHEAD: u64 = 16 << 20;
+
+impl VolumeConfig {
+    /// Shrinks the cache, dirty limit and upload parallelism to fit `memory_limit`.
+    /// Uploads hold a second copy of their block while encoding it.
+    pub fn fit_memory(&mut self, block_size: u64) -> FsResult<()> {
+        let Some(limit) = self.memory_limit else {
+            return Ok(());
+        };
+        let usable = limit.saturating_sub(MEMORY_OVERHEAD);
+        self.upload_threads = self.upload_threads.min((usable / 8 / block_size).max(1) as usize);
+        self.dirty_limit = self.dirty_limit.min((usable / 4).max(2 * block_size));
+        let uploads = self.upload_threads as u64 * block_size;
+        let cache = usable.saturating_sub(self.dirty_limit + uploads);
+        if cache < 2 * block_size {
+            return Err(FsError::Config(format!(
+                "--memory-limit {} is too small for {} blocks (need at least {})",
+                crate::util::format_bytes(limit),
+                crate::util::format_bytes(block_size),
+                crate::util::format_bytes(MEMORY_OVERHEAD + 6 * block_size)
+            )));
+        }
+        self.cache_size = self.cache_size.min(cache);
+        Ok(())
+    }
+}
+
 impl Default for VolumeConfig {
     fn default() -> VolumeConfig {
         VolumeConfig {
             read_only: false,
             cache_size: 256 << 20,
             dirty_limit: 128 << 20,
+            memory_limit: None,
             commit_interval: Duration::from_secs(5),
             free_grace: Duration::from_secs(30),
             upload_threads: 8,
@@ -218,8 +249,10 @@ fn check_name(name: &[u8]) -> FsResult<()> {
 
 impl Volume {
     /// Loads the filesystem in `store` (recovering from its journal).
-    pub fn load(store: Arc<dyn ObjectStore>, config: VolumeConfig) -> FsResult<Volume> {
+    pub fn load(store: Arc<dyn ObjectStore>, mut config: VolumeConfig) -> FsResult<Volume> {
         let writer = crate::util::random_hex(4);
+        let sb = journal::read_superblock(&*store).map_err(|e| FsError::Io(e.to_string()))?;
+        config.fit_memory(u64::from(sb.block_size))?;
         // The lease comes first: the index must not be read while another writer changes it.
         let lease = if config.read_only {
             None
