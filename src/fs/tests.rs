@@ -450,3 +450,14 @@ fn fallocate_modes() {
     assert_eq!(v.fallocate(f, 0, 10, libc::FALLOC_FL_COLLAPSE_RANGE), Err(FsError::NotSupported));
     assert_eq!(v.fallocate(f, 0, 0, 0), Err(FsError::Invalid));
 }
+
+#[test]
+fn memory_limit_bounds_cache_dirty_data_and_uploads() {
+    let mut cfg = VolumeConfig { memory_limit: Some(256 << 20), ..Default::default() };
+    cfg.fit_memory(1 << 20).unwrap();
+    let total = cfg.cache_size + cfg.dirty_limit + cfg.upload_threads as u64 * (1 << 20);
+    assert!(total + (16 << 20) <= 256 << 20, "{cfg:?}");
+    assert!(cfg.cache_size >= 64 << 20, "{cfg:?}");
+    let mut tiny = VolumeConfig { memory_limit: Some(20 << 20), ..Default::default() };
+    assert!(matches!(tiny.fit_memory(1 << 20), Err(FsError::Config(_))));
+}
