@@ -5,10 +5,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-/// Bytes in front of every stored block: magic + codec, so later codecs
-/// (compression, encryption) can coexist with old blocks.
-const HEADER: [u8; 4] = *b"OBK\x00";
+/// Bytes after every stored block's payload: codec + magic, so later codecs
+/// (compression, encryption) can coexist with old blocks. A trailer rather than a
+/// header: decoding a plain block is then a truncate, not a copy.
+const MAGIC: [u8; 3] = *b"OBK";
 pub const CODEC_NONE: u8 = 0;
+
+pub fn trailer(codec: u8) -> [u8; 4] {
+    [codec, MAGIC[0], MAGIC[1], MAGIC[2]]
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BlockId(pub [u8; 32]);
@@ -60,23 +65,23 @@ pub enum BlockError {
 /// Plain bytes -> (id, bytes to store).
 pub fn encode(plain: &[u8]) -> (BlockId, Vec<u8>) {
     let id = BlockId::of(plain);
-    let mut out = Vec::with_capacity(HEADER.len() + plain.len());
-    out.extend_from_slice(&HEADER[..3]);
-    out.push(CODEC_NONE);
+    let mut out = Vec::with_capacity(plain.len() + 4);
     out.extend_from_slice(plain);
+    out.extend_from_slice(&trailer(CODEC_NONE));
     (id, out)
 }
 
 /// Stored bytes -> plain bytes, verified against the id they were fetched under.
 pub fn decode(id: BlockId, mut stored: Vec<u8>) -> Result<Vec<u8>, BlockError> {
-    if stored.len() < HEADER.len() || stored[..3] != HEADER[..3] {
+    let n = stored.len();
+    if n < 4 || stored[n - 3..] != MAGIC {
         return Err(BlockError::BadHeader(id));
     }
-    let codec = stored[3];
+    let codec = stored[n - 4];
     if codec != CODEC_NONE {
         return Err(BlockError::UnknownCodec(id, codec));
     }
-    stored.drain(..HEADER.len());
+    stored.truncate(n - 4);
     if BlockId::of(&stored) != id {
         return Err(BlockError::HashMismatch(id));
     }
@@ -92,11 +97,12 @@ mod tests {
         let (id, stored) = encode(b"hello");
         assert_eq!(decode(id, stored.clone()).unwrap(), b"hello");
         let mut bad = stored.clone();
-        *bad.last_mut().unwrap() ^= 1;
+        bad[0] ^= 1;
         assert_eq!(decode(id, bad), Err(BlockError::HashMismatch(id)));
         assert_eq!(decode(id, b"xx".to_vec()), Err(BlockError::BadHeader(id)));
         let mut other = stored;
-        other[3] = 9;
+        let n = other.len();
+        other[n - 4] = 9;
         assert_eq!(decode(id, other), Err(BlockError::UnknownCodec(id, 9)));
     }
 

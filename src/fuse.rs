@@ -298,8 +298,8 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.volume.read(ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
+        match self.volume.read_shared(ino.0, offset, size) {
+            Ok(data) => reply.data(data.as_slice()),
             Err(e) => reply.error(errno(&e)),
         }
     }

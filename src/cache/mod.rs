@@ -109,9 +109,10 @@ impl BlockCache {
         Ok(plain)
     }
 
-    /// Uploads an encoded block (durable when this returns).
-    pub fn upload(&self, id: BlockId, stored: &[u8]) -> Result<(), CacheError> {
-        self.store.put(&id.key(), stored)?;
+    /// Uploads a plain block without copying it; durable after the store's next sync.
+    pub fn upload_plain(&self, id: BlockId, plain: &[u8]) -> Result<(), CacheError> {
+        let trailer = block::trailer(block::CODEC_NONE);
+        self.store.put_parts_unsynced(&id.key(), &[plain, &trailer])?;
         Ok(())
     }
 
@@ -154,17 +155,17 @@ mod tests {
     fn fetches_verifies_and_bounds() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let cache = BlockCache::new(store.clone(), 10);
-        let (id, stored) = block::encode(b"12345678");
-        cache.upload(id, &stored).unwrap();
+        let id = BlockId::of(b"12345678");
+        cache.upload_plain(id, b"12345678").unwrap();
         assert_eq!(&**cache.get(id).unwrap(), b"12345678");
         assert_eq!(cache.cached_bytes(), 8);
-        let (id2, stored2) = block::encode(b"abcdef");
-        cache.upload(id2, &stored2).unwrap();
+        let id2 = BlockId::of(b"abcdef");
+        cache.upload_plain(id2, b"abcdef").unwrap();
         cache.get(id2).unwrap();
         assert!(cache.cached_bytes() <= 10);
         // A corrupted object is an error, never wrong bytes.
         let (id3, mut bad) = block::encode(b"zzz");
-        bad[5] ^= 1;
+        bad[1] ^= 1;
         store.put(&id3.key(), &bad).unwrap();
         assert!(matches!(cache.get(id3), Err(CacheError::Corrupt(_))));
         assert!(matches!(

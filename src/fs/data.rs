@@ -2,7 +2,7 @@
 //! blocks, truncation, and sealing dirty blocks into the store.
 
 use super::{FsError, FsResult, Volume, MAX_FILE_SIZE};
-use crate::block::{self, BlockId};
+use crate::block::BlockId;
 use crate::index::{Extent, Ino, Kind, Timestamp, UploadStart};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -33,6 +33,21 @@ impl FileData {
         let n = self.dirty_len();
         self.dirty.clear();
         n
+    }
+}
+
+/// The bytes of a read: assembled, or a range of one cached block.
+pub enum ReadData {
+    Owned(Vec<u8>),
+    Shared(crate::cache::Block, std::ops::Range<usize>),
+}
+
+impl ReadData {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ReadData::Owned(v) => v,
+            ReadData::Shared(b, r) => &b[r.clone()],
+        }
     }
 }
 
@@ -69,6 +84,12 @@ impl Volume {
     }
 
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        Ok(self.read_shared(ino, offset, size)?.as_slice().to_vec())
+    }
+
+    /// Like `read`, but a read inside one cached block is answered from the block
+    /// itself, without copying it.
+    pub fn read_shared(&self, ino: Ino, offset: u64, size: u32) -> FsResult<ReadData> {
         let bs = self.block_size;
         let fd = self.file_data(ino, false);
         let guard = fd.as_ref().map(|f| f.lock().unwrap());
@@ -82,7 +103,7 @@ impl Volume {
             }
             let end = inode.size.min(offset.saturating_add(u64::from(size)));
             if offset >= end {
-                return Ok(Vec::new());
+                return Ok(ReadData::Owned(Vec::new()));
             }
             let mut plan = Vec::new();
             for slot in offset / bs..end.div_ceil(bs) {
@@ -124,6 +145,14 @@ impl Volume {
             Piece::Block { id, .. } => Some(*id),
             _ => None,
         }))?;
+        if let [(slot, Piece::Block { id, len })] = plan.as_slice() {
+            let block = &blocks[id];
+            let valid = (*len as usize).min(block.len()) as u64;
+            let (lo, hi) = (start - slot * bs, end - slot * bs);
+            if hi <= valid {
+                return Ok(ReadData::Shared(block.clone(), lo as usize..hi as usize));
+            }
+        }
         let mut out = vec![0u8; (end - start) as usize];
         for (slot, piece) in &plan {
             let slot_start = slot * bs;
@@ -142,7 +171,7 @@ impl Volume {
                 out[(lo - start) as usize..(hi - start) as usize].copy_from_slice(src);
             }
         }
-        Ok(out)
+        Ok(ReadData::Owned(out))
     }
 
     /// Fetches blocks into the cache in the background, a few at a time.
@@ -543,8 +572,7 @@ impl Volume {
                 UploadStart::Present => break,
                 UploadStart::Busy => std::thread::sleep(Duration::from_millis(5)),
                 UploadStart::Needed => {
-                    let (_, stored) = block::encode(plain);
-                    if let Err(e) = self.cache.upload(id, &stored) {
+                    if let Err(e) = self.cache.upload_plain(id, plain) {
                         self.state().index.end_upload(id);
                         return Err(e.into());
                     }

@@ -7,6 +7,7 @@ mod persist;
 mod prefetch;
 mod upload;
 
+pub use data::ReadData;
 pub use error::{FsError, FsResult};
 pub use persist::{Background, Changed};
 

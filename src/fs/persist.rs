@@ -69,6 +69,8 @@ impl Volume {
         }
         let mut journal = self.journal.lock().unwrap();
         self.check_lease()?;
+        // Blocks before the index that points at them.
+        self.store.sync()?;
         let changes = self.state().index.take_changes();
         if !changes.is_empty() {
             if let Err(e) = journal.commit(&changes) {
@@ -133,6 +135,7 @@ impl Volume {
 
     fn snapshot_locked(&self, journal: &mut crate::index::journal::Journal) -> FsResult<()> {
         self.check_lease()?;
+        self.store.sync()?;
         let (changes, body) = {
             let mut state = self.state();
             let changes = state.index.take_changes();

@@ -48,6 +48,16 @@ impl ObjectStore for FaultyStore {
         self.check_put(key)?;
         self.inner.put(key, data)
     }
+    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> StoreResult<()> {
+        self.check_put(key)?;
+        self.inner.put_parts_unsynced(key, parts)
+    }
+    fn sync(&self) -> StoreResult<()> {
+        if self.fail_puts.load(Ordering::SeqCst) {
+            return Err(StoreError::Io("injected sync failure".into()));
+        }
+        self.inner.sync()
+    }
     fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()> {
         self.check_put(key)?;
         self.inner.put_if_absent(key, data)

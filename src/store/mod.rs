@@ -61,6 +61,16 @@ pub trait ObjectStore: Send + Sync {
     fn get(&self, key: &str) -> StoreResult<Vec<u8>>;
     /// Durable when it returns.
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()>;
+    /// Like `put`, for the concatenation of `parts`, but durable only once a later
+    /// `sync` returns (visible and atomic at once). Blocks go this way, and every
+    /// commit syncs before writing the index that references them.
+    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> StoreResult<()> {
+        self.put(key, &parts.concat())
+    }
+    /// Makes every earlier `put_parts_unsynced` durable.
+    fn sync(&self) -> StoreResult<()> {
+        Ok(())
+    }
     /// Creates the object only if the key is free; `AlreadyExists` otherwise.
     fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()>;
     /// Deleting a missing key is not an error.
