@@ -72,6 +72,10 @@ pub enum Command {
         /// Also read every block and verify its hash.
         #[arg(long)]
         verify_data: bool,
+        /// Fix what is safe: dangling entries, link counts, parent links; directories
+        /// cut off from the root go to /lost+found. Takes the writer lease.
+        #[arg(long)]
+        repair: bool,
         #[command(flatten)]
         store_args: StoreArgs,
     },

@@ -39,9 +39,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Fsck {
             store,
             verify_data,
+            repair,
             store_args,
         } => {
-            if !objfs::tools::fsck(&store, verify_data, &store_args.options()?)? {
+            if !objfs::tools::fsck(&store, verify_data, repair, &store_args.options()?)? {
                 return Ok(ExitCode::from(1));
             }
         }

@@ -79,7 +79,26 @@ fn stored_bytes(volume: &Volume) -> u64 {
     blocks.values().sum::<u64>() + inline
 }
 
-pub fn fsck(spec: &str, verify_data: bool, opts: &StoreOptions) -> CliResult<bool> {
+/// Fixes what is safe (see fs::repair), under the writer lease.
+fn repair(spec: &str, opts: &StoreOptions) -> CliResult<()> {
+    let store = open_existing(spec, opts)?;
+    let volume = Volume::load(store, VolumeConfig::default())
+        .map_err(|e| format!("{spec}: refusing to repair: {e}"))?;
+    let fixes = volume.repair().map_err(|e| format!("{spec}: {e}"))?;
+    for f in &fixes {
+        println!("repaired: {f}");
+    }
+    volume.shutdown().map_err(|e| format!("{spec}: saving the repairs failed: {e}"))?;
+    if fixes.is_empty() {
+        println!("nothing to repair in the index");
+    }
+    Ok(())
+}
+
+pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> CliResult<bool> {
+    if fix {
+        repair(spec, opts)?;
+    }
     let volume = load_read_only(spec, opts)?;
     let mut problems: Vec<String> = volume
         .load_report()

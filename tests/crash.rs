@@ -169,3 +169,18 @@ fn gc_frees_what_a_dead_writer_left_and_refuses_beside_a_live_one() {
     f.mount();
     assert_eq!(std::fs::read(f.path("keep")).unwrap(), vec![1u8; 2 << 20]);
 }
+
+#[test]
+fn fsck_repair_refuses_beside_a_live_writer_and_runs_offline() {
+    let f = Fixture::mounted();
+    std::fs::create_dir(f.path("d")).unwrap();
+    std::fs::write(f.path("d/x"), b"x").unwrap();
+    let out = objfs(&["fsck", f.store_str(), "--repair"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to repair"));
+    f.umount();
+    let out = objfs_ok(&["fsck", f.store_str(), "--repair"]);
+    assert!(out.contains("nothing to repair") && out.contains("clean"), "{out}");
+    f.mount();
+    assert_eq!(std::fs::read(f.path("d/x")).unwrap(), b"x");
+}

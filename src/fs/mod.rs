@@ -5,6 +5,7 @@ mod data;
 mod error;
 mod persist;
 mod prefetch;
+mod repair;
 mod upload;
 
 pub use data::ReadData;
@@ -314,6 +315,12 @@ impl Volume {
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// Write access to the index, for tests that need to damage it.
+    #[cfg(test)]
+    pub(crate) fn with_index_mut<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
+        f(&mut self.state().index)
     }
 
     /// Read access to the index, for offline tools.

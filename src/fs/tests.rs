@@ -461,3 +461,30 @@ fn memory_limit_bounds_cache_dirty_data_and_uploads() {
     let mut tiny = VolumeConfig { memory_limit: Some(20 << 20), ..Default::default() };
     assert!(matches!(tiny.fit_memory(1 << 20), Err(FsError::Config(_))));
 }
+
+#[test]
+fn repair_relinks_detached_directories_and_fixes_counts() {
+    let store = new_store();
+    let v = open(&store);
+    let a = v.mkdir(root(), ROOT_INO, b"a", 0o755).unwrap().ino;
+    let b = v.mkdir(root(), a, b"b", 0o755).unwrap().ino;
+    let f = file(&v, b, "f");
+    v.with_index_mut(|i| {
+        // Cut /a off the tree, make b's entry in a cycle, break a count, add a dangling entry.
+        i.remove_entry(ROOT_INO, b"a");
+        i.insert_entry(b, b"loop", a);
+        i.get_mut(f).unwrap().nlink = 7;
+        i.insert_entry(ROOT_INO, b"ghost", 99_999);
+    });
+    let fixes = v.repair().unwrap();
+    assert!(fixes.iter().any(|l| l.contains("ghost")), "{fixes:?}");
+    assert!(fixes.iter().any(|l| l.contains("lost+found")), "{fixes:?}");
+    assert!(fixes.iter().any(|l| l.contains("link count 7 -> 1")), "{fixes:?}");
+    let lost = v.lookup(ROOT_INO, b"lost+found").unwrap().ino;
+    let name = format!("#{a}");
+    assert_eq!(v.lookup(lost, name.as_bytes()).unwrap().ino, a);
+    assert_eq!(v.lookup(a, b"b").unwrap().ino, b);
+    assert_eq!(v.lookup(b, b"loop"), Err(FsError::NotFound));
+    assert_eq!(v.lookup(a, b"..").unwrap().ino, lost);
+    assert!(v.repair().unwrap().is_empty(), "a second pass finds nothing");
+}
