@@ -40,7 +40,7 @@ fn tree_copy_random_writes_rename_and_remount() {
     let out = f.objfs_ok(&["fsck", f.store_str(), "--verify-data"]);
     assert!(out.contains("clean"), "{out}");
     let out = f.objfs_ok(&["stat", f.store_str()]);
-    assert!(out.contains("files:          14"), "{out}");
+    assert!(out.contains("files:          15"), "{out}");
 }
 
 #[test]
