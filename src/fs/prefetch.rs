@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 /// Blocks fetched ahead of a reader at most.
 pub const MAX_WINDOW: u64 = 16;
+/// How far from the stream's head a read may land and still count as sequential.
+pub const SLACK_BLOCKS: u64 = 8;
 /// Background prefetch batches running at once at most.
 pub const MAX_ACTIVE: usize = 4;
 
@@ -33,20 +35,24 @@ impl Readahead {
         if streams.len() > 4096 {
             streams.clear();
         }
-        let last_slot = end.saturating_sub(1) / block_size;
         let s = streams.entry(ino).or_insert(Stream {
             next: u64::MAX,
             window: 0,
             fetched_until: 0,
         });
-        let sequential = offset == s.next || (offset == 0 && s.next == u64::MAX);
+        // The kernel's readahead sends several requests at once, so they may arrive a
+        // little out of order: anything near the stream's head continues the stream.
+        let slack = SLACK_BLOCKS * block_size;
+        let near = s.next != u64::MAX && offset.abs_diff(s.next) <= slack;
+        let sequential = near || (offset == 0 && s.next == u64::MAX);
         if !sequential {
             s.window = 0;
             s.fetched_until = 0;
             s.next = end;
             return 0..0;
         }
-        s.next = end;
+        s.next = if near { s.next.max(end) } else { end };
+        let last_slot = s.next.saturating_sub(1) / block_size;
         s.window = (s.window * 2).clamp(2, MAX_WINDOW);
         let from = (last_slot + 1).max(s.fetched_until);
         let to = last_slot + 1 + s.window;
@@ -86,6 +92,9 @@ mod tests {
         assert_eq!(r.on_read(1, 100, 200, bs), 5..10);
         assert_eq!(r.on_read(1, 5000, 5100, bs), 0..0);
         assert_eq!(r.on_read(1, 5100, 5200, bs), 52..54);
+        // Slightly out of order still counts.
+        assert_eq!(r.on_read(1, 5300, 5400, bs), 54..58);
+        assert_eq!(r.on_read(1, 5200, 5300, bs), 58..62);
         assert_eq!(r.on_read(2, 300, 400, bs), 0..0);
     }
 }
