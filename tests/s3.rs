@@ -139,3 +139,43 @@ fn outage_during_a_copy_loses_nothing_fsynced() {
     f.umount();
     assert!(f.objfs_ok(&["fsck", f.store_str()]).contains("clean"));
 }
+
+#[test]
+fn shared_aws_files_and_profiles_configure_the_store() {
+    let g = Garage::start();
+    let f = s3_fixture(&g, "profiles");
+    let aws = f.tmp.path().join("aws");
+    std::fs::create_dir(&aws).unwrap();
+    std::fs::write(
+        aws.join("credentials"),
+        format!(
+            "[default]\naws_access_key_id = GKwrongwrongwrongwrongwrong\naws_secret_access_key = nope\n\n[objfs]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            garage::KEY_ID,
+            garage::SECRET
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        aws.join("config"),
+        format!("[profile objfs]\nregion = garage\nendpoint_url = {}\n", g.endpoint),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials").display().to_string()),
+        ("AWS_CONFIG_FILE", aws.join("config").display().to_string()),
+        ("AWS_PROFILE", "objfs".to_string()),
+    ];
+    let p = Fixture::with_store(f.store_str(), &env);
+    p.mount();
+    std::fs::write(p.path("via-profile"), b"ok").unwrap();
+    p.remount();
+    assert_eq!(std::fs::read(p.path("via-profile")).unwrap(), b"ok");
+    p.umount();
+    // The default profile's wrong key is refused, clearly.
+    let mut denv = env[..2].to_vec();
+    denv.push(("AWS_REGION", "garage".to_string()));
+    let d = Fixture::with_store(f.store_str(), &denv);
+    let out = d.objfs(&["stat", d.store_str(), "--endpoint", &g.endpoint]);
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(!out.status.success() && err.contains("access denied"), "{err}");
+}

@@ -148,6 +148,13 @@ fn map_err(key: &str, e: object_store::Error) -> StoreError {
                 StoreError::NoSuchBucket
             } else if text.contains("AccessDenied") || text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") {
                 StoreError::AccessDenied("access denied (check the access key and secret)".into())
+            } else if let Some(e) = s3_error(&text) {
+                let hint = if e.contains("scope") || e.to_ascii_lowercase().contains("region") {
+                    " (is AWS_REGION right for this server?)"
+                } else {
+                    ""
+                };
+                StoreError::Io(format!("{key}: S3 error {e}{hint}"))
             } else {
                 StoreError::Io(format!("{key}: {}", one_line(&text)))
             }
@@ -157,6 +164,22 @@ fn map_err(key: &str, e: object_store::Error) -> StoreError {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The S3 error code and message out of an XML error body, if the text holds one.
+fn s3_error(text: &str) -> Option<String> {
+    let field = |tag: &str| {
+        let lower = text.to_ascii_lowercase();
+        let open = format!("<{tag}>");
+        let start = lower.find(&open)? + open.len();
+        let end = lower[start..].find(&format!("</{tag}>"))? + start;
+        Some(text[start..end].replace("&apos;", "'").replace("&quot;", "\"").replace("&amp;", "&"))
+    };
+    let code = field("code")?;
+    Some(match field("message") {
+        Some(m) => format!("{code}: {m}"),
+        None => code,
+    })
 }
 
 impl S3Store {
@@ -291,5 +314,34 @@ impl ObjectStore for S3Store {
 
     fn describe(&self) -> String {
         self.settings.url()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_error_bodies_become_short_messages() {
+        let body = "server returned 400: <?xml version=\"1.0\"?><Error><Code>AuthorizationHeaderMalformed</Code><Message>unexpected scope: &apos;x&apos;</Message></Error>";
+        assert_eq!(
+            s3_error(body).unwrap(),
+            "AuthorizationHeaderMalformed: unexpected scope: 'x'"
+        );
+        assert_eq!(s3_error("no xml here"), None);
+    }
+
+    #[test]
+    fn urls_prefixes_and_addressing() {
+        let s = S3Settings::parse("s3://bucket/a/b/", Some("http://127.0.0.1:9000"), None).unwrap();
+        assert_eq!((s.bucket.as_str(), s.prefix.as_str()), ("bucket", "a/b/"));
+        assert!(s.path_style, "path-style by default with an endpoint");
+        assert_eq!(s.url(), "s3://bucket/a/b");
+        let s = S3Settings::parse("s3://bucket", Some("http://x"), Some(false)).unwrap();
+        assert_eq!(s.prefix, "");
+        assert!(!s.path_style);
+        for bad in ["s3://", "s3:///x", "s3://b/../x", "s3://b/a//c"] {
+            assert!(S3Settings::parse(bad, None, None).is_err(), "{bad}");
+        }
     }
 }
