@@ -488,3 +488,24 @@ fn repair_relinks_detached_directories_and_fixes_counts() {
     assert_eq!(v.lookup(a, b"..").unwrap().ino, lost);
     assert!(v.repair().unwrap().is_empty(), "a second pass finds nothing");
 }
+
+#[test]
+fn a_writer_that_cannot_renew_its_lease_stops_writing() {
+    let mem = new_store();
+    let faulty = Arc::new(FaultyStore::new(mem.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let cfg = VolumeConfig { lease_ttl: Duration::from_secs(1), ..Default::default() };
+    let v = Volume::load(store, cfg).unwrap();
+    v.mkdir(root(), ROOT_INO, b"before", 0o755).unwrap();
+    v.commit().unwrap();
+    // The store stops taking writes; the lease runs out while renewals fail.
+    faulty.set_fail_puts(true);
+    std::thread::sleep(Duration::from_millis(1100));
+    v.renew_lease();
+    assert!(v.is_fenced());
+    faulty.set_fail_puts(false);
+    assert_eq!(v.mkdir(root(), ROOT_INO, b"after", 0o755), Err(FsError::ReadOnly));
+    assert_eq!(v.commit(), Err(FsError::ReadOnly));
+    let after = open_ro(&mem);
+    assert!(after.lookup(ROOT_INO, b"before").is_ok());
+}
