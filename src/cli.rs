@@ -58,7 +58,7 @@ pub enum Command {
         store_args: StoreArgs,
     },
     /// Mount STORE at MOUNTPOINT. Returns once the mount is live; a daemon serves it.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Flush everything to the store and unmount; returns after the daemon exited.
     Umount {
         mountpoint: PathBuf,
@@ -253,7 +253,8 @@ impl MountArgs {
             None => (opt, None),
         };
         let key = key.replace('-', "_");
-        let need = |v: Option<String>| v.ok_or_else(|| format!("-o {key} needs a value ({key}=...)"));
+        let need =
+            |v: Option<String>| v.ok_or_else(|| format!("-o {key} needs a value ({key}=...)"));
         match key.as_str() {
             "ro" | "read_only" => self.read_only = true,
             "rw" => self.read_only = false,
@@ -277,13 +278,17 @@ impl MountArgs {
             "endpoint" => self.store_args.endpoint = Some(need(value)?),
             "path_style" => {
                 let v = value.unwrap_or_else(|| "true".into());
-                self.store_args.path_style =
-                    Some(v.parse().map_err(|_| format!("-o path_style={v}: use true or false"))?);
+                self.store_args.path_style = Some(
+                    v.parse()
+                        .map_err(|_| format!("-o path_style={v}: use true or false"))?,
+                );
             }
             "retry_budget" => {
                 let v = need(value)?;
-                self.store_args.retry_budget =
-                    Some(v.parse().map_err(|_| format!("-o retry_budget={v}: not a whole number"))?);
+                self.store_args.retry_budget = Some(
+                    v.parse()
+                        .map_err(|_| format!("-o retry_budget={v}: not a whole number"))?,
+                );
             }
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
@@ -298,7 +303,10 @@ mod tests {
     fn parse(extra: &[&str]) -> Result<MountSettings, String> {
         let mut argv = vec!["objfs", "mount", "/s", "/m"];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Mount(m) => m.settings(),
             _ => unreachable!(),
         }

@@ -143,7 +143,10 @@ pub fn open_or_create(
         let store = location.open(true).map_err(|e| format!("{spec}: {e}"))?;
         let sb = journal::mkfs(&*store, crate::index::superblock::DEFAULT_BLOCK_SIZE)
             .map_err(|e| format!("{spec}: {e}"))?;
-        say(&format!("created a new objfs filesystem in {spec} (uuid {})", sb.uuid));
+        say(&format!(
+            "created a new objfs filesystem in {spec} (uuid {})",
+            sb.uuid
+        ));
         return Ok(store);
     }
     let store = location.open(false).map_err(|e| match e {
@@ -225,7 +228,8 @@ fn mount_state(path: &Path) -> MountState {
 
 fn open_log(path: &Path) -> CliResult<File> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("log directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("log directory {}: {e}", dir.display()))?;
     }
     std::fs::OpenOptions::new()
         .create(true)
@@ -267,14 +271,21 @@ fn serve(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     }
 }
 
-type Started = (Arc<Volume>, fuser::BackgroundSession, Option<crate::fs::Background>);
+type Started = (
+    Arc<Volume>,
+    fuser::BackgroundSession,
+    Option<crate::fs::Background>,
+);
 
 /// Opens (or creates) the store, loads the index, takes the lease and mounts.
 fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> CliResult<Started> {
     let mountpoint = target.mountpoint.as_path();
-    let store = open_or_create(&target.location, &target.spec, settings.read_only, &mut |m| {
-        reporter.say(m)
-    })?;
+    let store = open_or_create(
+        &target.location,
+        &target.spec,
+        settings.read_only,
+        &mut |m| reporter.say(m),
+    )?;
     let config = VolumeConfig {
         read_only: settings.read_only,
         cache_size: settings.cache_size,
@@ -329,7 +340,11 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     log::info!(
         "mounted {describe} at {} ({})",
         mountpoint.display(),
-        if settings.read_only { "read-only" } else { "read-write" }
+        if settings.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        }
     );
     Ok((volume, session, background))
 }
@@ -366,10 +381,15 @@ fn run_until_unmounted(
     let _ = std::fs::remove_file(pid_file_for(mountpoint));
     match result {
         Ok(()) => {
-            log::info!("unmounted {}; everything is in the store", mountpoint.display());
+            log::info!(
+                "unmounted {}; everything is in the store",
+                mountpoint.display()
+            );
             Ok(())
         }
-        Err(e) => Err(format!("final flush failed, changes since the last commit may be lost: {e}")),
+        Err(e) => Err(format!(
+            "final flush failed, changes since the last commit may be lost: {e}"
+        )),
     }
 }
 
@@ -385,7 +405,9 @@ fn load_waiting_for_predecessor(
             Err(crate::fs::FsError::Lease(e)) => {
                 let finishing = match &*e {
                     crate::lease::LeaseError::Held(h) => {
-                        h.is_local() && !h.mountpoint.is_empty() && !is_mounted(Path::new(&h.mountpoint))
+                        h.is_local()
+                            && !h.mountpoint.is_empty()
+                            && !is_mounted(Path::new(&h.mountpoint))
                     }
                     _ => false,
                 };
@@ -482,7 +504,10 @@ fn unescape_mount_field(field: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -513,7 +538,13 @@ fn mount_tag(mountpoint: &Path) -> String {
     let digest = sha2::Sha256::digest(mountpoint.as_os_str().as_bytes());
     let name: String = mountpoint
         .file_name()
-        .map(|n| n.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(32).collect())
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .take(32)
+                .collect()
+        })
         .unwrap_or_default();
     format!("{name}-{}", &hex::encode(digest)[..12])
 }
@@ -526,8 +557,11 @@ fn default_log_file(mountpoint: &Path) -> PathBuf {
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("objfs-{}", unsafe { libc::geteuid() })));
-    base.join("objfs").join(format!("{}.log", mount_tag(mountpoint)))
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("objfs-{}", unsafe { libc::geteuid() }))
+        });
+    base.join("objfs")
+        .join(format!("{}.log", mount_tag(mountpoint)))
 }
 
 fn write_pid_file(path: &Path) {
@@ -536,7 +570,10 @@ fn write_pid_file(path: &Path) {
         .map_or(Ok(()), std::fs::create_dir_all)
         .and_then(|()| std::fs::write(path, format!("{}\n", std::process::id())));
     if let Err(e) = result {
-        log::warn!("pid file {}: {e} (objfs umount will not wait for this daemon)", path.display());
+        log::warn!(
+            "pid file {}: {e} (objfs umount will not wait for this daemon)",
+            path.display()
+        );
     }
 }
 
@@ -545,7 +582,9 @@ fn daemon_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     !matches!(state, Some('Z') | Some('X') | None) && comm.trim() == "objfs"
 }
@@ -555,13 +594,18 @@ pub fn umount(mountpoint: &Path, timeout: Duration) -> CliResult<()> {
     if mount_state(&abs) == MountState::Dead {
         detach(&abs)?;
         let _ = std::fs::remove_file(pid_file_for(&abs));
-        println!("cleaned up dead mount at {} (its daemon was gone)", abs.display());
+        println!(
+            "cleaned up dead mount at {} (its daemon was gone)",
+            abs.display()
+        );
         return Ok(());
     }
     if !abs.exists() {
         return Err(format!("{} does not exist", abs.display()));
     }
-    let canonical = abs.canonicalize().map_err(|e| format!("{}: {e}", abs.display()))?;
+    let canonical = abs
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", abs.display()))?;
     if !is_mounted(&canonical) {
         return Err(format!("{} is not mounted", canonical.display()));
     }

@@ -1,7 +1,9 @@
 //! The FUSE adapter: translates kernel requests into `Volume` calls and errors into
 //! errno. No filesystem logic lives here.
 
-use crate::fs::{Attr, Ctx, FsError, RenameFlags as CoreRenameFlags, SetAttr, SetTime, Volume, XattrSet};
+use crate::fs::{
+    Attr, Ctx, FsError, RenameFlags as CoreRenameFlags, SetAttr, SetTime, Volume, XattrSet,
+};
 use crate::index::{Kind, Timestamp};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -105,7 +107,8 @@ fn to_system_time(t: Timestamp) -> SystemTime {
     if t.sec >= 0 {
         UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(u64::from(t.nsec))
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nsec))
     }
 }
 
@@ -225,11 +228,21 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.volume.mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev);
+        let r = self
+            .volume
+            .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev);
         self.entry(reply, r);
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let r = self.volume.mkdir(ctx(req), parent.0, name.as_bytes(), mode);
         self.entry(reply, r);
     }
@@ -242,10 +255,20 @@ impl Filesystem for FuseAdapter {
         empty(reply, self.volume.rmdir(parent.0, name.as_bytes()));
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self
-            .volume
-            .symlink(ctx(req), parent.0, link_name.as_bytes(), target.as_os_str().as_bytes());
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.volume.symlink(
+            ctx(req),
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+        );
         self.entry(reply, r);
     }
 
@@ -270,13 +293,28 @@ impl Filesystem for FuseAdapter {
         };
         empty(
             reply,
-            self.volume
-                .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), core),
+            self.volume.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                core,
+            ),
         );
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.volume.link(ino.0, newparent.0, newname.as_bytes()));
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.volume.link(ino.0, newparent.0, newname.as_bytes()),
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -322,7 +360,14 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.volume.flush(ino.0));
     }
 
@@ -339,7 +384,14 @@ impl Filesystem for FuseAdapter {
         empty(reply, self.volume.release(fh.0));
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.volume.fsync(ino.0));
     }
 
@@ -350,11 +402,23 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.volume.readdir(ino.0, fh.0, offset, READDIR_BATCH) {
             Ok(entries) => {
                 for (next, e) in entries {
-                    if reply.add(INodeNo(e.ino), next, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        next,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -380,18 +444,39 @@ impl Filesystem for FuseAdapter {
         for ((next, e), attr) in entries.iter().zip(attrs) {
             // An entry removed since opendir is skipped.
             let Some(a) = attr else { continue };
-            if reply.add(INodeNo(e.ino), *next, OsStr::from_bytes(&e.name), &self.ttl, &self.attr(&a), Generation(0)) {
+            if reply.add(
+                INodeNo(e.ino),
+                *next,
+                OsStr::from_bytes(&e.name),
+                &self.ttl,
+                &self.attr(&a),
+                Generation(0),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.volume.release(fh.0));
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.volume.commit());
     }
 
@@ -431,7 +516,10 @@ impl Filesystem for FuseAdapter {
             libc::XATTR_REPLACE => XattrSet::Replace,
             _ => return reply.error(Errno::EINVAL),
         };
-        empty(reply, self.volume.setxattr(ino.0, name.as_bytes(), value, mode));
+        empty(
+            reply,
+            self.volume.setxattr(ino.0, name.as_bytes(), value, mode),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -473,7 +561,10 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.volume.create(ctx(req), parent.0, name.as_bytes(), mode) {
+        match self
+            .volume
+            .create(ctx(req), parent.0, name.as_bytes(), mode)
+        {
             Ok((a, fh)) => reply.created(
                 &self.ttl,
                 &self.attr(&a),
@@ -496,45 +587,19 @@ fn sized_reply(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, FsError>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_times_before_1970_keep_their_fraction() {
-        // What fuser hands us for 1929-06-01 00:00:00.25 (sec -1280448000, nsec 250000000).
-        let from_fuser = UNIX_EPOCH - Duration::new(1_280_448_000, 250_000_000);
-        assert_eq!(
-            from_kernel_time(from_fuser),
-            Timestamp { sec: -1_280_448_000, nsec: 250_000_000 }
-        );
-        let later = UNIX_EPOCH + Duration::new(5, 7);
-        assert_eq!(from_kernel_time(later), Timestamp { sec: 5, nsec: 7 });
-    }
-
-    #[test]
-    fn time_round_trips() {
-        for t in [
-            Timestamp { sec: 0, nsec: 0 },
-            Timestamp { sec: 1_700_000_000, nsec: 123_456_789 },
-            Timestamp { sec: -5, nsec: 250_000_000 },
-        ] {
-            assert_eq!(from_system_time(to_system_time(t)), t);
-        }
-    }
-}
-
 /// Read-only mounts: applies the writer's commits every `period` and tells the kernel
 /// to drop what it cached of the changed inodes and names.
 pub fn spawn_follower(volume: Arc<Volume>, notifier: fuser::Notifier, period: Duration) {
     std::thread::Builder::new()
         .name("objfs-follow".into())
-        .spawn(move || loop {
-            std::thread::sleep(period);
-            match volume.refresh() {
-                Ok(changed) if !changed.is_empty() => invalidate(&notifier, &changed),
-                Ok(_) => {}
-                Err(e) => log::warn!("following the writer: {e}"),
+        .spawn(move || {
+            loop {
+                std::thread::sleep(period);
+                match volume.refresh() {
+                    Ok(changed) if !changed.is_empty() => invalidate(&notifier, &changed),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("following the writer: {e}"),
+                }
             }
         })
         .expect("spawn follower thread");
@@ -547,5 +612,42 @@ fn invalidate(notifier: &fuser::Notifier, changed: &crate::fs::Changed) {
     }
     for ino in changed.inodes.iter().chain(&changed.all) {
         let _ = notifier.inval_inode(INodeNo(*ino), 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_times_before_1970_keep_their_fraction() {
+        // What fuser hands us for 1929-06-01 00:00:00.25 (sec -1280448000, nsec 250000000).
+        let from_fuser = UNIX_EPOCH - Duration::new(1_280_448_000, 250_000_000);
+        assert_eq!(
+            from_kernel_time(from_fuser),
+            Timestamp {
+                sec: -1_280_448_000,
+                nsec: 250_000_000
+            }
+        );
+        let later = UNIX_EPOCH + Duration::new(5, 7);
+        assert_eq!(from_kernel_time(later), Timestamp { sec: 5, nsec: 7 });
+    }
+
+    #[test]
+    fn time_round_trips() {
+        for t in [
+            Timestamp { sec: 0, nsec: 0 },
+            Timestamp {
+                sec: 1_700_000_000,
+                nsec: 123_456_789,
+            },
+            Timestamp {
+                sec: -5,
+                nsec: 250_000_000,
+            },
+        ] {
+            assert_eq!(from_system_time(to_system_time(t)), t);
+        }
     }
 }

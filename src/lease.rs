@@ -88,7 +88,9 @@ fn format_unix(t: i64) -> String {
 }
 
 fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 pub fn boot_id() -> String {
@@ -120,7 +122,12 @@ fn parse_key(k: &str) -> Option<u64> {
 
 /// The newest lease generation and its holder, if any.
 pub fn current(store: &dyn ObjectStore) -> Result<Option<(u64, Holder)>, LeaseError> {
-    let Some(generation) = store.list(PREFIX)?.iter().filter_map(|k| parse_key(k)).max() else {
+    let Some(generation) = store
+        .list(PREFIX)?
+        .iter()
+        .filter_map(|k| parse_key(k))
+        .max()
+    else {
         return Ok(None);
     };
     let k = key(generation);
@@ -136,7 +143,9 @@ pub fn current(store: &dyn ObjectStore) -> Result<Option<(u64, Holder)>, LeaseEr
 /// A description of the live writer, if one holds the store.
 pub fn live_holder(store: &dyn ObjectStore) -> Result<Option<String>, LeaseError> {
     let now = crate::util::unix_now().0;
-    Ok(current(store)?.filter(|(_, h)| h.is_live(now)).map(|(_, h)| h.describe()))
+    Ok(current(store)?
+        .filter(|(_, h)| h.is_live(now))
+        .map(|(_, h)| h.describe()))
 }
 
 pub struct Lease {
@@ -159,7 +168,10 @@ impl Lease {
             Some((_, h)) if h.is_live(now) => return Err(LeaseError::Held(Box::new(h))),
             Some((g, h)) => {
                 if !h.released {
-                    log::warn!("taking over the lease of {} (expired or its process is gone)", h.describe());
+                    log::warn!(
+                        "taking over the lease of {} (expired or its process is gone)",
+                        h.describe()
+                    );
                 }
                 g + 1
             }
@@ -179,7 +191,9 @@ impl Lease {
         match store.put_if_absent(&key(next), &codec::encode(&LEASE, &holder)) {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => {
-                let other = current(&*store)?.map(|(_, h)| h.describe()).unwrap_or_default();
+                let other = current(&*store)?
+                    .map(|(_, h)| h.describe())
+                    .unwrap_or_default();
                 return Err(LeaseError::Lost(other));
             }
             Err(e) => return Err(e.into()),
@@ -214,7 +228,9 @@ impl Lease {
         match current(&*self.store)? {
             Some((g, h)) if g == self.generation && h.writer == self.holder.writer => Ok(()),
             Some((_, h)) => Err(LeaseError::Lost(h.describe())),
-            None => Err(LeaseError::Lost("nobody (our lease object vanished)".into())),
+            None => Err(LeaseError::Lost(
+                "nobody (our lease object vanished)".into(),
+            )),
         }
     }
 
@@ -223,7 +239,8 @@ impl Lease {
         self.check_still_ours()?;
         let mut next = self.holder.clone();
         next.expires_unix = crate::util::unix_now().0 + self.ttl.as_secs() as i64;
-        self.store.put(&key(self.generation), &codec::encode(&LEASE, &next))?;
+        self.store
+            .put(&key(self.generation), &codec::encode(&LEASE, &next))?;
         self.holder = next;
         Ok(())
     }
@@ -234,7 +251,8 @@ impl Lease {
         let mut released = self.holder.clone();
         released.released = true;
         released.expires_unix = crate::util::unix_now().0;
-        self.store.put(&key(self.generation), &codec::encode(&LEASE, &released))?;
+        self.store
+            .put(&key(self.generation), &codec::encode(&LEASE, &released))?;
         self.holder = released;
         Ok(())
     }
@@ -302,7 +320,9 @@ mod tests {
             expires_unix: now - CLOCK_SKEW_SECS - 1,
             ..dead
         };
-        store.put(&key(7), &codec::encode(&LEASE, &expired)).unwrap();
+        store
+            .put(&key(7), &codec::encode(&LEASE, &expired))
+            .unwrap();
         let l = Lease::acquire(store.clone(), "new", Duration::from_secs(30), "").unwrap();
         assert_eq!(l.generation, 8);
     }

@@ -5,9 +5,9 @@
 //! -> `block` (content-addressed codec) -> `store` (object stores).
 
 pub mod block;
+pub mod cache;
 pub mod cli;
 pub mod daemon;
-pub mod cache;
 pub mod fs;
 pub mod fuse;
 pub mod index;

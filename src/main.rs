@@ -27,9 +27,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             store_args,
         } => mkfs(&store, &block_size, &store_args.options()?)?,
         Command::Mount(args) => objfs::daemon::mount(&args)?,
-        Command::Umount { mountpoint, timeout } => {
-            objfs::daemon::umount(&mountpoint, Duration::from_secs(timeout))?
-        }
+        Command::Umount {
+            mountpoint,
+            timeout,
+        } => objfs::daemon::umount(&mountpoint, Duration::from_secs(timeout))?,
         Command::Stat { store, store_args } => objfs::tools::stat(&store, &store_args.options()?)?,
         Command::Gc {
             store,

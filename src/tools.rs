@@ -39,11 +39,19 @@ pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
     println!("files:          {}", u.files);
     println!("directories:    {}", u.dirs);
     println!("other nodes:    {}", u.other);
-    println!("logical bytes:  {} ({})", u.logical_bytes, format_bytes(u.logical_bytes));
+    println!(
+        "logical bytes:  {} ({})",
+        u.logical_bytes,
+        format_bytes(u.logical_bytes)
+    );
     println!("stored bytes:   {} ({})", stored, format_bytes(stored));
     println!("inline bytes:   {}", u.inline_bytes);
     println!("blocks:         {}", u.blocks);
-    let ratio = if stored == 0 { 1.0 } else { u.logical_bytes as f64 / stored as f64 };
+    let ratio = if stored == 0 {
+        1.0
+    } else {
+        u.logical_bytes as f64 / stored as f64
+    };
     println!("dedup ratio:    {ratio:.2}");
     println!(
         "index size:     {} (snapshot generation {}, {} journal segments, {} bytes)",
@@ -88,7 +96,9 @@ fn repair(spec: &str, opts: &StoreOptions) -> CliResult<()> {
     for f in &fixes {
         println!("repaired: {f}");
     }
-    volume.shutdown().map_err(|e| format!("{spec}: saving the repairs failed: {e}"))?;
+    volume
+        .shutdown()
+        .map_err(|e| format!("{spec}: saving the repairs failed: {e}"))?;
     if fixes.is_empty() {
         println!("nothing to repair in the index");
     }
@@ -133,7 +143,10 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
                         Some(c) if c.kind == Kind::Dir => {
                             *subdirs.entry(inode.ino).or_default() += 1;
                             if c.parent != inode.ino {
-                                problems.push(format!("directory {child} has wrong parent {}", c.parent));
+                                problems.push(format!(
+                                    "directory {child} has wrong parent {}",
+                                    c.parent
+                                ));
                             }
                         }
                         Some(_) => *links.entry(child).or_default() += 1,
@@ -166,7 +179,12 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
     let name_files = |inos: &[Ino]| -> String {
         let mut names: Vec<String> = inos
             .iter()
-            .map(|i| paths.get(i).cloned().unwrap_or_else(|| format!("<inode {i}>")))
+            .map(|i| {
+                paths
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("<inode {i}>"))
+            })
             .collect();
         names.sort();
         names.dedup();
@@ -174,10 +192,17 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
     };
     for (id, inos) in &referenced {
         if !present.contains(id) {
-            problems.push(format!("block {} is missing; damaged files: {}", id.to_hex(), name_files(inos)));
+            problems.push(format!(
+                "block {} is missing; damaged files: {}",
+                id.to_hex(),
+                name_files(inos)
+            ));
         }
     }
-    let orphans = present.iter().filter(|id| !referenced.contains_key(*id)).count();
+    let orphans = present
+        .iter()
+        .filter(|id| !referenced.contains_key(*id))
+        .count();
     if verify_data {
         let total = referenced.len();
         for (n, (id, inos)) in referenced.iter().enumerate() {
@@ -185,7 +210,11 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
                 continue;
             }
             if let Err(e) = volume.verify_block(*id) {
-                problems.push(format!("block {}: {e}; damaged files: {}", id.to_hex(), name_files(inos)));
+                problems.push(format!(
+                    "block {}: {e}; damaged files: {}",
+                    id.to_hex(),
+                    name_files(inos)
+                ));
             }
             if (n + 1) % 1000 == 0 {
                 eprintln!("verified {}/{total} blocks", n + 1);
@@ -212,8 +241,13 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
 pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
     let store = open_existing(spec, opts)?;
     let writer = format!("gc{}", crate::util::random_hex(2));
-    let mut lease = crate::lease::Lease::acquire(store.clone(), &writer, std::time::Duration::from_secs(300), "")
-        .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;
+    let mut lease = crate::lease::Lease::acquire(
+        store.clone(),
+        &writer,
+        std::time::Duration::from_secs(300),
+        "",
+    )
+    .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;
     let result = collect(spec, &store, &writer, dry_run);
     if let Err(e) = lease.release() {
         eprintln!("objfs: warning: releasing the lease: {e}");
@@ -222,14 +256,20 @@ pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
 }
 
 fn collect(spec: &str, store: &Arc<dyn ObjectStore>, writer: &str, dry_run: bool) -> CliResult<()> {
-    let loaded = crate::index::journal::load(store.clone(), writer).map_err(|e| format!("{spec}: {e}"))?;
+    let loaded =
+        crate::index::journal::load(store.clone(), writer).map_err(|e| format!("{spec}: {e}"))?;
     if !loaded.report.clean() {
         return Err(format!(
             "{spec}: the journal did not replay cleanly ({}); run objfs fsck and mount it once before gc",
             loaded.report.warnings.join("; ")
         ));
     }
-    let referenced: HashSet<BlockId> = loaded.index.ledger().referenced().map(|(id, _)| *id).collect();
+    let referenced: HashSet<BlockId> = loaded
+        .index
+        .ledger()
+        .referenced()
+        .map(|(id, _)| *id)
+        .collect();
     let keys = store.list("blocks/").map_err(|e| format!("{spec}: {e}"))?;
     let mut freed = 0u64;
     let mut failed = 0u64;
@@ -254,7 +294,10 @@ fn collect(spec: &str, store: &Arc<dyn ObjectStore>, writer: &str, dry_run: bool
         }
     }
     let verb = if dry_run { "would free" } else { "freed" };
-    println!("{spec}: {verb} {freed} unreferenced blocks; {} blocks in use", referenced.len());
+    println!(
+        "{spec}: {verb} {freed} unreferenced blocks; {} blocks in use",
+        referenced.len()
+    );
     if failed > 0 {
         return Err(format!("{failed} blocks could not be deleted"));
     }
@@ -272,7 +315,10 @@ fn paths_by_inode(index: &crate::index::Index) -> HashMap<Ino, String> {
                 continue;
             }
             let sep = if base.ends_with('/') { "" } else { "/" };
-            paths.insert(child, format!("{base}{sep}{}", String::from_utf8_lossy(name)));
+            paths.insert(
+                child,
+                format!("{base}{sep}{}", String::from_utf8_lossy(name)),
+            );
             if index.get(child).is_some_and(|c| c.kind == Kind::Dir) {
                 queue.push_back(child);
             }

@@ -23,7 +23,10 @@ pub fn unix_now() -> (i64, u32) {
         Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
         Err(e) => {
             let d = e.duration();
-            (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos().max(1))
+            (
+                -(d.as_secs() as i64) - 1,
+                1_000_000_000 - d.subsec_nanos().max(1),
+            )
         }
     }
 }
@@ -84,7 +87,15 @@ mod tests {
         assert_eq!(parse_size("2t").unwrap(), 2 << 40);
         assert_eq!(parse_size("4KiB").unwrap(), 4096);
         assert_eq!(parse_size("4kb").unwrap(), 4096);
-        for bad in ["", "M", "-1", "1.5M", "12X", "99999999999999999999", "20000000T"] {
+        for bad in [
+            "",
+            "M",
+            "-1",
+            "1.5M",
+            "12X",
+            "99999999999999999999",
+            "20000000T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

@@ -43,9 +43,13 @@ while True:
 
 fn sha256_file(path: &std::path::Path) -> Option<String> {
     let out = run_with_timeout(60, "sha256sum", &[path.to_str().unwrap()]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string())
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    })
 }
 
 fn check_round(f: &Fixture, round: u64, log: &str) -> usize {
@@ -68,7 +72,11 @@ fn check_round(f: &Fixture, round: u64, log: &str) -> usize {
     }
     for (name, sha) in &files {
         let got = sha256_file(&f.path(name));
-        assert_eq!(got.as_deref(), Some(sha.as_str()), "fsynced file {name} lost or damaged");
+        assert_eq!(
+            got.as_deref(),
+            Some(sha.as_str()),
+            "fsynced file {name} lost or damaged"
+        );
     }
     let doc_name = format!("doc{round}");
     let doc = sha256_file(&f.path(&doc_name));
@@ -92,7 +100,10 @@ fn check_round(f: &Fixture, round: u64, log: &str) -> usize {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_fsynced() {
-    let rounds: u64 = std::env::var("OBJFS_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let rounds: u64 = std::env::var("OBJFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
     let f = Fixture::new();
     let script = f.tmp.path().join("writer.py");
     std::fs::write(&script, WRITER).unwrap();
@@ -133,15 +144,32 @@ fn second_writer_is_refused_with_the_holder_named() {
     let f = Fixture::mounted();
     let other = f.tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    let out = objfs(&["mount", f.store_str(), other.to_str().unwrap(), "--log-file", f.log.to_str().unwrap()]);
+    let out = objfs(&[
+        "mount",
+        f.store_str(),
+        other.to_str().unwrap(),
+        "--log-file",
+        f.log.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mounted read-write by writer"), "{err}");
     assert!(err.contains("expires in"), "{err}");
     assert!(!is_mountpoint(&other));
     // A read-only mount beside the writer is fine.
-    let out = objfs(&["mount", f.store_str(), other.to_str().unwrap(), "--read-only", "--log-file", f.log.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = objfs(&[
+        "mount",
+        f.store_str(),
+        other.to_str().unwrap(),
+        "--read-only",
+        "--log-file",
+        f.log.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     objfs_ok(&["umount", other.to_str().unwrap()]);
     // After a clean unmount the next writer gets in at once.
     f.umount();
@@ -157,14 +185,19 @@ fn gc_frees_what_a_dead_writer_left_and_refuses_beside_a_live_one() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("mounted read-write by"));
     f.umount();
     // Blocks uploaded but never committed, as a killed writer leaves them.
-    let orphan = f.store.join("blocks/ab/ab00000000000000000000000000000000000000000000000000000000000000");
+    let orphan = f
+        .store
+        .join("blocks/ab/ab00000000000000000000000000000000000000000000000000000000000000");
     std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     std::fs::write(&orphan, b"OBK\0junk").unwrap();
     let out = objfs_ok(&["gc", f.store_str(), "--dry-run"]);
     assert!(out.contains("would free 1 "), "{out}");
     assert!(orphan.exists());
     let out = objfs_ok(&["gc", f.store_str()]);
-    assert!(out.contains("freed 1 unreferenced blocks; 1 blocks in use"), "{out}");
+    assert!(
+        out.contains("freed 1 unreferenced blocks; 1 blocks in use"),
+        "{out}"
+    );
     assert!(!orphan.exists());
     f.mount();
     assert_eq!(std::fs::read(f.path("keep")).unwrap(), vec![1u8; 2 << 20]);
@@ -180,7 +213,10 @@ fn fsck_repair_refuses_beside_a_live_writer_and_runs_offline() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to repair"));
     f.umount();
     let out = objfs_ok(&["fsck", f.store_str(), "--repair"]);
-    assert!(out.contains("nothing to repair") && out.contains("clean"), "{out}");
+    assert!(
+        out.contains("nothing to repair") && out.contains("clean"),
+        "{out}"
+    );
     f.mount();
     assert_eq!(std::fs::read(f.path("d/x")).unwrap(), b"x");
 }

@@ -33,7 +33,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -64,7 +64,9 @@ impl Data {
     fn bytes(&self) -> Vec<u8> {
         match self.seed % 6 {
             0 => vec![0; self.len],
-            1 => (0..self.len).map(|i| (i % 251) as u8 ^ (self.seed as u8)).collect(),
+            1 => (0..self.len)
+                .map(|i| (i % 251) as u8 ^ (self.seed as u8))
+                .collect(),
             _ => {
                 let mut v = vec![0; self.len];
                 StdRng::seed_from_u64(self.seed).fill_bytes(&mut v);
@@ -101,31 +103,86 @@ enum XFlags {
 #[derive(Debug, Clone)]
 enum Op {
     /// O_CREAT|O_TRUNC (std::fs::write), or O_CREAT|O_EXCL when `excl`.
-    Create { path: String, data: Data, excl: bool },
+    Create {
+        path: String,
+        data: Data,
+        excl: bool,
+    },
     /// open (O_CREAT if `create`), seek, write_all.
-    WriteAt { path: String, offset: u64, data: Data, create: bool },
+    WriteAt {
+        path: String,
+        offset: u64,
+        data: Data,
+        create: bool,
+    },
     /// O_APPEND|O_CREAT, write_all.
-    Append { path: String, data: Data },
+    Append {
+        path: String,
+        data: Data,
+    },
     /// open for writing, ftruncate.
-    Truncate { path: String, size: u64 },
-    Rename { from: String, to: String },
-    Link { from: String, to: String },
-    Unlink { path: String },
-    Mkdir { path: String, mode: Mode },
-    Rmdir { path: String },
-    Symlink { target: String, path: String },
-    Chmod { path: String, mode: Mode },
+    Truncate {
+        path: String,
+        size: u64,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+    Link {
+        from: String,
+        to: String,
+    },
+    Unlink {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: Mode,
+    },
+    Rmdir {
+        path: String,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Chmod {
+        path: String,
+        mode: Mode,
+    },
     /// utimensat with an explicit mtime; AT_SYMLINK_NOFOLLOW when `nofollow`.
-    Utimens { path: String, atime: ATime, mtime: (i64, i64), nofollow: bool },
+    Utimens {
+        path: String,
+        atime: ATime,
+        mtime: (i64, i64),
+        nofollow: bool,
+    },
     /// lsetxattr.
-    SetXattr { path: String, name: &'static str, value: Data, flags: XFlags },
+    SetXattr {
+        path: String,
+        name: &'static str,
+        value: Data,
+        flags: XFlags,
+    },
     /// lremovexattr.
-    RemoveXattr { path: String, name: &'static str },
+    RemoveXattr {
+        path: String,
+        name: &'static str,
+    },
     /// Open read-write, unlink, write at `offset` and read everything back through the
     /// handle (with fstat's nlink and size), then close.
-    UnlinkOpen { path: String, offset: u64, data: Data },
+    UnlinkOpen {
+        path: String,
+        offset: u64,
+        data: Data,
+    },
     /// Open read-only and read up to `len` bytes at `offset`.
-    Read { path: String, offset: u64, len: u64 },
+    Read {
+        path: String,
+        offset: u64,
+        len: u64,
+    },
     /// Unmount and mount objfs again (the native side does nothing).
     Remount,
 }
@@ -209,7 +266,10 @@ fn drop_page_cache(f: &fs::File) {
 }
 
 fn ts(t: (i64, i64)) -> libc::timespec {
-    libc::timespec { tv_sec: t.0 as libc::time_t, tv_nsec: t.1 as libc::c_long }
+    libc::timespec {
+        tv_sec: t.0 as libc::time_t,
+        tv_nsec: t.1 as libc::c_long,
+    }
 }
 
 /// Applies `op` under `root`. `mount` says the root is the objfs side.
@@ -226,8 +286,16 @@ fn apply(root: &Path, op: &Op, payload: &[u8], mount: bool) -> Outcome {
                 .open(p(path))?;
             f.write_all(payload)
         })()),
-        Op::WriteAt { path, offset, create, .. } => io((|| {
-            let mut f = OpenOptions::new().write(true).create(*create).open(p(path))?;
+        Op::WriteAt {
+            path,
+            offset,
+            create,
+            ..
+        } => io((|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(*create)
+                .open(p(path))?;
             f.seek(SeekFrom::Start(*offset))?;
             f.write_all(payload)
         })()),
@@ -245,15 +313,33 @@ fn apply(root: &Path, op: &Op, payload: &[u8], mount: bool) -> Outcome {
         Op::Mkdir { path, mode } => io(fs::DirBuilder::new().mode(mode.0).create(p(path))),
         Op::Rmdir { path } => io(fs::remove_dir(p(path))),
         Op::Symlink { target, path } => io(std::os::unix::fs::symlink(target, p(path))),
-        Op::Chmod { path, mode } => io(fs::set_permissions(p(path), fs::Permissions::from_mode(mode.0))),
-        Op::Utimens { path, atime, mtime, nofollow } => {
+        Op::Chmod { path, mode } => io(fs::set_permissions(
+            p(path),
+            fs::Permissions::from_mode(mode.0),
+        )),
+        Op::Utimens {
+            path,
+            atime,
+            mtime,
+            nofollow,
+        } => {
             let a = match atime {
-                ATime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                ATime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                ATime::Omit => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                ATime::Now => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
                 ATime::At(s, n) => ts((*s, *n)),
             };
             let times = [a, ts(*mtime)];
-            let flags = if *nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+            let flags = if *nofollow {
+                libc::AT_SYMLINK_NOFOLLOW
+            } else {
+                0
+            };
             let c = cpath(&p(path));
             if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) } == 0 {
                 Ok(Vec::new())
@@ -261,7 +347,9 @@ fn apply(root: &Path, op: &Op, payload: &[u8], mount: bool) -> Outcome {
                 Err(last_errno())
             }
         }
-        Op::SetXattr { path, name, flags, .. } => {
+        Op::SetXattr {
+            path, name, flags, ..
+        } => {
             let c = cpath(&p(path));
             let n = CString::new(*name).unwrap();
             let fl = match flags {
@@ -270,9 +358,19 @@ fn apply(root: &Path, op: &Op, payload: &[u8], mount: bool) -> Outcome {
                 XFlags::Replace => libc::XATTR_REPLACE,
             };
             let r = unsafe {
-                libc::lsetxattr(c.as_ptr(), n.as_ptr(), payload.as_ptr().cast(), payload.len(), fl)
+                libc::lsetxattr(
+                    c.as_ptr(),
+                    n.as_ptr(),
+                    payload.as_ptr().cast(),
+                    payload.len(),
+                    fl,
+                )
             };
-            if r == 0 { Ok(Vec::new()) } else { Err(last_errno()) }
+            if r == 0 {
+                Ok(Vec::new())
+            } else {
+                Err(last_errno())
+            }
         }
         Op::RemoveXattr { path, name } => {
             let c = cpath(&p(path));
@@ -330,7 +428,11 @@ struct Meta {
 
 impl fmt::Debug for Meta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} perm {:#o} nlink {} size {}", self.kind, self.perm, self.nlink, self.size)?;
+        write!(
+            f,
+            "{} perm {:#o} nlink {} size {}",
+            self.kind, self.perm, self.nlink, self.size
+        )?;
         if let Some(t) = &self.target {
             write!(f, " -> {:?}", String::from_utf8_lossy(t))?;
         }
@@ -368,13 +470,17 @@ fn user_xattrs(path: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    for name in buf[..n as usize].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+    {
         if !name.starts_with(b"user.") {
             continue;
         }
         let cn = CString::new(name).unwrap();
         let mut val = vec![0u8; 70000];
-        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
+        let m =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
         if m < 0 {
             return Err(io::Error::other(format!(
                 "lgetxattr {} {}: {}",
@@ -394,14 +500,23 @@ fn walk(root: &Path) -> Result<Tree, String> {
     let mut tree = Tree::new();
     let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
-        let abs = if dir.is_empty() { root.to_path_buf() } else { root.join(&dir) };
+        let abs = if dir.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&dir)
+        };
         let rd = fs::read_dir(&abs).map_err(|e| format!("read_dir {}: {e}", abs.display()))?;
         for entry in rd {
             let entry = entry.map_err(|e| format!("read_dir entry in {}: {e}", abs.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let rel = if dir.is_empty() { name } else { format!("{dir}/{name}") };
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
             let path = root.join(&rel);
-            let md = fs::symlink_metadata(&path).map_err(|e| format!("lstat {}: {e}", path.display()))?;
+            let md = fs::symlink_metadata(&path)
+                .map_err(|e| format!("lstat {}: {e}", path.display()))?;
             let ft = md.file_type();
             let kind = if ft.is_file() {
                 'f'
@@ -423,7 +538,8 @@ fn walk(root: &Path) -> Result<Tree, String> {
             } else {
                 None
             };
-            let xattrs = user_xattrs(&path).map_err(|e| format!("xattrs of {}: {e}", path.display()))?;
+            let xattrs =
+                user_xattrs(&path).map_err(|e| format!("xattrs of {}: {e}", path.display()))?;
             let meta = Meta {
                 kind,
                 perm: md.mode() & 0o7777,
@@ -432,11 +548,27 @@ fn walk(root: &Path) -> Result<Tree, String> {
                 target,
                 xattrs,
             };
-            let sig = (md.ino(), md.size(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec());
+            let sig = (
+                md.ino(),
+                md.size(),
+                md.mtime(),
+                md.mtime_nsec(),
+                md.ctime(),
+                md.ctime_nsec(),
+            );
             if kind == 'd' {
                 stack.push(rel.clone());
             }
-            tree.insert(rel, Node { meta, mtime: (md.mtime(), md.mtime_nsec()), ino: md.ino(), sig, content: None });
+            tree.insert(
+                rel,
+                Node {
+                    meta,
+                    mtime: (md.mtime(), md.mtime_nsec()),
+                    ino: md.ino(),
+                    sig,
+                    content: None,
+                },
+            );
         }
     }
     Ok(tree)
@@ -448,12 +580,17 @@ fn read_file(path: &Path, mount: bool) -> Result<Vec<u8>, String> {
         drop_page_cache(&f);
     }
     let mut v = Vec::new();
-    f.read_to_end(&mut v).map_err(|e| format!("read {}: {e}", path.display()))?;
+    f.read_to_end(&mut v)
+        .map_err(|e| format!("read {}: {e}", path.display()))?;
     Ok(v)
 }
 
 fn describe_bytes_diff(a: &[u8], b: &[u8]) -> String {
-    let first = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+    let first = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()));
     let show = |v: &[u8]| {
         let end = (first + 16).min(v.len());
         format!("{:02x?}", &v[first.min(v.len())..end])
@@ -488,14 +625,20 @@ impl Watchdog {
         let (tx, rx) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                eprintln!("watchdog: run exceeded {limit:?}; killing the objfs daemon of {}", mnt.display());
+                eprintln!(
+                    "watchdog: run exceeded {limit:?}; killing the objfs daemon of {}",
+                    mnt.display()
+                );
                 for pid in daemon_pids(&mnt) {
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
                 let _ = run_with_timeout(30, "umount", &["-l", mnt.to_str().unwrap()]);
             }
         });
-        Watchdog { tx: Some(tx), thread: Some(thread) }
+        Watchdog {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
     }
 }
 
@@ -532,7 +675,17 @@ struct Session {
 fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>) {
     match variant % 4 {
         0 => (&[], None),
-        1 => (&["--dirty-limit", "4M", "--cache-size", "1M", "--commit-interval", "1"], None),
+        1 => (
+            &[
+                "--dirty-limit",
+                "4M",
+                "--cache-size",
+                "1M",
+                "--commit-interval",
+                "1",
+            ],
+            None,
+        ),
         2 => (&["--commit-interval", "1", "--upload-threads", "1"], None),
         _ => (&[], Some("64K")),
     }
@@ -540,7 +693,11 @@ fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>)
 
 fn describe_variant(variant: u64) -> String {
     let (args, bs) = variant_args(variant);
-    let mut d = if args.is_empty() { "mount defaults".to_string() } else { format!("mount {}", args.join(" ")) };
+    let mut d = if args.is_empty() {
+        "mount defaults".to_string()
+    } else {
+        format!("mount {}", args.join(" "))
+    };
     if let Some(bs) = bs {
         d += &format!(", mkfs --block-size {bs}");
     }
@@ -638,15 +795,23 @@ impl Session {
                     Ok(v) => format!("Ok({} bytes)", v.len()),
                     Err(e) => format!("Err({e}: {})", io::Error::from_raw_os_error(*e)),
                 };
-                let mut msg = format!("outcomes differ: native {} vs mount {}", show(&native), show(&mount));
+                let mut msg = format!(
+                    "outcomes differ: native {} vs mount {}",
+                    show(&native),
+                    show(&mount)
+                );
                 if let (Ok(a), Ok(b)) = (&native, &mount) {
                     msg += &format!("\n  {}", describe_bytes_diff(a, b));
                 }
                 return Err(msg);
             }
             let e = self.stats.entry(op.kind()).or_default();
-            if native.is_ok() { e.0 += 1 } else { e.1 += 1 }
-            self.steps % self.full_every == 0
+            if native.is_ok() {
+                e.0 += 1
+            } else {
+                e.1 += 1
+            }
+            self.steps.is_multiple_of(self.full_every)
         };
         touched.extend(op.paths().iter().flat_map(|p| self.inos_near(p)));
         for ino in touched {
@@ -654,7 +819,11 @@ impl Session {
         }
         if let Op::Utimens { path, nofollow, .. } = op {
             let p = self.native.join(path);
-            let md = if *nofollow { fs::symlink_metadata(&p) } else { fs::metadata(&p) };
+            let md = if *nofollow {
+                fs::symlink_metadata(&p)
+            } else {
+                fs::metadata(&p)
+            };
             if let Ok(md) = md {
                 self.explicit.insert(md.ino());
             }
@@ -668,15 +837,26 @@ impl Session {
         let mut mount = walk(&self.f.mnt).map_err(|e| format!("mount walk: {e}"))?;
         let mut diffs = Vec::new();
         for name in native.keys().filter(|k| !mount.contains_key(*k)) {
-            diffs.push(format!("{name}: only in native ({:?})", native[name].meta.kind));
+            diffs.push(format!(
+                "{name}: only in native ({:?})",
+                native[name].meta.kind
+            ));
         }
         for name in mount.keys().filter(|k| !native.contains_key(*k)) {
-            diffs.push(format!("{name}: only in mount ({:?})", mount[name].meta.kind));
+            diffs.push(format!(
+                "{name}: only in mount ({:?})",
+                mount[name].meta.kind
+            ));
         }
         for (name, n) in native.iter_mut() {
-            let Some(m) = mount.get_mut(name) else { continue };
+            let Some(m) = mount.get_mut(name) else {
+                continue;
+            };
             if n.meta != m.meta {
-                diffs.push(format!("{name}: metadata differs\n    native {:?}\n    mount  {:?}", n.meta, m.meta));
+                diffs.push(format!(
+                    "{name}: metadata differs\n    native {:?}\n    mount  {:?}",
+                    n.meta, m.meta
+                ));
             }
             if self.explicit.contains(&n.ino) && n.mtime != m.mtime {
                 diffs.push(format!(
@@ -688,19 +868,28 @@ impl Session {
                 continue;
             }
             let cached = |last: &Tree, sig: &Sig| {
-                last.get(name).filter(|o| o.sig == *sig).and_then(|o| o.content.clone())
+                last.get(name)
+                    .filter(|o| o.sig == *sig)
+                    .and_then(|o| o.content.clone())
             };
-            let (cn, cm) = (cached(&self.last_native, &n.sig), cached(&self.last_mount, &m.sig));
+            let (cn, cm) = (
+                cached(&self.last_native, &n.sig),
+                cached(&self.last_mount, &m.sig),
+            );
             let (cn, cm) = match (cn, cm) {
                 (Some(a), Some(b)) if !full => (a, b),
                 _ => {
                     let a = read_file(&self.native.join(name), false)?;
-                    let b = read_file(&self.f.mnt.join(name), true).map_err(|e| format!("mount: {e}"))?;
+                    let b = read_file(&self.f.mnt.join(name), true)
+                        .map_err(|e| format!("mount: {e}"))?;
                     (Arc::new(a), Arc::new(b))
                 }
             };
             if cn != cm {
-                diffs.push(format!("{name}: contents differ: {}", describe_bytes_diff(&cn, &cm)));
+                diffs.push(format!(
+                    "{name}: contents differ: {}",
+                    describe_bytes_diff(&cn, &cm)
+                ));
             }
             n.content = Some(cn);
             m.content = Some(cm);
@@ -711,7 +900,11 @@ impl Session {
             Ok(())
         } else {
             diffs.truncate(20);
-            Err(format!("trees differ{}:\n  {}", if full { " (full compare)" } else { "" }, diffs.join("\n  ")))
+            Err(format!(
+                "trees differ{}:\n  {}",
+                if full { " (full compare)" } else { "" },
+                diffs.join("\n  ")
+            ))
         }
     }
 }
@@ -731,7 +924,10 @@ impl Gen<'_> {
 
     fn any_path(&mut self) -> String {
         let depth = self.rng.gen_range(1..=3);
-        (0..depth).map(|_| self.name()).collect::<Vec<_>>().join("/")
+        (0..depth)
+            .map(|_| self.name())
+            .collect::<Vec<_>>()
+            .join("/")
     }
 
     fn existing(&mut self, kinds: &str) -> Option<String> {
@@ -767,10 +963,10 @@ impl Gen<'_> {
 
     /// Mostly an existing entry of one of `kinds`, else a fresh or random path.
     fn target(&mut self, kinds: &str, p_existing: f64) -> String {
-        if self.rng.gen_bool(p_existing) {
-            if let Some(p) = self.existing(kinds) {
-                return p;
-            }
+        if self.rng.gen_bool(p_existing)
+            && let Some(p) = self.existing(kinds)
+        {
+            return p;
         }
         if self.rng.gen_bool(0.75) {
             self.in_dir()
@@ -787,7 +983,12 @@ impl Gen<'_> {
 
     /// Mostly an entry that has user xattrs.
     fn with_xattrs(&mut self) -> String {
-        let all: Vec<&String> = self.tree.iter().filter(|(_, n)| !n.meta.xattrs.is_empty()).map(|(k, _)| k).collect();
+        let all: Vec<&String> = self
+            .tree
+            .iter()
+            .filter(|(_, n)| !n.meta.xattrs.is_empty())
+            .map(|(k, _)| k)
+            .collect();
         if !all.is_empty() && self.rng.gen_bool(0.75) {
             return all[self.rng.gen_range(0..all.len())].clone();
         }
@@ -810,8 +1011,15 @@ impl Gen<'_> {
         } else {
             self.rng.gen_range(MIB..=3 * MIB)
         };
-        let seed = if self.rng.gen_bool(0.3) { self.rng.gen_range(0..12) } else { self.rng.r#gen() };
-        Data { seed, len: len.min(max) as usize }
+        let seed = if self.rng.gen_bool(0.3) {
+            self.rng.gen_range(0..12)
+        } else {
+            self.rng.r#gen()
+        };
+        Data {
+            seed,
+            len: len.min(max) as usize,
+        }
     }
 
     /// Offsets inside the file, near block edges, or past EOF.
@@ -841,23 +1049,23 @@ impl Gen<'_> {
 
     fn op(&mut self) -> Op {
         const WEIGHTS: [(u32, u32); 17] = [
-            (0, 12),  // create
-            (1, 14),  // write at
-            (2, 6),   // append
-            (3, 7),   // truncate
-            (4, 10),  // rename
-            (5, 5),   // link
-            (6, 6),   // unlink
-            (7, 9),   // mkdir
-            (8, 4),   // rmdir
-            (9, 5),   // symlink
-            (10, 4),  // chmod
-            (11, 5),  // utimens
-            (12, 5),  // setxattr
-            (13, 3),  // removexattr
-            (14, 3),  // unlink while open
-            (15, 5),  // read
-            (16, 1),  // remount
+            (0, 12), // create
+            (1, 14), // write at
+            (2, 6),  // append
+            (3, 7),  // truncate
+            (4, 10), // rename
+            (5, 5),  // link
+            (6, 6),  // unlink
+            (7, 9),  // mkdir
+            (8, 4),  // rmdir
+            (9, 5),  // symlink
+            (10, 4), // chmod
+            (11, 5), // utimens
+            (12, 5), // setxattr
+            (13, 3), // removexattr
+            (14, 3), // unlink while open
+            (15, 5), // read
+            (16, 1), // remount
         ];
         let total: u32 = WEIGHTS.iter().map(|w| w.1).sum();
         let mut r = self.rng.gen_range(0..total);
@@ -872,17 +1080,29 @@ impl Gen<'_> {
         match which {
             0 => {
                 let path = self.target("f", 0.4);
-                Op::Create { path, data: self.data(MAX_EXTENT), excl: self.rng.gen_bool(0.15) }
+                Op::Create {
+                    path,
+                    data: self.data(MAX_EXTENT),
+                    excl: self.rng.gen_bool(0.15),
+                }
             }
             1 => {
                 let path = self.file(0.75);
                 let offset = self.offset(self.size_of(&path));
-                Op::WriteAt { path, offset, data: self.data(MAX_EXTENT - offset), create: self.rng.gen_bool(0.5) }
+                Op::WriteAt {
+                    path,
+                    offset,
+                    data: self.data(MAX_EXTENT - offset),
+                    create: self.rng.gen_bool(0.5),
+                }
             }
             2 => {
                 let path = self.file(0.75);
                 let room = MAX_EXTENT.saturating_sub(self.size_of(&path));
-                Op::Append { path, data: self.data(room) }
+                Op::Append {
+                    path,
+                    data: self.data(room),
+                }
             }
             3 => {
                 let path = self.file(0.8);
@@ -891,15 +1111,24 @@ impl Gen<'_> {
                     0 => 0,
                     1 => self.rng.gen_range(0..=size),
                     2 => size + self.rng.gen_range(1..=3 * MIB),
-                    3 => (self.rng.gen_range(1..=3) * MIB as i64 + self.rng.gen_range(-2..=2)) as u64,
+                    3 => {
+                        (self.rng.gen_range(1..=3) * MIB as i64 + self.rng.gen_range(-2..=2)) as u64
+                    }
                     4 => self.rng.gen_range(0..5000),
                     _ => size,
                 };
-                Op::Truncate { path, size: size.min(MAX_EXTENT) }
+                Op::Truncate {
+                    path,
+                    size: size.min(MAX_EXTENT),
+                }
             }
             4 => {
                 let from = self.target("fdl", 0.85);
-                let to = if self.rng.gen_bool(0.4) { self.target("fdl", 1.0) } else { self.target("", 0.0) };
+                let to = if self.rng.gen_bool(0.4) {
+                    self.target("fdl", 1.0)
+                } else {
+                    self.target("", 0.0)
+                };
                 Op::Rename { from, to }
             }
             5 => {
@@ -907,23 +1136,40 @@ impl Gen<'_> {
                 let to = self.target("fdl", 0.15);
                 Op::Link { from, to }
             }
-            6 => Op::Unlink { path: self.target("fl", 0.85) },
+            6 => Op::Unlink {
+                path: self.target("fl", 0.85),
+            },
             7 => {
                 let modes = [0o755, 0o700, 0o777, 0o1777, 0o555, 0o750];
                 let mode = modes[self.rng.gen_range(0..modes.len())];
-                Op::Mkdir { path: self.target("d", 0.1), mode: Mode(mode) }
+                Op::Mkdir {
+                    path: self.target("d", 0.1),
+                    mode: Mode(mode),
+                }
             }
-            8 => Op::Rmdir { path: self.target("d", 0.85) },
+            8 => Op::Rmdir {
+                path: self.target("d", 0.85),
+            },
             9 => {
-                let mut target = if self.rng.gen_bool(0.1) { ".".to_string() } else { self.any_path() };
+                let mut target = if self.rng.gen_bool(0.1) {
+                    ".".to_string()
+                } else {
+                    self.any_path()
+                };
                 if self.rng.gen_bool(0.1) {
                     target = format!("./{target}");
                 }
-                Op::Symlink { target, path: self.target("fdl", 0.15) }
+                Op::Symlink {
+                    target,
+                    path: self.target("fdl", 0.15),
+                }
             }
             10 => {
                 let path = self.target("fdl", 0.9);
-                Op::Chmod { path, mode: Mode(self.rng.gen_range(0..=0o7777u32) & 0o1777) }
+                Op::Chmod {
+                    path,
+                    mode: Mode(self.rng.gen_range(0..=0o7777u32) & 0o1777),
+                }
             }
             11 => {
                 let path = self.target("fdl", 0.9);
@@ -935,21 +1181,43 @@ impl Gen<'_> {
                         ATime::At(t.0, t.1)
                     }
                 };
-                Op::Utimens { path, atime, mtime: self.time(), nofollow: self.rng.gen_bool(0.3) }
+                Op::Utimens {
+                    path,
+                    atime,
+                    mtime: self.time(),
+                    nofollow: self.rng.gen_bool(0.3),
+                }
             }
             12 => {
                 let kinds = if self.rng.gen_bool(0.1) { "l" } else { "fd" };
                 let path = self.target(kinds, 0.9);
                 let name = XATTR_NAMES[self.rng.gen_range(0..XATTR_NAMES.len())];
-                let flags = [XFlags::Any, XFlags::Any, XFlags::Create, XFlags::Replace][self.rng.gen_range(0..4)];
-                let len = if self.rng.gen_bool(0.2) { 0 } else { self.rng.gen_range(1..=600) };
-                Op::SetXattr { path, name, value: Data { seed: self.rng.r#gen(), len }, flags }
+                let flags = [XFlags::Any, XFlags::Any, XFlags::Create, XFlags::Replace]
+                    [self.rng.gen_range(0..4)];
+                let len = if self.rng.gen_bool(0.2) {
+                    0
+                } else {
+                    self.rng.gen_range(1..=600)
+                };
+                Op::SetXattr {
+                    path,
+                    name,
+                    value: Data {
+                        seed: self.rng.r#gen(),
+                        len,
+                    },
+                    flags,
+                }
             }
             13 => {
                 let path = self.with_xattrs();
                 let present: Vec<&'static str> = XATTR_NAMES
                     .into_iter()
-                    .filter(|x| self.tree.get(&path).is_some_and(|n| n.meta.xattrs.contains_key(x.as_bytes())))
+                    .filter(|x| {
+                        self.tree
+                            .get(&path)
+                            .is_some_and(|n| n.meta.xattrs.contains_key(x.as_bytes()))
+                    })
                     .collect();
                 let name = if !present.is_empty() && self.rng.gen_bool(0.8) {
                     present[self.rng.gen_range(0..present.len())]
@@ -968,8 +1236,16 @@ impl Gen<'_> {
             15 => {
                 let path = self.file(0.85);
                 let size = self.size_of(&path);
-                let offset = if self.rng.gen_bool(0.5) { 0 } else { self.offset(size) };
-                let len = if self.rng.gen_bool(0.3) { u64::MAX >> 1 } else { self.rng.gen_range(0..=2 * MIB) };
+                let offset = if self.rng.gen_bool(0.5) {
+                    0
+                } else {
+                    self.offset(size)
+                };
+                let len = if self.rng.gen_bool(0.3) {
+                    u64::MAX >> 1
+                } else {
+                    self.rng.gen_range(0..=2 * MIB)
+                };
                 Op::Read { path, offset, len }
             }
             _ => Op::Remount,
@@ -981,7 +1257,10 @@ impl Gen<'_> {
 // Running, replaying, shrinking
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// OBJFS_DIFF_NO_PRE_EPOCH=1 keeps utimens times at or after 1970 (to look past a
@@ -1007,28 +1286,53 @@ fn run_seed(seed: u64, n: usize) -> (Vec<Op>, Option<Failure>, String) {
     let mut ops = Vec::with_capacity(n);
     let mut failure = None;
     if let Err(msg) = s.compare(true) {
-        failure = Some(Failure { step: 0, msg: format!("before any op: {msg}") });
+        failure = Some(Failure {
+            step: 0,
+            msg: format!("before any op: {msg}"),
+        });
     }
     while failure.is_none() && ops.len() < n {
-        let op = Gen { rng: &mut rng, tree: &s.last_native }.op();
+        let op = Gen {
+            rng: &mut rng,
+            tree: &s.last_native,
+        }
+        .op();
         ops.push(op.clone());
         if let Err(msg) = s.step(&op) {
-            failure = Some(Failure { step: ops.len() - 1, msg });
+            failure = Some(Failure {
+                step: ops.len() - 1,
+                msg,
+            });
         }
     }
     if failure.is_none() {
         // A last remount and full comparison: everything must have persisted.
         ops.push(Op::Remount);
         if let Err(msg) = s.step(&Op::Remount) {
-            failure = Some(Failure { step: ops.len() - 1, msg });
+            failure = Some(Failure {
+                step: ops.len() - 1,
+                msg,
+            });
         }
     }
-    let stats: Vec<String> = s.stats.iter().map(|(k, (ok, err))| format!("{k} {ok}/{err}")).collect();
+    let stats: Vec<String> = s
+        .stats
+        .iter()
+        .map(|(k, (ok, err))| format!("{k} {ok}/{err}"))
+        .collect();
     let summary = format!(
         "{} remounts, {} files ({:.1} MiB) / {} entries at the end; ok/errno per op: {}",
         s.remounts,
-        s.last_native.values().filter(|n| n.meta.kind == 'f').count(),
-        s.last_native.values().filter(|n| n.meta.kind == 'f').map(|n| n.meta.size).sum::<u64>() as f64 / MIB as f64,
+        s.last_native
+            .values()
+            .filter(|n| n.meta.kind == 'f')
+            .count(),
+        s.last_native
+            .values()
+            .filter(|n| n.meta.kind == 'f')
+            .map(|n| n.meta.size)
+            .sum::<u64>() as f64
+            / MIB as f64,
         s.last_native.len(),
         stats.join(", ")
     );
@@ -1091,7 +1395,10 @@ fn shrink(mut ops: Vec<Op>, mut failure: Failure, variant: u64) -> (Vec<Op>, Fai
 }
 
 fn print_ops(ops: &[Op]) -> String {
-    ops.iter().enumerate().map(|(i, op)| format!("  {i:4}: {op:?}\n")).collect()
+    ops.iter()
+        .enumerate()
+        .map(|(i, op)| format!("  {i:4}: {op:?}\n"))
+        .collect()
 }
 
 fn run_seeds(seeds: &[u64], n: usize) {

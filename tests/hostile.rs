@@ -104,11 +104,16 @@ fn damaged_snapshot_is_refused_and_kept() {
 #[test]
 fn torn_journal_segment_stops_replay_with_a_warning() {
     let f = Fixture::mounted();
-    bash(&format!("cd {0} && printf one > a && sync a && printf two > b && sync b", f.mnt_str()));
+    bash(&format!(
+        "cd {0} && printf one > a && sync a && printf two > b && sync b",
+        f.mnt_str()
+    ));
     // Kill the daemon so the journal is not compacted into a snapshot at unmount.
     let pids = daemon_pids(&f.mnt);
     unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
-    assert!(wait_until(std::time::Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
+    assert!(wait_until(std::time::Duration::from_secs(10), || {
+        daemon_pids(&f.mnt).is_empty()
+    }));
     let last = meta_keys(&f, "journal-").pop().unwrap();
     let b = std::fs::read(&last).unwrap();
     std::fs::write(&last, &b[..b.len() - 3]).unwrap();
@@ -171,7 +176,17 @@ struct SmallDisk(std::path::PathBuf);
 impl SmallDisk {
     fn new(dir: &Path, size: &str) -> SmallDisk {
         std::fs::create_dir_all(dir).unwrap();
-        sh("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str().unwrap()]);
+        sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
         SmallDisk(dir.to_path_buf())
     }
 }
@@ -190,14 +205,27 @@ fn a_full_store_disk_gives_enospc_without_corruption() {
     f.store = disk.join("store");
     f.spec = f.store.to_string_lossy().into_owned();
     f.mount();
-    bash(&format!("printf keep > {0}/keep && sync {0}/keep", f.mnt_str()));
+    bash(&format!(
+        "printf keep > {0}/keep && sync {0}/keep",
+        f.mnt_str()
+    ));
     let out = run_with_timeout(
         60,
         "dd",
-        &["if=/dev/urandom", &format!("of={}/huge", f.mnt_str()), "bs=1M", "count=20", "conv=fsync"],
+        &[
+            "if=/dev/urandom",
+            &format!("of={}/huge", f.mnt_str()),
+            "bs=1M",
+            "count=20",
+            "conv=fsync",
+        ],
     );
     assert!(!out.status.success(), "20 MiB cannot fit in 8 MiB");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("No space left on device"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No space left on device"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_file(f.path("huge")).unwrap();
     std::fs::write(f.path("after"), b"fits").unwrap();
     f.remount();
@@ -219,7 +247,10 @@ fn an_unwritable_store_mounts_read_only_only() {
     f.umount();
     sh("mount", &["-o", "remount,ro", disk.to_str().unwrap()]);
     let err = one_line_error(&f.try_mount());
-    assert!(err.contains("ead-only file system") || err.contains("denied"), "{err}");
+    assert!(
+        err.contains("ead-only file system") || err.contains("denied"),
+        "{err}"
+    );
     f.extra = vec!["--read-only".into()];
     f.mount();
     assert_eq!(std::fs::read(f.path("x")).unwrap(), b"data");

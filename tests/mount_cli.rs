@@ -8,7 +8,11 @@ use std::time::Duration;
 fn first_mount_creates_the_filesystem_and_returns_once_live() {
     let f = Fixture::new();
     let out = f.try_mount();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // `$(objfs mount ...)` returned, so the daemon let go of our stdout/stderr.
     assert!(String::from_utf8_lossy(&out.stdout).contains("created a new objfs filesystem"));
     assert!(is_mountpoint(&f.mnt));
@@ -22,7 +26,10 @@ fn first_mount_creates_the_filesystem_and_returns_once_live() {
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("created"));
     // Nothing of objfs's own shows inside the tree.
-    let names: Vec<_> = std::fs::read_dir(&f.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&f.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("hello")]);
 }
 
@@ -41,7 +48,11 @@ fn umount_errors_are_clear() {
         .unwrap();
     let out = objfs(&["umount", f.mnt_str()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("busy"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(is_mountpoint(&f.mnt));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -61,26 +72,49 @@ fn mount_errors_are_one_line_and_change_nothing() {
     };
     let store = f.store_str();
     // Read-only mount of nothing never creates anything.
-    expect_err(&["mount", store, f.mnt_str(), "--read-only"], "does not exist");
+    expect_err(
+        &["mount", store, f.mnt_str(), "--read-only"],
+        "does not exist",
+    );
     assert!(!f.store.exists());
     let file = f.tmp.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     expect_err(&["mount", store, file.to_str().unwrap()], "not a directory");
     expect_err(&["mount", store, "/nonexistent/mnt"], "does not exist");
-    expect_err(&["mount", store, f.mnt_str(), "-o", "bogus"], "unknown mount option");
-    expect_err(&["mount", store, f.mnt_str(), "--cache-size", "lots"], "invalid size");
-    expect_err(&["mount", store, f.mnt_str(), "--cache-size", "9999999T"], "out of range");
+    expect_err(
+        &["mount", store, f.mnt_str(), "-o", "bogus"],
+        "unknown mount option",
+    );
+    expect_err(
+        &["mount", store, f.mnt_str(), "--cache-size", "lots"],
+        "invalid size",
+    );
+    expect_err(
+        &["mount", store, f.mnt_str(), "--cache-size", "9999999T"],
+        "out of range",
+    );
     // A directory holding other things is not taken over.
     let foreign = f.tmp.path().join("foreign");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("photo.jpg"), b"jpeg").unwrap();
-    expect_err(&["mount", foreign.to_str().unwrap(), f.mnt_str()], "does not hold an objfs filesystem");
+    expect_err(
+        &["mount", foreign.to_str().unwrap(), f.mnt_str()],
+        "does not hold an objfs filesystem",
+    );
     expect_err(&["mkfs", foreign.to_str().unwrap()], "not empty");
     assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
     // mkfs then mkfs again.
     objfs_ok(&["mkfs", store, "--block-size", "64K"]);
     expect_err(&["mkfs", store], "already holds");
-    expect_err(&["mkfs", f.tmp.path().join("x").to_str().unwrap(), "--block-size", "1000"], "power of two");
+    expect_err(
+        &[
+            "mkfs",
+            f.tmp.path().join("x").to_str().unwrap(),
+            "--block-size",
+            "1000",
+        ],
+        "power of two",
+    );
     f.mount();
     expect_err(&["mount", store, f.mnt_str()], "already mounted");
     let out = objfs_ok(&["stat", store]);
@@ -90,8 +124,15 @@ fn mount_errors_are_one_line_and_change_nothing() {
 #[test]
 fn sigterm_flushes_and_the_store_remounts() {
     let f = Fixture::mounted();
-    bash(&format!("cp -a {}/src {}/", env!("CARGO_MANIFEST_DIR"), f.mnt_str()));
-    bash(&format!("dd if=/dev/urandom of={}/rand bs=64k count=40 status=none", f.mnt_str()));
+    bash(&format!(
+        "cp -a {}/src {}/",
+        env!("CARGO_MANIFEST_DIR"),
+        f.mnt_str()
+    ));
+    bash(&format!(
+        "dd if=/dev/urandom of={}/rand bs=64k count=40 status=none",
+        f.mnt_str()
+    ));
     let sum = bash(&format!("md5sum < {}/rand", f.mnt_str()));
     let pids = daemon_pids(&f.mnt);
     assert_eq!(pids.len(), 1);
@@ -100,7 +141,11 @@ fn sigterm_flushes_and_the_store_remounts() {
     assert!(!is_mountpoint(&f.mnt));
     f.mount();
     assert_eq!(bash(&format!("md5sum < {}/rand", f.mnt_str())), sum);
-    bash(&format!("diff -r {}/src {}/src", env!("CARGO_MANIFEST_DIR"), f.mnt_str()));
+    bash(&format!(
+        "diff -r {}/src {}/src",
+        env!("CARGO_MANIFEST_DIR"),
+        f.mnt_str()
+    ));
 }
 
 #[test]
@@ -128,7 +173,10 @@ fn killed_daemon_leaves_a_dead_mount_that_is_cleaned_up() {
     let out = run_with_timeout(30, "stat", &["-f", f.mnt_str()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("not connected") || err.contains("connection abort"), "{err}");
+    assert!(
+        err.contains("not connected") || err.contains("connection abort"),
+        "{err}"
+    );
     let out = objfs_ok(&["umount", f.mnt_str()]);
     assert!(out.contains("dead mount"), "{out}");
     assert!(!is_mountpoint(&f.mnt));
@@ -148,10 +196,19 @@ fn dash_o_options_and_read_only_mounts() {
     std::fs::write(f.path("f"), b"data").unwrap();
     f.umount();
     let out = objfs(&[
-        "mount", f.store_str(), f.mnt_str(), "--log-file", f.log.to_str().unwrap(),
-        "-o", "ro,cache_size=32M,commit_interval=2",
+        "mount",
+        f.store_str(),
+        f.mnt_str(),
+        "--log-file",
+        f.log.to_str().unwrap(),
+        "-o",
+        "ro,cache_size=32M,commit_interval=2",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read(f.path("f")).unwrap(), b"data");
     let err = std::fs::write(f.path("g"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));

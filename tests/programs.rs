@@ -42,13 +42,33 @@ fn sqlite_wal_survives_concurrent_readers_and_remount() {
         }
     });
     for _ in 0..20 {
-        bash(&format!("sqlite3 -cmd '.timeout 10000' {db} 'SELECT count(*) FROM t;' > /dev/null"));
+        bash(&format!(
+            "sqlite3 -cmd '.timeout 10000' {db} 'SELECT count(*) FROM t;' > /dev/null"
+        ));
     }
     writer.join().unwrap();
-    assert_eq!(bash(&format!("sqlite3 -cmd '.timeout 10000' {db} 'SELECT count(*) FROM t;'")).trim(), "1000");
-    assert_eq!(bash(&format!("sqlite3 -cmd '.timeout 10000' {db} 'PRAGMA integrity_check;'")).trim(), "ok");
+    assert_eq!(
+        bash(&format!(
+            "sqlite3 -cmd '.timeout 10000' {db} 'SELECT count(*) FROM t;'"
+        ))
+        .trim(),
+        "1000"
+    );
+    assert_eq!(
+        bash(&format!(
+            "sqlite3 -cmd '.timeout 10000' {db} 'PRAGMA integrity_check;'"
+        ))
+        .trim(),
+        "ok"
+    );
     f.remount();
-    assert_eq!(bash(&format!("sqlite3 -cmd '.timeout 10000' {db} 'PRAGMA integrity_check; SELECT count(*) FROM t;'")).trim(), "ok\n1000");
+    assert_eq!(
+        bash(&format!(
+            "sqlite3 -cmd '.timeout 10000' {db} 'PRAGMA integrity_check; SELECT count(*) FROM t;'"
+        ))
+        .trim(),
+        "ok\n1000"
+    );
 }
 
 #[test]

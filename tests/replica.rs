@@ -14,7 +14,10 @@ fn reader(writer: &Fixture) -> Fixture {
 }
 
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    assert!(wait_until(Duration::from_secs(4), &mut cond), "{what} not visible on the replica within 4 s");
+    assert!(
+        wait_until(Duration::from_secs(4), &mut cond),
+        "{what} not visible on the replica within 4 s"
+    );
 }
 
 #[test]
@@ -41,20 +44,28 @@ fn replica_follows_the_writer() {
          mkdir d && printf inner > d/f && mv d moved && sync . && printf gone > tmp && sync tmp",
         wf.mnt_str()
     ));
-    eventually("a new fsynced file", || std::fs::read(r.path("new")).is_ok_and(|d| d == b"fresh"));
-    eventually("an overwrite", || std::fs::read(r.path("old")).is_ok_and(|d| d == b"v2-longer"));
+    eventually("a new fsynced file", || {
+        std::fs::read(r.path("new")).is_ok_and(|d| d == b"fresh")
+    });
+    eventually("an overwrite", || {
+        std::fs::read(r.path("old")).is_ok_and(|d| d == b"v2-longer")
+    });
     eventually("an overwrite through an open handle", || {
         let mut s = String::new();
         held.seek(SeekFrom::Start(0)).unwrap();
         held.read_to_string(&mut s).is_ok() && s == "v2-longer"
     });
-    eventually("a renamed directory", || std::fs::read(r.path("moved/f")).is_ok_and(|d| d == b"inner"));
+    eventually("a renamed directory", || {
+        std::fs::read(r.path("moved/f")).is_ok_and(|d| d == b"inner")
+    });
     assert!(!r.path("d").exists());
     bash(&format!("rm {}/tmp && sync {}", wf.mnt_str(), wf.mnt_str()));
     eventually("a delete", || !r.path("tmp").exists());
     // Without fsync: visible within the commit interval plus the refresh.
     std::fs::write(wf.path("lazy"), b"later").unwrap();
-    eventually("an unsynced write", || std::fs::read(r.path("lazy")).is_ok_and(|d| d == b"later"));
+    eventually("an unsynced write", || {
+        std::fs::read(r.path("lazy")).is_ok_and(|d| d == b"later")
+    });
     drop(held);
     r.umount();
 }
@@ -73,12 +84,25 @@ fn replica_reloads_after_the_writer_compacts() {
     }
     let newest = std::fs::read_dir(w.store.join("meta"))
         .unwrap()
-        .filter_map(|e| e.unwrap().file_name().into_string().unwrap().strip_prefix("snapshot-")?.parse::<u64>().ok())
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .into_string()
+                .unwrap()
+                .strip_prefix("snapshot-")?
+                .parse::<u64>()
+                .ok()
+        })
         .max()
         .unwrap();
-    assert!(newest >= 2, "the writer compacted (snapshot generation {newest})");
+    assert!(
+        newest >= 2,
+        "the writer compacted (snapshot generation {newest})"
+    );
     eventually("files written across compactions", || {
-        (0..8).all(|i| std::fs::read(r.path(&format!("f{i}"))).is_ok_and(|d| d == format!("{i}").as_bytes()))
+        (0..8).all(|i| {
+            std::fs::read(r.path(&format!("f{i}"))).is_ok_and(|d| d == format!("{i}").as_bytes())
+        })
     });
     r.umount();
 }

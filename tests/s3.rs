@@ -6,7 +6,7 @@ mod common;
 mod garage;
 
 use common::*;
-use garage::{Garage, BUCKET};
+use garage::{BUCKET, Garage};
 use std::time::Duration;
 
 fn s3_fixture(g: &Garage, prefix: &str) -> Fixture {
@@ -24,7 +24,9 @@ fn tree_copy_random_writes_rename_and_remount() {
     let src = f.tmp.path().join("src");
     make_sample_tree(&src);
     let (src, m) = (src.to_str().unwrap(), f.mnt_str());
-    bash(&format!("cp -a '{src}' '{m}/copy' && diff -r --no-dereference '{src}' '{m}/copy'"));
+    bash(&format!(
+        "cp -a '{src}' '{m}/copy' && diff -r --no-dereference '{src}' '{m}/copy'"
+    ));
     bash(&format!(
         "dd if=/dev/urandom of={m}/r bs=1M count=3 status=none && \
          printf xyz | dd of={m}/r bs=1 seek=1048570 conv=notrunc status=none && \
@@ -56,14 +58,24 @@ fn crash_recovery_and_the_writer_lease() {
     // A second writer is refused, naming the holder.
     let other = f.tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    let out = f.objfs(&["mount", f.store_str(), other.to_str().unwrap(), "--log-file", f.log.to_str().unwrap()]);
+    let out = f.objfs(&[
+        "mount",
+        f.store_str(),
+        other.to_str().unwrap(),
+        "--log-file",
+        f.log.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mounted read-write by"));
     let pids = daemon_pids(&f.mnt);
     unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
     assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
     f.mount();
-    bash(&format!("md5sum < {}/a | cmp - {}/sum", f.mnt_str(), f.tmp.path().display()));
+    bash(&format!(
+        "md5sum < {}/a | cmp - {}/sum",
+        f.mnt_str(),
+        f.tmp.path().display()
+    ));
     f.umount();
     assert!(f.objfs_ok(&["fsck", f.store_str()]).contains("clean"));
 }
@@ -97,7 +109,10 @@ fn credentials_bucket_and_prefix_errors_are_clear() {
     f.remount();
     fresh.remount();
     let names = |fx: &Fixture| -> Vec<String> {
-        std::fs::read_dir(&fx.mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+        std::fs::read_dir(&fx.mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
     };
     assert_eq!(names(&f), vec!["only-in-fs1"]);
     assert_eq!(names(&fresh), vec!["only-in-fs10"]);
@@ -109,7 +124,12 @@ fn credentials_bucket_and_prefix_errors_are_clear() {
 fn outage_during_a_copy_loses_nothing_fsynced() {
     let mut g = Garage::start();
     let mut f = s3_fixture(&g, "outage");
-    f.extra = vec!["--retry-budget".into(), "20".into(), "--commit-interval".into(), "1".into()];
+    f.extra = vec![
+        "--retry-budget".into(),
+        "20".into(),
+        "--commit-interval".into(),
+        "1".into(),
+    ];
     f.mount();
     bash(&format!(
         "head -c 3000000 /dev/urandom > {0}/before && sync {0}/before && md5sum < {0}/before > {1}/sum",
@@ -121,7 +141,12 @@ fn outage_during_a_copy_loses_nothing_fsynced() {
         run_with_timeout(
             120,
             "bash",
-            &["-c", &format!("for i in $(seq 1 30); do head -c 300000 /dev/urandom > {m}/c$i || exit 1; sync {m}/c$i || exit 1; done")],
+            &[
+                "-c",
+                &format!(
+                    "for i in $(seq 1 30); do head -c 300000 /dev/urandom > {m}/c$i || exit 1; sync {m}/c$i || exit 1; done"
+                ),
+            ],
         )
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -130,10 +155,18 @@ fn outage_during_a_copy_loses_nothing_fsynced() {
     g.restart();
     let out = copier.join().unwrap();
     // Within the retry budget the outage is invisible; either way nothing is corrupt.
-    assert!(out.status.success(), "copy failed across a 3 s outage: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "copy failed across a 3 s outage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::write(f.path("after"), b"store is back").unwrap();
     f.remount();
-    bash(&format!("md5sum < {}/before | cmp - {}/sum", f.mnt_str(), f.tmp.path().display()));
+    bash(&format!(
+        "md5sum < {}/before | cmp - {}/sum",
+        f.mnt_str(),
+        f.tmp.path().display()
+    ));
     assert_eq!(std::fs::read(f.path("after")).unwrap(), b"store is back");
     assert!(f.path("c30").exists());
     f.umount();
@@ -157,11 +190,17 @@ fn shared_aws_files_and_profiles_configure_the_store() {
     .unwrap();
     std::fs::write(
         aws.join("config"),
-        format!("[profile objfs]\nregion = garage\nendpoint_url = {}\n", g.endpoint),
+        format!(
+            "[profile objfs]\nregion = garage\nendpoint_url = {}\n",
+            g.endpoint
+        ),
     )
     .unwrap();
     let env = [
-        ("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials").display().to_string()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            aws.join("credentials").display().to_string(),
+        ),
         ("AWS_CONFIG_FILE", aws.join("config").display().to_string()),
         ("AWS_PROFILE", "objfs".to_string()),
     ];
@@ -177,5 +216,8 @@ fn shared_aws_files_and_profiles_configure_the_store() {
     let d = Fixture::with_store(f.store_str(), &denv);
     let out = d.objfs(&["stat", d.store_str(), "--endpoint", &g.endpoint]);
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(!out.status.success() && err.contains("access denied"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("access denied"),
+        "{err}"
+    );
 }

@@ -156,7 +156,9 @@ fn stat_reports_dedup_and_statfs_reports_space() {
 fn a_directory_of_100k_entries_lists_stably_while_it_changes() {
     let f = Fixture::mounted();
     let m = f.mnt_str();
-    bash(&format!("mkdir {m}/big && cd {m}/big && seq -f 'f%06g' 1 100000 | xargs touch"));
+    bash(&format!(
+        "mkdir {m}/big && cd {m}/big && seq -f 'f%06g' 1 100000 | xargs touch"
+    ));
     assert_eq!(bash(&format!("ls -f {m}/big | wc -l")).trim(), "100002");
     // List while files are added and removed: every name present throughout shows
     // up exactly once, nothing is skipped or repeated.
@@ -183,6 +185,9 @@ print(len(seen))
     );
     sh("python3", &["-c", &script]);
     f.remount();
-    let n: usize = bash(&format!("ls -f {m}/big | wc -l")).trim().parse().unwrap();
+    let n: usize = bash(&format!("ls -f {m}/big | wc -l"))
+        .trim()
+        .parse()
+        .unwrap();
     assert!(n > 90000, "{n}");
 }

@@ -112,7 +112,8 @@ impl BlockCache {
     /// Uploads a plain block without copying it; durable after the store's next sync.
     pub fn upload_plain(&self, id: BlockId, plain: &[u8]) -> Result<(), CacheError> {
         let trailer = block::trailer(block::CODEC_NONE);
-        self.store.put_parts_unsynced(&id.key(), &[plain, &trailer])?;
+        self.store
+            .put_parts_unsynced(&id.key(), &[plain, &trailer])?;
         Ok(())
     }
 

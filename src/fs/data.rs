@@ -1,7 +1,7 @@
 //! File contents: dirty block buffers (write-back), reads that merge dirty and stored
 //! blocks, truncation, and sealing dirty blocks into the store.
 
-use super::{FsError, FsResult, Volume, MAX_FILE_SIZE};
+use super::{FsError, FsResult, MAX_FILE_SIZE, Volume};
 use crate::block::BlockId;
 use crate::index::{Extent, Ino, Kind, Timestamp, UploadStart};
 use std::collections::BTreeMap;
@@ -176,26 +176,31 @@ impl Volume {
 
     /// Fetches blocks into the cache in the background, a few at a time.
     fn prefetch(&self, ids: Vec<BlockId>) {
-        let ids: Vec<BlockId> = ids.into_iter().filter(|id| self.cache.cached(id).is_none()).collect();
+        let ids: Vec<BlockId> = ids
+            .into_iter()
+            .filter(|id| self.cache.cached(id).is_none())
+            .collect();
         if ids.is_empty() || !self.readahead.try_start() {
             return;
         }
         let cache = self.cache.clone();
         let readahead = self.readahead.clone();
-        let spawned = std::thread::Builder::new().name("objfs-prefetch".into()).spawn(move || {
-            std::thread::scope(|s| {
-                for chunk in ids.chunks(ids.len().div_ceil(4)) {
-                    let cache = &cache;
-                    s.spawn(move || {
-                        for id in chunk {
-                            // A failure here is reported when the reader gets to it.
-                            let _ = cache.get(*id);
-                        }
-                    });
-                }
+        let spawned = std::thread::Builder::new()
+            .name("objfs-prefetch".into())
+            .spawn(move || {
+                std::thread::scope(|s| {
+                    for chunk in ids.chunks(ids.len().div_ceil(4)) {
+                        let cache = &cache;
+                        s.spawn(move || {
+                            for id in chunk {
+                                // A failure here is reported when the reader gets to it.
+                                let _ = cache.get(*id);
+                            }
+                        });
+                    }
+                });
+                readahead.finish();
             });
-            readahead.finish();
-        });
         if spawned.is_err() {
             self.readahead.finish();
         }
@@ -213,10 +218,8 @@ impl Volume {
         let stale = inode.atime <= inode.mtime
             || inode.atime <= inode.ctime
             || now.sec - inode.atime.sec >= 24 * 3600;
-        if stale {
-            if let Some(i) = state.index.get_mut(ino) {
-                i.atime = now;
-            }
+        if stale && let Some(i) = state.index.get_mut(ino) {
+            i.atime = now;
         }
     }
 
@@ -240,7 +243,10 @@ impl Volume {
                 .iter()
                 .map(|&id| s.spawn(move || (id, self.cache.get(id))))
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("fetch thread")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("fetch thread"))
+                .collect()
         });
         for (id, r) in results {
             out.insert(id, r?);
@@ -290,7 +296,7 @@ impl Volume {
             let slot_start = slot * bs;
             let lo = (offset.max(slot_start) - slot_start) as usize;
             let hi = (end.min(slot_start + bs) - slot_start) as usize;
-            if !file.dirty.contains_key(&slot) {
+            if let std::collections::btree_map::Entry::Vacant(e) = file.dirty.entry(slot) {
                 let whole = lo == 0 && hi as u64 == bs;
                 let base = if whole {
                     Vec::with_capacity(bs as usize)
@@ -298,13 +304,10 @@ impl Volume {
                     self.slot_base(ino, slot)?
                 };
                 added += base.len() as i64;
-                file.dirty.insert(
-                    slot,
-                    DirtyBlock {
-                        data: Arc::new(base),
-                        version: 0,
-                    },
-                );
+                e.insert(DirtyBlock {
+                    data: Arc::new(base),
+                    version: 0,
+                });
             }
             let version = self.next_version();
             let block = file.dirty.get_mut(&slot).expect("inserted above");
@@ -326,7 +329,8 @@ impl Volume {
             }
         }
         self.account_dirty(added);
-        let many = !self.uploader.running() && file.dirty.len() as u64 * bs >= self.config.dirty_limit / 4;
+        let many =
+            !self.uploader.running() && file.dirty.len() as u64 * bs >= self.config.dirty_limit / 4;
         {
             let mut state = self.state();
             state.index.mark_data_pending(ino);
@@ -349,7 +353,8 @@ impl Volume {
         if delta >= 0 {
             self.dirty_bytes.fetch_add(delta as u64, Ordering::Relaxed);
         } else {
-            self.dirty_bytes.fetch_sub((-delta) as u64, Ordering::Relaxed);
+            self.dirty_bytes
+                .fetch_sub((-delta) as u64, Ordering::Relaxed);
         }
     }
 
@@ -374,12 +379,12 @@ impl Volume {
             let keep = (size % bs) as usize;
             if keep != 0 {
                 let version = self.next_version();
-                if let Some(b) = file.dirty.get_mut(&(size / bs)) {
-                    if b.data.len() > keep {
-                        removed += (b.data.len() - keep) as u64;
-                        Arc::make_mut(&mut b.data).truncate(keep);
-                        b.version = version;
-                    }
+                if let Some(b) = file.dirty.get_mut(&(size / bs))
+                    && b.data.len() > keep
+                {
+                    removed += (b.data.len() - keep) as u64;
+                    Arc::make_mut(&mut b.data).truncate(keep);
+                    b.version = version;
                 }
             }
             self.account_dirty(-(removed as i64));
@@ -439,23 +444,29 @@ impl Volume {
         let first_whole = start.div_ceil(bs);
         let last_whole = end / bs; // exclusive
         if first_whole >= last_whole {
-            return self.write(ino, start, &vec![0; (end - start) as usize]).map(|_| ());
+            return self
+                .write(ino, start, &vec![0; (end - start) as usize])
+                .map(|_| ());
         }
         if start < first_whole * bs {
             self.write(ino, start, &vec![0; (first_whole * bs - start) as usize])?;
         }
         if last_whole * bs < end {
-            self.write(ino, last_whole * bs, &vec![0; (end - last_whole * bs) as usize])?;
+            self.write(
+                ino,
+                last_whole * bs,
+                &vec![0; (end - last_whole * bs) as usize],
+            )?;
         }
         let fd = self.file_data(ino, false);
         let mut guard = fd.as_ref().map(|f| f.lock().unwrap());
         let mut state = self.state();
         let mut removed = 0u64;
         for slot in first_whole..last_whole {
-            if let Some(file) = guard.as_mut() {
-                if let Some(b) = file.dirty.remove(&slot) {
-                    removed += b.data.len() as u64;
-                }
+            if let Some(file) = guard.as_mut()
+                && let Some(b) = file.dirty.remove(&slot)
+            {
+                removed += b.data.len() as u64;
             }
             state.index.remove_extent(ino, slot);
         }
@@ -503,7 +514,10 @@ impl Volume {
         for (s, result) in sealed.iter().zip(results) {
             match result {
                 Ok(extent) => {
-                    let current = file.dirty.get(&s.slot).is_some_and(|b| b.version == s.version);
+                    let current = file
+                        .dirty
+                        .get(&s.slot)
+                        .is_some_and(|b| b.version == s.version);
                     let id = match &extent {
                         Extent::Block { id, .. } => Some(*id),
                         Extent::Inline(_) => None,
@@ -555,11 +569,17 @@ impl Volume {
             std::thread::scope(|s| {
                 let handles: Vec<_> = chunk.iter().map(|b| s.spawn(move || seal(b))).collect();
                 for (h, slot) in handles.into_iter().zip(out.iter_mut()) {
-                    *slot = Some(h.join().unwrap_or_else(|_| Err(FsError::Io("upload thread panicked".into()))));
+                    *slot = Some(
+                        h.join()
+                            .unwrap_or_else(|_| Err(FsError::Io("upload thread panicked".into()))),
+                    );
                 }
             });
         }
-        results.into_iter().map(|r| r.expect("every block sealed")).collect()
+        results
+            .into_iter()
+            .map(|r| r.expect("every block sealed"))
+            .collect()
     }
 
     /// Puts one block in the store unless an identical one is already referenced.
@@ -602,7 +622,9 @@ impl Volume {
         let mut files = self.files.lock().unwrap();
         let removable = files.get(&ino).is_some_and(|fd| {
             Arc::strong_count(fd) == 1
-                && fd.try_lock().is_ok_and(|f| f.dirty.is_empty() && f.error.is_none())
+                && fd
+                    .try_lock()
+                    .is_ok_and(|f| f.dirty.is_empty() && f.error.is_none())
         });
         if removable {
             files.remove(&ino);
@@ -612,8 +634,8 @@ impl Volume {
     /// Takes the pending write-back error of a file, if any (reported once).
     pub(super) fn take_write_error(&self, ino: Ino) -> Option<FsError> {
         let fd = self.file_data(ino, false)?;
-        let err = fd.lock().unwrap().error.take();
-        err
+
+        fd.lock().unwrap().error.take()
     }
 
     pub fn dirty_bytes(&self) -> u64 {

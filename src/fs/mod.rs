@@ -16,7 +16,7 @@ use crate::block::BlockId;
 use crate::cache::BlockCache;
 use crate::index::journal::{self, Journal, LoadReport};
 use crate::index::superblock::Superblock;
-use crate::index::{Index, Ino, Inode, Kind, Timestamp, ROOT_INO};
+use crate::index::{Index, Ino, Inode, Kind, ROOT_INO, Timestamp};
 use crate::lease::Lease;
 use crate::store::ObjectStore;
 use data::FileData;
@@ -166,7 +166,9 @@ impl VolumeConfig {
             return Ok(());
         };
         let usable = limit.saturating_sub(MEMORY_OVERHEAD);
-        self.upload_threads = self.upload_threads.min((usable / 8 / block_size).max(1) as usize);
+        self.upload_threads = self
+            .upload_threads
+            .min((usable / 8 / block_size).max(1) as usize);
         self.dirty_limit = self.dirty_limit.min((usable / 4).max(2 * block_size));
         let uploads = self.upload_threads as u64 * block_size;
         let cache = usable.saturating_sub(self.dirty_limit + uploads);
@@ -208,9 +210,14 @@ struct State {
 }
 
 enum Handle {
-    File { ino: Ino },
+    File {
+        ino: Ino,
+    },
     /// `served`: a readdir already read this listing (offset 0 then means rewind).
-    Dir { entries: Vec<DirEntry>, served: bool },
+    Dir {
+        entries: Vec<DirEntry>,
+        served: bool,
+    },
 }
 
 pub struct Volume {
@@ -239,6 +246,25 @@ pub struct Volume {
     fenced: AtomicBool,
 }
 
+/// What a new node is made of.
+struct NewNode<'a> {
+    kind: Kind,
+    mode: u32,
+    rdev: u32,
+    target: &'a [u8],
+}
+
+impl NewNode<'static> {
+    fn plain(kind: Kind, mode: u32) -> NewNode<'static> {
+        NewNode {
+            kind,
+            mode,
+            rdev: 0,
+            target: b"",
+        }
+    }
+}
+
 fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > NAME_MAX {
         return Err(FsError::NameTooLong);
@@ -259,7 +285,12 @@ impl Volume {
         let lease = if config.read_only {
             None
         } else {
-            Some(Lease::acquire(store.clone(), &writer, config.lease_ttl, &config.mountpoint)?)
+            Some(Lease::acquire(
+                store.clone(),
+                &writer,
+                config.lease_ttl,
+                &config.mountpoint,
+            )?)
         };
         let loaded = match journal::load(store.clone(), &writer) {
             Ok(l) => l,
@@ -350,7 +381,9 @@ impl Volume {
     /// Stops all further writes (EROFS) after losing the store to another writer.
     pub fn fence(&self, why: &str) {
         if !self.fenced.swap(true, Ordering::SeqCst) {
-            log::error!("no longer writing to the store: {why}; the mount is read-only from now on");
+            log::error!(
+                "no longer writing to the store: {why}; the mount is read-only from now on"
+            );
         }
     }
 
@@ -358,7 +391,7 @@ impl Volume {
         self.fenced.load(Ordering::Relaxed)
     }
 
-    fn inode<'a>(state: &'a State, ino: Ino) -> FsResult<&'a Inode> {
+    fn inode(state: &State, ino: Ino) -> FsResult<&Inode> {
         state.index.get(ino).ok_or(FsError::NotFound)
     }
 
@@ -366,7 +399,7 @@ impl Volume {
         state.index.get_mut(ino).ok_or(FsError::NotFound)
     }
 
-    fn dir<'a>(state: &'a State, ino: Ino) -> FsResult<&'a Inode> {
+    fn dir(state: &State, ino: Ino) -> FsResult<&Inode> {
         let inode = Self::inode(state, ino)?;
         if inode.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -402,16 +435,13 @@ impl Volume {
     }
 
     /// Creates any kind of node; the common part of create, mkdir, mknod and symlink.
-    fn make_node(
-        &self,
-        ctx: Ctx,
-        parent: Ino,
-        name: &[u8],
-        kind: Kind,
-        mode: u32,
-        rdev: u32,
-        target: &[u8],
-    ) -> FsResult<Attr> {
+    fn make_node(&self, ctx: Ctx, parent: Ino, name: &[u8], node: NewNode) -> FsResult<Attr> {
+        let NewNode {
+            kind,
+            mode,
+            rdev,
+            target,
+        } = node;
         self.writable()?;
         check_name(name)?;
         let mut state = self.state();
@@ -451,10 +481,17 @@ impl Volume {
     }
 
     pub fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
-        self.make_node(ctx, parent, name, Kind::Dir, mode, 0, b"")
+        self.make_node(ctx, parent, name, NewNode::plain(Kind::Dir, mode))
     }
 
-    pub fn mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32, rdev: u32) -> FsResult<Attr> {
+    pub fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
         let kind = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => Kind::File,
             libc::S_IFIFO => Kind::Fifo,
@@ -464,7 +501,15 @@ impl Volume {
             libc::S_IFDIR => Kind::Dir,
             _ => return Err(FsError::Invalid),
         };
-        self.make_node(ctx, parent, name, kind, mode, rdev, b"")
+        self.make_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                rdev,
+                ..NewNode::plain(kind, mode)
+            },
+        )
     }
 
     pub fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> FsResult<Attr> {
@@ -474,7 +519,15 @@ impl Volume {
         if target.is_empty() {
             return Err(FsError::NotFound);
         }
-        self.make_node(ctx, parent, name, Kind::Symlink, 0o777, 0, target)
+        self.make_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                target,
+                ..NewNode::plain(Kind::Symlink, 0o777)
+            },
+        )
     }
 
     pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -488,7 +541,7 @@ impl Volume {
 
     /// Creates a regular file and opens it.
     pub fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<(Attr, u64)> {
-        let attr = self.make_node(ctx, parent, name, Kind::File, mode, 0, b"")?;
+        let attr = self.make_node(ctx, parent, name, NewNode::plain(Kind::File, mode))?;
         let fh = self.open(attr.ino, false)?;
         Ok((attr, fh))
     }
@@ -521,7 +574,9 @@ impl Volume {
         let Some(inode) = state.index.get_mut(ino) else {
             return;
         };
-        inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
+        inode.nlink = inode
+            .nlink
+            .saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
         inode.ctime = Timestamp::now();
         if inode.nlink == 0 && !state.open.contains_key(&ino) {
             self.destroy_inode(state, ino);
@@ -647,7 +702,7 @@ impl Volume {
                 (true, false) => return Err(FsError::NotDir),
                 (false, true) => return Err(FsError::IsDir),
                 (true, true) if state.index.entries(dst).is_some_and(|e| !e.is_empty()) => {
-                    return Err(FsError::NotEmpty)
+                    return Err(FsError::NotEmpty);
                 }
                 _ => {}
             }
@@ -718,11 +773,17 @@ impl Volume {
             }
             *state.open.entry(ino).or_default() += 1;
         }
-        if truncate {
-            if let Err(e) = self.setattr(ino, SetAttr { size: Some(0), ..Default::default() }) {
-                self.close_inode(ino);
-                return Err(e);
-            }
+        if truncate
+            && let Err(e) = self.setattr(
+                ino,
+                SetAttr {
+                    size: Some(0),
+                    ..Default::default()
+                },
+            )
+        {
+            self.close_inode(ino);
+            return Err(e);
         }
         Ok(self.add_handle(Handle::File { ino }))
     }
@@ -807,9 +868,18 @@ impl Volume {
     /// Up to `max` entries from position `offset` of the listing taken at opendir
     /// (taken again when a reader rewinds to 0), so offsets stay stable while the
     /// directory changes. Each entry comes with the offset of the one after it.
-    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64, max: usize) -> FsResult<Vec<(u64, DirEntry)>> {
+    pub fn readdir(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        max: usize,
+    ) -> FsResult<Vec<(u64, DirEntry)>> {
         let rewound = offset == 0
-            && matches!(self.handles.lock().unwrap().get(&fh), Some(Handle::Dir { served: true, .. }));
+            && matches!(
+                self.handles.lock().unwrap().get(&fh),
+                Some(Handle::Dir { served: true, .. })
+            );
         if rewound {
             let fresh = self.list_dir(ino)?;
             if let Some(Handle::Dir { entries, .. }) = self.handles.lock().unwrap().get_mut(&fh) {
@@ -948,7 +1018,10 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
     // system.* (POSIX ACLs among them) is refused: storing ACLs without applying
     // them would leave modes wrong after `cp -a`, which falls back to chmod on EOPNOTSUPP.
     const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
-    if !NAMESPACES.iter().any(|ns| name.starts_with(ns) && name.len() > ns.len()) {
+    if !NAMESPACES
+        .iter()
+        .any(|ns| name.starts_with(ns) && name.len() > ns.len())
+    {
         return Err(FsError::NotSupported);
     }
     Ok(())

@@ -46,7 +46,9 @@ impl Drop for Background {
 fn wait(stop: &(Mutex<bool>, Condvar), period: Duration) -> bool {
     let (lock, cv) = stop;
     let guard = lock.lock().unwrap();
-    let (guard, _) = cv.wait_timeout_while(guard, period, |stopped| !*stopped).unwrap();
+    let (guard, _) = cv
+        .wait_timeout_while(guard, period, |stopped| !*stopped)
+        .unwrap();
     !*guard
 }
 
@@ -72,15 +74,15 @@ impl Volume {
         // Blocks before the index that points at them.
         self.store.sync()?;
         let changes = self.state().index.take_changes();
-        if !changes.is_empty() {
-            if let Err(e) = journal.commit(&changes) {
-                log::error!("journal commit failed: {e}");
-                if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
-                    self.fence(&e.to_string());
-                }
-                self.state().index.restore(changes);
-                return Err(e.into());
+        if !changes.is_empty()
+            && let Err(e) = journal.commit(&changes)
+        {
+            log::error!("journal commit failed: {e}");
+            if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
+                self.fence(&e.to_string());
             }
+            self.state().index.restore(changes);
+            return Err(e.into());
         }
         self.queue_frees(changes.unreferenced);
         let cfg = &self.config;
@@ -120,16 +122,18 @@ impl Volume {
             Err(crate::lease::LeaseError::Lost(who)) => {
                 self.fence(&format!("the writer lease was taken over by {who}"))
             }
-            Err(e) if !lease.valid_now() => self.fence(&format!("could not renew the writer lease: {e}")),
+            Err(e) if !lease.valid_now() => {
+                self.fence(&format!("could not renew the writer lease: {e}"))
+            }
             Err(e) => log::warn!("renewing the writer lease failed (will retry): {e}"),
         }
     }
 
     fn release_lease(&self) {
-        if let Some(mut lease) = self.lease.lock().unwrap().take() {
-            if let Err(e) = lease.release() {
-                log::warn!("releasing the writer lease: {e}");
-            }
+        if let Some(mut lease) = self.lease.lock().unwrap().take()
+            && let Err(e) = lease.release()
+        {
+            log::warn!("releasing the writer lease: {e}");
         }
     }
 
@@ -322,8 +326,8 @@ impl Changed {
 impl Volume {
     /// Read-only mounts: apply what the writer committed since the last refresh.
     pub fn refresh(&self) -> FsResult<Changed> {
-        use crate::index::journal::Followed;
         use crate::index::Record;
+        use crate::index::journal::Followed;
         let mut journal = self.journal.lock().unwrap();
         let mut changed = Changed::default();
         match journal.follow()? {

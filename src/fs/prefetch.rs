@@ -4,8 +4,8 @@
 
 use crate::index::Ino;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Blocks fetched ahead of a reader at most.
 pub const MAX_WINDOW: u64 = 16;
@@ -30,7 +30,13 @@ struct Stream {
 
 impl Readahead {
     /// Records a read of [offset, end) and returns the block slots to prefetch.
-    pub fn on_read(&self, ino: Ino, offset: u64, end: u64, block_size: u64) -> std::ops::Range<u64> {
+    pub fn on_read(
+        &self,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        block_size: u64,
+    ) -> std::ops::Range<u64> {
         let mut streams = self.streams.lock().unwrap();
         if streams.len() > 4096 {
             streams.clear();
@@ -70,7 +76,9 @@ impl Readahead {
     /// Claims a slot for a background batch, if fewer than MAX_ACTIVE run.
     pub fn try_start(&self) -> bool {
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_ACTIVE).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_ACTIVE).then_some(n + 1)
+            })
             .is_ok()
     }
 

@@ -99,7 +99,9 @@ impl Volume {
             if let Some(d) = state.index.get_mut(dir) {
                 d.parent = lost;
             }
-            fixes.push(format!("directory {dir} was cut off from the root: linked as /lost+found/{name}"));
+            fixes.push(format!(
+                "directory {dir} was cut off from the root: linked as /lost+found/{name}"
+            ));
         }
     }
 
@@ -115,7 +117,12 @@ impl Volume {
         let parents = reach(&state.index);
         let mut links: HashMap<Ino, u32> = HashMap::new();
         let mut subdirs: HashMap<Ino, u32> = HashMap::new();
-        let dirs: HashSet<Ino> = state.index.inodes().filter(|i| i.kind == Kind::Dir).map(|i| i.ino).collect();
+        let dirs: HashSet<Ino> = state
+            .index
+            .inodes()
+            .filter(|i| i.kind == Kind::Dir)
+            .map(|i| i.ino)
+            .collect();
         for &d in &dirs {
             for &c in state.index.entries(d).into_iter().flat_map(|e| e.values()) {
                 if dirs.contains(&c) {
@@ -134,7 +141,9 @@ impl Volume {
                 links.get(&ino).copied().unwrap_or(0)
             };
             let want_parent = parents.get(&ino).copied();
-            let Some(inode) = state.index.get(ino) else { continue };
+            let Some(inode) = state.index.get(ino) else {
+                continue;
+            };
             if want == 0 {
                 // Unlinked files are reclaimed by the next read-write mount, not here.
                 continue;
@@ -144,11 +153,11 @@ impl Volume {
                 state.index.get_mut(ino).expect("exists").nlink = want;
                 fixes.push(format!("inode {ino}: link count {nlink} -> {want}"));
             }
-            if let (true, Some(p)) = (is_dir, want_parent) {
-                if p != parent {
-                    state.index.get_mut(ino).expect("exists").parent = p;
-                    fixes.push(format!("directory {ino}: parent {parent} -> {p}"));
-                }
+            if let (true, Some(p)) = (is_dir, want_parent)
+                && p != parent
+            {
+                state.index.get_mut(ino).expect("exists").parent = p;
+                fixes.push(format!("directory {ino}: parent {parent} -> {p}"));
             }
         }
     }

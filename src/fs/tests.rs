@@ -18,7 +18,14 @@ fn open(store: &Arc<dyn ObjectStore>) -> Volume {
 
 /// Loads the store as a "crash" survivor would, while the first volume still exists.
 fn open_ro(store: &Arc<dyn ObjectStore>) -> Volume {
-    Volume::load(store.clone(), VolumeConfig { read_only: true, ..Default::default() }).unwrap()
+    Volume::load(
+        store.clone(),
+        VolumeConfig {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn root() -> Ctx {
@@ -52,8 +59,22 @@ fn writes_across_block_edges_holes_and_truncate() {
     assert_eq!(read_all(&v, f), model);
     v.flush_file(f).unwrap();
     assert_eq!(read_all(&v, f), model);
-    v.setattr(f, SetAttr { size: Some(4093), ..Default::default() }).unwrap();
-    v.setattr(f, SetAttr { size: Some(9000), ..Default::default() }).unwrap();
+    v.setattr(
+        f,
+        SetAttr {
+            size: Some(4093),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    v.setattr(
+        f,
+        SetAttr {
+            size: Some(9000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     model.truncate(4093);
     model.resize(9000, 0);
     assert_eq!(read_all(&v, f), model);
@@ -72,7 +93,10 @@ fn names_and_directories_follow_posix() {
     assert_eq!(v.unlink(ROOT_INO, b"d"), Err(FsError::IsDir));
     assert_eq!(v.rmdir(d, b"f"), Err(FsError::NotDir));
     assert_eq!(v.lookup(ROOT_INO, &[b'x'; 256]), Err(FsError::NameTooLong));
-    assert_eq!(v.mkdir(root(), ROOT_INO, &[b'x'; 256], 0o755), Err(FsError::NameTooLong));
+    assert_eq!(
+        v.mkdir(root(), ROOT_INO, &[b'x'; 256], 0o755),
+        Err(FsError::NameTooLong)
+    );
     assert_eq!(v.getattr(ROOT_INO).unwrap().nlink, 3);
     // Directory into its own subtree.
     let sub = v.mkdir(root(), d, b"sub", 0o755).unwrap().ino;
@@ -81,11 +105,18 @@ fn names_and_directories_follow_posix() {
         Err(FsError::Invalid)
     );
     // File over directory and directory over file.
-    assert_eq!(v.rename(d, b"f", d, b"sub", RenameFlags::default()), Err(FsError::IsDir));
-    assert_eq!(v.rename(d, b"sub", d, b"f", RenameFlags::default()), Err(FsError::NotDir));
+    assert_eq!(
+        v.rename(d, b"f", d, b"sub", RenameFlags::default()),
+        Err(FsError::IsDir)
+    );
+    assert_eq!(
+        v.rename(d, b"sub", d, b"f", RenameFlags::default()),
+        Err(FsError::NotDir)
+    );
     // Moving a non-empty directory is one index change.
     let e = v.mkdir(root(), ROOT_INO, b"e", 0o755).unwrap().ino;
-    v.rename(ROOT_INO, b"d", e, b"moved", RenameFlags::default()).unwrap();
+    v.rename(ROOT_INO, b"d", e, b"moved", RenameFlags::default())
+        .unwrap();
     assert_eq!(v.lookup(e, b"moved").unwrap().ino, d);
     assert_eq!(v.lookup(d, b"..").unwrap().ino, e);
     assert_eq!(v.getattr(e).unwrap().nlink, 3);
@@ -94,10 +125,29 @@ fn names_and_directories_follow_posix() {
     // Noreplace and exchange.
     let g = file(&v, e, "g");
     assert_eq!(
-        v.rename(e, b"g", e, b"moved", RenameFlags { noreplace: true, exchange: false }),
+        v.rename(
+            e,
+            b"g",
+            e,
+            b"moved",
+            RenameFlags {
+                noreplace: true,
+                exchange: false
+            }
+        ),
         Err(FsError::Exists)
     );
-    v.rename(e, b"g", d, b"f", RenameFlags { noreplace: false, exchange: true }).unwrap();
+    v.rename(
+        e,
+        b"g",
+        d,
+        b"f",
+        RenameFlags {
+            noreplace: false,
+            exchange: true,
+        },
+    )
+    .unwrap();
     assert_eq!(v.lookup(d, b"f").unwrap().ino, g);
     assert_eq!(v.lookup(e, b"g").unwrap().ino, f);
 }
@@ -132,14 +182,26 @@ fn xattrs() {
     let f = file(&v, ROOT_INO, "f");
     assert_eq!(v.getxattr(f, b"user.a"), Err(FsError::NoAttr));
     v.setxattr(f, b"user.a", b"1", XattrSet::Create).unwrap();
-    assert_eq!(v.setxattr(f, b"user.a", b"2", XattrSet::Create), Err(FsError::Exists));
-    assert_eq!(v.setxattr(f, b"user.b", b"2", XattrSet::Replace), Err(FsError::NoAttr));
+    assert_eq!(
+        v.setxattr(f, b"user.a", b"2", XattrSet::Create),
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        v.setxattr(f, b"user.b", b"2", XattrSet::Replace),
+        Err(FsError::NoAttr)
+    );
     v.setxattr(f, b"user.a", b"3", XattrSet::Replace).unwrap();
     v.setxattr(f, b"trusted.t", b"", XattrSet::Any).unwrap();
     assert_eq!(v.getxattr(f, b"user.a").unwrap(), b"3");
     assert_eq!(v.listxattr(f).unwrap(), b"trusted.t\0user.a\0");
-    assert_eq!(v.setxattr(f, b"user.big", &vec![0; 65537], XattrSet::Any), Err(FsError::TooBig));
-    assert_eq!(v.setxattr(f, b"bogus", b"", XattrSet::Any), Err(FsError::NotSupported));
+    assert_eq!(
+        v.setxattr(f, b"user.big", &vec![0; 65537], XattrSet::Any),
+        Err(FsError::TooBig)
+    );
+    assert_eq!(
+        v.setxattr(f, b"bogus", b"", XattrSet::Any),
+        Err(FsError::NotSupported)
+    );
     assert_eq!(
         v.setxattr(f, b"system.posix_acl_access", b"", XattrSet::Any),
         Err(FsError::NotSupported)
@@ -152,8 +214,18 @@ fn xattrs() {
 fn setgid_directories_pass_their_group_on() {
     let v = open(&new_store());
     let d = v.mkdir(root(), ROOT_INO, b"d", 0o2775).unwrap().ino;
-    v.setattr(d, SetAttr { gid: Some(42), ..Default::default() }).unwrap();
-    let user = Ctx { uid: 1000, gid: 1000 };
+    v.setattr(
+        d,
+        SetAttr {
+            gid: Some(42),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let user = Ctx {
+        uid: 1000,
+        gid: 1000,
+    };
     let f = v.create(user, d, b"f", 0o644).unwrap().0;
     assert_eq!((f.uid, f.gid), (1000, 42));
     let sub = v.mkdir(user, d, b"s", 0o755).unwrap();
@@ -260,15 +332,31 @@ fn readdir_offsets_survive_changes() {
 #[test]
 fn read_only_volume_refuses_changes() {
     let store = new_store();
-    let v = Volume::load(store, VolumeConfig { read_only: true, ..Default::default() }).unwrap();
-    assert_eq!(v.mkdir(root(), ROOT_INO, b"d", 0o755), Err(FsError::ReadOnly));
-    assert!(matches!(v.create(root(), ROOT_INO, b"f", 0o644), Err(FsError::ReadOnly)));
+    let v = Volume::load(
+        store,
+        VolumeConfig {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        v.mkdir(root(), ROOT_INO, b"d", 0o755),
+        Err(FsError::ReadOnly)
+    );
+    assert!(matches!(
+        v.create(root(), ROOT_INO, b"f", 0o644),
+        Err(FsError::ReadOnly)
+    ));
 }
 
 #[test]
 fn snapshots_compact_the_journal() {
     let store = new_store();
-    let cfg = VolumeConfig { snapshot_segments: 3, ..Default::default() };
+    let cfg = VolumeConfig {
+        snapshot_segments: 3,
+        ..Default::default()
+    };
     let v = Volume::load(store.clone(), cfg).unwrap();
     for i in 0..10 {
         file(&v, ROOT_INO, &format!("f{i}"));
@@ -277,7 +365,13 @@ fn snapshots_compact_the_journal() {
     let segments = store.list("meta/journal-").unwrap().len();
     assert!(segments < 3, "{segments} segments left");
     let after = open_ro(&store);
-    assert_eq!(after.readdir(ROOT_INO, after.opendir(ROOT_INO).unwrap(), 0, 1000).unwrap().len(), 12);
+    assert_eq!(
+        after
+            .readdir(ROOT_INO, after.opendir(ROOT_INO).unwrap(), 0, 1000)
+            .unwrap()
+            .len(),
+        12
+    );
 }
 
 mod model {
@@ -314,7 +408,10 @@ mod model {
 
     impl Running {
         fn start(store: &Arc<dyn ObjectStore>, workers: bool) -> Running {
-            let cfg = VolumeConfig { upload_threads: 3, ..Default::default() };
+            let cfg = VolumeConfig {
+                upload_threads: 3,
+                ..Default::default()
+            };
             let volume = Arc::new(Volume::load(store.clone(), cfg).unwrap());
             let background = workers.then(|| volume.start_background());
             Running { volume, background }
@@ -345,7 +442,14 @@ mod model {
                     model[offset as usize..end].fill(byte);
                 }
                 Op::Truncate(size) => {
-                    v.setattr(f, SetAttr { size: Some(size), ..Default::default() }).unwrap();
+                    v.setattr(
+                        f,
+                        SetAttr {
+                            size: Some(size),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
                     model.resize(size as usize, 0);
                 }
                 Op::Flush => v.flush_file(f).unwrap(),
@@ -381,7 +485,9 @@ mod model {
 fn one_writer_at_a_time_and_a_fenced_writer_stops() {
     let store = new_store();
     let a = open(&store);
-    let err = Volume::load(store.clone(), VolumeConfig::default()).err().unwrap();
+    let err = Volume::load(store.clone(), VolumeConfig::default())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("mounted read-write by"), "{err}");
     assert_eq!(err.errno(), libc::EROFS);
     // Readers need no lease.
@@ -393,14 +499,20 @@ fn one_writer_at_a_time_and_a_fenced_writer_stops() {
     let b = open(&store);
     a.renew_lease();
     assert!(a.is_fenced());
-    assert_eq!(a.mkdir(root(), ROOT_INO, b"later", 0o755), Err(FsError::ReadOnly));
+    assert_eq!(
+        a.mkdir(root(), ROOT_INO, b"later", 0o755),
+        Err(FsError::ReadOnly)
+    );
     assert_eq!(a.commit(), Err(FsError::ReadOnly));
     b.mkdir(root(), ROOT_INO, b"mine", 0o755).unwrap();
     b.shutdown().unwrap();
     // After a clean unmount the next writer needs no wait.
     let c = open(&store);
     assert!(c.lookup(ROOT_INO, b"mine").is_ok());
-    assert_eq!(b.mkdir(root(), ROOT_INO, b"closed", 0o755), Err(FsError::ReadOnly));
+    assert_eq!(
+        b.mkdir(root(), ROOT_INO, b"closed", 0o755),
+        Err(FsError::ReadOnly)
+    );
 }
 
 #[test]
@@ -410,7 +522,10 @@ fn a_second_writer_on_a_store_without_cas_is_detected_as_a_fork() {
     let store = new_store();
     let a = open(&store);
     let b = Volume::load(store.clone(), VolumeConfig::default());
-    assert!(b.is_err(), "the lease stops the second writer where the store has CAS");
+    assert!(
+        b.is_err(),
+        "the lease stops the second writer where the store has CAS"
+    );
     let b = {
         // Simulate a store that ignored put-if-absent: clear the lease objects.
         for k in store.list("meta/lease-").unwrap() {
@@ -423,7 +538,10 @@ fn a_second_writer_on_a_store_without_cas_is_detected_as_a_fork() {
     a.commit().unwrap();
     assert!(b.commit().is_err());
     assert!(b.is_fenced());
-    assert_eq!(b.mkdir(root(), ROOT_INO, b"x", 0o755), Err(FsError::ReadOnly));
+    assert_eq!(
+        b.mkdir(root(), ROOT_INO, b"x", 0o755),
+        Err(FsError::ReadOnly)
+    );
 }
 
 #[test]
@@ -433,32 +551,53 @@ fn fallocate_modes() {
     v.write(f, 0, &[7u8; 20_000]).unwrap();
     v.flush_file(f).unwrap();
     // Punch a hole spanning whole and partial blocks; the size stays.
-    v.fallocate(f, 1000, 12_000, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).unwrap();
+    v.fallocate(
+        f,
+        1000,
+        12_000,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
     let mut model = vec![7u8; 20_000];
     model[1000..13_000].fill(0);
     assert_eq!(read_all(&v, f), model);
-    assert_eq!(v.with_index(|i| i.get(f).unwrap().extents.len()), 3, "block 1 became a hole");
+    assert_eq!(
+        v.with_index(|i| i.get(f).unwrap().extents.len()),
+        3,
+        "block 1 became a hole"
+    );
     v.fallocate(f, 0, 50_000, 0).unwrap();
     model.resize(50_000, 0);
     assert_eq!(read_all(&v, f), model);
-    v.fallocate(f, 0, 90_000, libc::FALLOC_FL_KEEP_SIZE).unwrap();
+    v.fallocate(f, 0, 90_000, libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
     assert_eq!(v.getattr(f).unwrap().size, 50_000);
-    v.fallocate(f, 19_000, 40_000, libc::FALLOC_FL_ZERO_RANGE).unwrap();
+    v.fallocate(f, 19_000, 40_000, libc::FALLOC_FL_ZERO_RANGE)
+        .unwrap();
     model[19_000..].fill(0);
     model.resize(59_000, 0);
     assert_eq!(read_all(&v, f), model);
-    assert_eq!(v.fallocate(f, 0, 10, libc::FALLOC_FL_COLLAPSE_RANGE), Err(FsError::NotSupported));
+    assert_eq!(
+        v.fallocate(f, 0, 10, libc::FALLOC_FL_COLLAPSE_RANGE),
+        Err(FsError::NotSupported)
+    );
     assert_eq!(v.fallocate(f, 0, 0, 0), Err(FsError::Invalid));
 }
 
 #[test]
 fn memory_limit_bounds_cache_dirty_data_and_uploads() {
-    let mut cfg = VolumeConfig { memory_limit: Some(256 << 20), ..Default::default() };
+    let mut cfg = VolumeConfig {
+        memory_limit: Some(256 << 20),
+        ..Default::default()
+    };
     cfg.fit_memory(1 << 20).unwrap();
     let total = cfg.cache_size + cfg.dirty_limit + cfg.upload_threads as u64 * (1 << 20);
     assert!(total + (16 << 20) <= 256 << 20, "{cfg:?}");
     assert!(cfg.cache_size >= 64 << 20, "{cfg:?}");
-    let mut tiny = VolumeConfig { memory_limit: Some(20 << 20), ..Default::default() };
+    let mut tiny = VolumeConfig {
+        memory_limit: Some(20 << 20),
+        ..Default::default()
+    };
     assert!(matches!(tiny.fit_memory(1 << 20), Err(FsError::Config(_))));
 }
 
@@ -479,14 +618,20 @@ fn repair_relinks_detached_directories_and_fixes_counts() {
     let fixes = v.repair().unwrap();
     assert!(fixes.iter().any(|l| l.contains("ghost")), "{fixes:?}");
     assert!(fixes.iter().any(|l| l.contains("lost+found")), "{fixes:?}");
-    assert!(fixes.iter().any(|l| l.contains("link count 7 -> 1")), "{fixes:?}");
+    assert!(
+        fixes.iter().any(|l| l.contains("link count 7 -> 1")),
+        "{fixes:?}"
+    );
     let lost = v.lookup(ROOT_INO, b"lost+found").unwrap().ino;
     let name = format!("#{a}");
     assert_eq!(v.lookup(lost, name.as_bytes()).unwrap().ino, a);
     assert_eq!(v.lookup(a, b"b").unwrap().ino, b);
     assert_eq!(v.lookup(b, b"loop"), Err(FsError::NotFound));
     assert_eq!(v.lookup(a, b"..").unwrap().ino, lost);
-    assert!(v.repair().unwrap().is_empty(), "a second pass finds nothing");
+    assert!(
+        v.repair().unwrap().is_empty(),
+        "a second pass finds nothing"
+    );
 }
 
 #[test]
@@ -494,7 +639,10 @@ fn a_writer_that_cannot_renew_its_lease_stops_writing() {
     let mem = new_store();
     let faulty = Arc::new(FaultyStore::new(mem.clone()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
-    let cfg = VolumeConfig { lease_ttl: Duration::from_secs(1), ..Default::default() };
+    let cfg = VolumeConfig {
+        lease_ttl: Duration::from_secs(1),
+        ..Default::default()
+    };
     let v = Volume::load(store, cfg).unwrap();
     v.mkdir(root(), ROOT_INO, b"before", 0o755).unwrap();
     v.commit().unwrap();
@@ -504,7 +652,10 @@ fn a_writer_that_cannot_renew_its_lease_stops_writing() {
     v.renew_lease();
     assert!(v.is_fenced());
     faulty.set_fail_puts(false);
-    assert_eq!(v.mkdir(root(), ROOT_INO, b"after", 0o755), Err(FsError::ReadOnly));
+    assert_eq!(
+        v.mkdir(root(), ROOT_INO, b"after", 0o755),
+        Err(FsError::ReadOnly)
+    );
     assert_eq!(v.commit(), Err(FsError::ReadOnly));
     let after = open_ro(&mem);
     assert!(after.lookup(ROOT_INO, b"before").is_ok());

@@ -6,7 +6,7 @@
 use super::{FsError, Volume};
 use crate::index::{Extent, Ino};
 use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -110,10 +110,15 @@ impl Volume {
         match result {
             Ok(id) => {
                 if let Some(file) = file.as_mut() {
-                    let current = file.dirty.get(&job.slot).is_some_and(|b| b.version == job.version);
+                    let current = file
+                        .dirty
+                        .get(&job.slot)
+                        .is_some_and(|b| b.version == job.version);
                     if current {
                         let len = job.data.len() as u32;
-                        state.index.set_extent(job.ino, job.slot, Extent::Block { id, len });
+                        state
+                            .index
+                            .set_extent(job.ino, job.slot, Extent::Block { id, len });
                         file.dirty.remove(&job.slot);
                         self.account_dirty(-(i64::from(len)));
                         if file.dirty.is_empty() {

@@ -1,7 +1,7 @@
 //! Framing for metadata objects: magic, format version, sha256 of the body, body.
 //! A torn or foreign object is detected before anything in it is trusted.
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -81,7 +81,10 @@ mod tests {
     #[test]
     fn detects_damage() {
         let bytes = encode(&SNAPSHOT, &vec![1u32, 2, 3]);
-        assert_eq!(decode::<Vec<u32>>(&SNAPSHOT, &bytes).unwrap(), vec![1, 2, 3]);
+        assert_eq!(
+            decode::<Vec<u32>>(&SNAPSHOT, &bytes).unwrap(),
+            vec![1, 2, 3]
+        );
         assert!(matches!(
             decode::<Vec<u32>>(&SEGMENT, &bytes),
             Err(FrameError::BadMagic(_))

@@ -24,8 +24,14 @@ pub enum IndexError {
     NotEmpty(String),
     #[error("no readable snapshot in {0}: the index cannot be recovered")]
     NoSnapshot(String),
-    #[error("journal fork at generation {generation} sequence {seq}: segments from writers {writers} (two writers were active); refusing to mount")]
-    Fork { generation: u64, seq: u64, writers: String },
+    #[error(
+        "journal fork at generation {generation} sequence {seq}: segments from writers {writers} (two writers were active); refusing to mount"
+    )]
+    Fork {
+        generation: u64,
+        seq: u64,
+        writers: String,
+    },
 }
 
 const SNAPSHOT_PREFIX: &str = "meta/snapshot-";
@@ -120,7 +126,7 @@ pub fn read_superblock(store: &dyn ObjectStore) -> Result<Superblock, IndexError
 pub fn mkfs(store: &dyn ObjectStore, block_size: u32) -> Result<Superblock, IndexError> {
     match read_superblock(store) {
         Ok(_) | Err(IndexError::Frame { .. }) => {
-            return Err(IndexError::AlreadyFormatted(store.describe()))
+            return Err(IndexError::AlreadyFormatted(store.describe()));
         }
         Err(IndexError::NotObjfs(_)) => {}
         Err(e) => return Err(e),
@@ -132,7 +138,10 @@ pub fn mkfs(store: &dyn ObjectStore, block_size: u32) -> Result<Superblock, Inde
     // SAFETY of ownership: files belong to whoever runs mkfs, like a fresh ext4 root.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let index = Index::new_filesystem(block_size, uid, gid);
-    store.put(&snapshot_key(0), &codec::encode(&codec::SNAPSHOT, &index.snapshot_body(0)))?;
+    store.put(
+        &snapshot_key(0),
+        &codec::encode(&codec::SNAPSHOT, &index.snapshot_body(0)),
+    )?;
     match store.put_if_absent(superblock::KEY, &sb.encode()) {
         Ok(()) => Ok(sb),
         Err(StoreError::AlreadyExists(_)) => Err(IndexError::AlreadyFormatted(store.describe())),
@@ -157,10 +166,10 @@ fn list_segments(
 ) -> Result<BTreeMap<u64, Vec<String>>, IndexError> {
     let mut by_seq: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for key in store.list(&format!("{JOURNAL_PREFIX}{generation:020}-"))? {
-        if let Some((g, seq, _)) = parse_segment_key(&key) {
-            if g == generation {
-                by_seq.entry(seq).or_default().push(key);
-            }
+        if let Some((g, seq, _)) = parse_segment_key(&key)
+            && g == generation
+        {
+            by_seq.entry(seq).or_default().push(key);
         }
     }
     Ok(by_seq)
@@ -176,8 +185,12 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         let key = snapshot_key(generation);
         let loaded = store.get(&key).map_err(IndexError::from).and_then(|bytes| {
             report.snapshot_bytes = bytes.len() as u64;
-            codec::decode::<SnapshotBody>(&codec::SNAPSHOT, &bytes)
-                .map_err(|err| IndexError::Frame { key: key.clone(), err })
+            codec::decode::<SnapshotBody>(&codec::SNAPSHOT, &bytes).map_err(|err| {
+                IndexError::Frame {
+                    key: key.clone(),
+                    err,
+                }
+            })
         });
         match loaded {
             Ok(body) => {
@@ -195,9 +208,9 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         return Err(IndexError::NoSnapshot(store.describe()));
     };
     if gens.last() != Some(&generation) {
-        report
-            .warnings
-            .push(format!("recovered from older snapshot generation {generation}"));
+        report.warnings.push(format!(
+            "recovered from older snapshot generation {generation}"
+        ));
     }
     let mut index = Index::from_snapshot(body, superblock.block_size);
     report.generation = generation;
@@ -225,8 +238,10 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         let key = &keys[0];
         let segment = store.get(key).map_err(IndexError::from).and_then(|bytes| {
             report.journal_bytes += bytes.len() as u64;
-            codec::decode::<Segment>(&codec::SEGMENT, &bytes)
-                .map_err(|err| IndexError::Frame { key: key.clone(), err })
+            codec::decode::<Segment>(&codec::SEGMENT, &bytes).map_err(|err| IndexError::Frame {
+                key: key.clone(),
+                err,
+            })
         });
         let segment = match segment {
             Ok(seg) if seg.prev == last_key && seg.generation == generation && seg.seq == s => seg,
@@ -255,7 +270,10 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
     let orphans = index.finish_load();
     report.reclaimed_orphans = orphans.len();
     if !orphans.is_empty() {
-        log::info!("reclaimed {} unlinked inodes left by a previous mount", orphans.len());
+        log::info!(
+            "reclaimed {} unlinked inodes left by a previous mount",
+            orphans.len()
+        );
     }
     let journal = Journal {
         store,
@@ -287,7 +305,10 @@ pub enum Followed {
 impl Journal {
     /// For read-only followers: the records the writer committed since we last looked.
     pub fn follow(&mut self) -> Result<Followed, IndexError> {
-        if list_snapshots(&*self.store)?.last().is_some_and(|&g| g > self.generation) {
+        if list_snapshots(&*self.store)?
+            .last()
+            .is_some_and(|&g| g > self.generation)
+        {
             return Ok(Followed::NewGeneration);
         }
         let mut records = Vec::new();
@@ -296,7 +317,10 @@ impl Journal {
                 break;
             }
             if keys.len() > 1 {
-                let writers: Vec<String> = keys.iter().filter_map(|k| parse_segment_key(k).map(|p| p.2)).collect();
+                let writers: Vec<String> = keys
+                    .iter()
+                    .filter_map(|k| parse_segment_key(k).map(|p| p.2))
+                    .collect();
                 return Err(IndexError::Fork {
                     generation: self.generation,
                     seq: s,
@@ -310,8 +334,11 @@ impl Journal {
                 Err(StoreError::NotFound(_)) => return Ok(Followed::NewGeneration),
                 Err(e) => return Err(e.into()),
             };
-            let segment: Segment = codec::decode(&codec::SEGMENT, &bytes)
-                .map_err(|err| IndexError::Frame { key: key.clone(), err })?;
+            let segment: Segment =
+                codec::decode(&codec::SEGMENT, &bytes).map_err(|err| IndexError::Frame {
+                    key: key.clone(),
+                    err,
+                })?;
             if segment.prev != self.last_key {
                 log::warn!("{key} does not follow the segment we read last; waiting");
                 break;
@@ -351,9 +378,10 @@ impl Journal {
         self.store.put(&key, &bytes)?;
         // A second writer (on a store without conditional create) shows up as another
         // segment with our sequence number: stop before the chains diverge further.
-        let same_seq = self
-            .store
-            .list(&format!("{JOURNAL_PREFIX}{:020}-{seq:020}-", self.generation))?;
+        let same_seq = self.store.list(&format!(
+            "{JOURNAL_PREFIX}{:020}-{seq:020}-",
+            self.generation
+        ))?;
         if same_seq.len() > 1 {
             let writers: Vec<String> = same_seq
                 .iter()
@@ -449,7 +477,10 @@ mod tests {
     fn mkfs_refuses_twice_and_foreign_stores() {
         let store = MemoryStore::new();
         mkfs(&store, 4096).unwrap();
-        assert!(matches!(mkfs(&store, 4096), Err(IndexError::AlreadyFormatted(_))));
+        assert!(matches!(
+            mkfs(&store, 4096),
+            Err(IndexError::AlreadyFormatted(_))
+        ));
         let other = MemoryStore::new();
         other.put("photos/cat.jpg", b"x").unwrap();
         assert!(matches!(mkfs(&other, 4096), Err(IndexError::NotEmpty(_))));

@@ -125,7 +125,7 @@ impl Inode {
         for (_, e) in self.extents.split_off(&first_gone) {
             dropped.extend(e.block_id());
         }
-        if self.size % block_size != 0 {
+        if !self.size.is_multiple_of(block_size) {
             let last = self.size / block_size;
             if let Some(e) = self.extents.get_mut(&last) {
                 e.clip(self.size % block_size);
@@ -150,8 +150,11 @@ pub struct SnapshotBody {
     pub generation: u64,
     pub next_ino: u64,
     pub inodes: Vec<Inode>,
-    pub dirs: Vec<(Ino, Vec<(Vec<u8>, Ino)>)>,
+    pub dirs: Vec<(Ino, DirTable)>,
 }
+
+/// One directory's entries as stored: (name, inode), sorted by name.
+pub type DirTable = Vec<(Vec<u8>, Ino)>;
 
 /// Per-block bookkeeping that decides when a block may be deleted from the store.
 #[derive(Default)]
@@ -370,10 +373,10 @@ impl Index {
     }
 
     fn release_extent(&mut self, e: &Extent) {
-        if let Some(id) = e.block_id() {
-            if self.ledger.remove(id) {
-                self.unreferenced.push(id);
-            }
+        if let Some(id) = e.block_id()
+            && self.ledger.remove(id)
+        {
+            self.unreferenced.push(id);
         }
     }
 
@@ -569,7 +572,7 @@ impl Index {
     pub fn snapshot_body(&self, generation: u64) -> SnapshotBody {
         let mut inodes: Vec<Inode> = self.inodes.values().map(|i| self.persistable(i)).collect();
         inodes.sort_by_key(|i| i.ino);
-        let mut dirs: Vec<(Ino, Vec<(Vec<u8>, Ino)>)> = self
+        let mut dirs: Vec<(Ino, DirTable)> = self
             .dirs
             .iter()
             .map(|(d, e)| (*d, e.iter().map(|(n, i)| (n.clone(), *i)).collect()))

@@ -1,6 +1,6 @@
 use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Wraps a store and fails chosen operations on demand, for tests of error paths.
 pub struct FaultyStore {

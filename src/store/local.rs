@@ -43,16 +43,22 @@ impl LocalStore {
     fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
         let valid = !key.is_empty()
             && !key.starts_with('/')
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != ".." && !part.starts_with(TMP_PREFIX));
+            && key.split('/').all(|part| {
+                !part.is_empty() && part != "." && part != ".." && !part.starts_with(TMP_PREFIX)
+            });
         if !valid {
             return Err(StoreError::Io(format!("invalid object key {key:?}")));
         }
         Ok(self.root.join(key))
     }
 
-    fn write_temp(&self, dir: &Path, key: &str, parts: &[&[u8]], durable: bool) -> StoreResult<PathBuf> {
+    fn write_temp(
+        &self,
+        dir: &Path,
+        key: &str,
+        parts: &[&[u8]],
+        durable: bool,
+    ) -> StoreResult<PathBuf> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{TMP_PREFIX}{:x}-{n}", self.nonce));
         let result = (|| {
@@ -73,7 +79,10 @@ impl LocalStore {
     }
 
     fn ensure_parent(&self, path: &Path, key: &str) -> StoreResult<PathBuf> {
-        let dir = path.parent().expect("object path has a parent").to_path_buf();
+        let dir = path
+            .parent()
+            .expect("object path has a parent")
+            .to_path_buf();
         if !dir.is_dir() {
             fs::create_dir_all(&dir).map_err(|e| StoreError::from_io(key, e))?;
             // The new directory's own entry must be durable too.
@@ -84,7 +93,13 @@ impl LocalStore {
         Ok(dir)
     }
 
-    fn collect(&self, dir: &Path, rel: &str, prefix: &str, out: &mut Vec<String>) -> StoreResult<()> {
+    fn collect(
+        &self,
+        dir: &Path,
+        rel: &str,
+        prefix: &str,
+        out: &mut Vec<String>,
+    ) -> StoreResult<()> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -161,7 +176,10 @@ impl ObjectStore for LocalStore {
         let dir = File::open(&self.root).map_err(|e| StoreError::from_io("sync", e))?;
         // SAFETY: dir is an open descriptor for the duration of the call.
         if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
-            return Err(StoreError::from_io("syncfs", std::io::Error::last_os_error()));
+            return Err(StoreError::from_io(
+                "syncfs",
+                std::io::Error::last_os_error(),
+            ));
         }
         self.synced_puts.fetch_max(target, Ordering::SeqCst);
         Ok(())

@@ -11,7 +11,7 @@ mod s3;
 pub use faulty::FaultyStore;
 pub use local::LocalStore;
 pub use memory::MemoryStore;
-pub use s3::{S3Settings, S3Store, S3_CAPACITY};
+pub use s3::{S3_CAPACITY, S3Settings, S3Store};
 
 use std::sync::Arc;
 

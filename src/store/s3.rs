@@ -6,7 +6,9 @@ use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
-use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt, PutMode, PutOptions, RetryConfig};
+use object_store::{
+    ClientOptions, ObjectStore as _, ObjectStoreExt, PutMode, PutOptions, RetryConfig,
+};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -63,8 +65,13 @@ fn profile() -> String {
 fn config_value(key: &str) -> Option<String> {
     let ini = aws_file("AWS_CONFIG_FILE", "config")?;
     let p = profile();
-    let section = if p == "default" { p } else { format!("profile {p}") };
-    ini.get_from(Some(section.as_str()), key).map(str::to_string)
+    let section = if p == "default" {
+        p
+    } else {
+        format!("profile {p}")
+    };
+    ini.get_from(Some(section.as_str()), key)
+        .map(str::to_string)
 }
 
 fn credentials() -> Result<Credentials, String> {
@@ -93,11 +100,19 @@ fn credentials() -> Result<Credentials, String> {
 
 impl S3Settings {
     /// `s3://BUCKET[/PREFIX]` plus an optional endpoint override.
-    pub fn parse(spec: &str, endpoint: Option<&str>, path_style: Option<bool>) -> Result<S3Settings, String> {
-        let rest = spec.strip_prefix("s3://").ok_or_else(|| format!("{spec}: not an s3:// URL"))?;
+    pub fn parse(
+        spec: &str,
+        endpoint: Option<&str>,
+        path_style: Option<bool>,
+    ) -> Result<S3Settings, String> {
+        let rest = spec
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{spec}: not an s3:// URL"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(format!("{spec}: missing bucket name (s3://BUCKET[/PREFIX])"));
+            return Err(format!(
+                "{spec}: missing bucket name (s3://BUCKET[/PREFIX])"
+            ));
         }
         let prefix = prefix.trim_matches('/');
         if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
@@ -114,7 +129,11 @@ impl S3Settings {
             .unwrap_or_else(|| "us-east-1".into());
         Ok(S3Settings {
             bucket: bucket.to_string(),
-            prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
             path_style: path_style.unwrap_or(endpoint.is_some()),
             endpoint,
             region,
@@ -146,7 +165,11 @@ fn map_err(key: &str, e: object_store::Error) -> StoreError {
             let text = other.to_string();
             if text.contains("NoSuchBucket") {
                 StoreError::NoSuchBucket
-            } else if text.contains("AccessDenied") || text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") {
+            } else if text.contains("AccessDenied")
+                || text.contains("InvalidAccessKeyId")
+                || text.contains("SignatureDoesNotMatch")
+                || text.contains("403")
+            {
                 StoreError::AccessDenied("access denied (check the access key and secret)".into())
             } else if let Some(e) = s3_error(&text) {
                 let hint = if e.contains("scope") || e.to_ascii_lowercase().contains("region") {
@@ -173,7 +196,12 @@ fn s3_error(text: &str) -> Option<String> {
         let open = format!("<{tag}>");
         let start = lower.find(&open)? + open.len();
         let end = lower[start..].find(&format!("</{tag}>"))? + start;
-        Some(text[start..end].replace("&apos;", "'").replace("&quot;", "\"").replace("&amp;", "&"))
+        Some(
+            text[start..end]
+                .replace("&apos;", "'")
+                .replace("&quot;", "\"")
+                .replace("&amp;", "&"),
+        )
     };
     let code = field("code")?;
     Some(match field("message") {
@@ -208,9 +236,9 @@ impl S3Store {
         if let Some(endpoint) = &settings.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
-        let client = builder
-            .build()
-            .map_err(|e| StoreError::Io(format!("S3 configuration: {}", one_line(&e.to_string()))))?;
+        let client = builder.build().map_err(|e| {
+            StoreError::Io(format!("S3 configuration: {}", one_line(&e.to_string())))
+        })?;
         let store = S3Store {
             client: Arc::new(client),
             settings,
@@ -291,7 +319,8 @@ impl ObjectStore for S3Store {
         let client = self.client.clone();
         let strip = self.settings.prefix.clone();
         let listed = runtime().block_on(async move {
-            let dir_path = (!full_dir.is_empty()).then(|| ObjPath::from(full_dir.trim_end_matches('/')));
+            let dir_path =
+                (!full_dir.is_empty()).then(|| ObjPath::from(full_dir.trim_end_matches('/')));
             client.list(dir_path.as_ref()).try_collect::<Vec<_>>().await
         });
         let metas = listed.map_err(|e| map_err(prefix, e))?;

@@ -23,7 +23,11 @@ pub fn garage_bin() -> String {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Garage {
@@ -75,7 +79,9 @@ admin_token = "{secret}"
         g.cli(&["layout", "apply", "--version", "1"]);
         g.cli(&["key", "import", "--yes", "-n", "objfs", KEY_ID, SECRET]);
         g.cli(&["bucket", "create", BUCKET]);
-        g.cli(&["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "objfs"]);
+        g.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "objfs",
+        ]);
         g
     }
 
@@ -89,11 +95,19 @@ admin_token = "{secret}"
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting garage ({}): {e}; scripts/test.sh installs it", garage_bin()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting garage ({}): {e}; scripts/test.sh installs it",
+                    garage_bin()
+                )
+            });
         self.child = Some(child);
         let addr = self.endpoint.trim_start_matches("http://").to_string();
         assert!(
-            crate::common::wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(&addr).is_ok()),
+            crate::common::wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(
+                &addr
+            )
+            .is_ok()),
             "garage did not start"
         );
     }

@@ -85,8 +85,14 @@ pub fn daemon_pids(dir: &Path) -> Vec<u32> {
             .collect();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'));
-        if comm.trim() == "objfs" && !zombie && args.iter().any(|a| a == "mount") && args.iter().any(|a| *a == needle) {
+        let zombie = stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z'));
+        if comm.trim() == "objfs"
+            && !zombie
+            && args.iter().any(|a| a == "mount")
+            && args.contains(&needle)
+        {
             pids.push(pid);
         }
     }
@@ -141,7 +147,10 @@ impl Fixture {
     pub fn with_store(spec: &str, env: &[(&str, String)]) -> Fixture {
         let mut f = Fixture::new();
         f.spec = spec.to_string();
-        f.env = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        f.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         f
     }
 
@@ -251,13 +260,28 @@ pub fn make_sample_tree(root: &Path) {
     std::fs::create_dir_all(root.join("a/b/c")).unwrap();
     std::fs::create_dir_all(root.join("empty-dir")).unwrap();
     std::fs::create_dir_all(root.join("name with spaces/ünïcödé")).unwrap();
-    let sizes = [0usize, 1, 100, 4095, 4096, 4097, 65536, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 12345];
+    let sizes = [
+        0usize,
+        1,
+        100,
+        4095,
+        4096,
+        4097,
+        65536,
+        1 << 20,
+        (1 << 20) + 1,
+        3 * (1 << 20) + 12345,
+    ];
     for (i, size) in sizes.iter().enumerate() {
         let data: Vec<u8> = (0..*size).map(|j| ((j * 31 + i * 7) % 253) as u8).collect();
         std::fs::write(root.join(format!("a/file{i}.bin")), &data).unwrap();
     }
     std::fs::write(root.join("a/b/c/deep.txt"), b"deep\n").unwrap();
-    std::fs::write(root.join("name with spaces/ünïcödé/x y.txt"), b"odd names\n").unwrap();
+    std::fs::write(
+        root.join("name with spaces/ünïcödé/x y.txt"),
+        b"odd names\n",
+    )
+    .unwrap();
     std::fs::write(root.join("exec.sh"), b"#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(root.join("exec.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("private"), b"secret").unwrap();
