@@ -112,6 +112,13 @@ pub struct MountArgs {
     /// Memory block cache size.
     #[arg(long, value_name = "SIZE")]
     pub cache_size: Option<String>,
+    /// Directory of the disk cache tier [default: $XDG_CACHE_HOME/objfs or ~/.cache/objfs].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Disk cache size; 0 turns it off [default: 4G for S3 stores, 0 for local stores,
+    /// whose blocks are on local disk already].
+    #[arg(long, value_name = "SIZE")]
+    pub disk_cache_size: Option<String>,
     /// Hard budget for the memory cache, dirty data and uploads together
     /// (--cache-size and --dirty-limit shrink to fit inside it).
     #[arg(long, value_name = "SIZE")]
@@ -157,6 +164,8 @@ pub struct MountSettings {
     pub cache_size: u64,
     pub dirty_limit: u64,
     pub memory_limit: Option<u64>,
+    pub cache_dir: Option<PathBuf>,
+    pub disk_cache_size: Option<u64>,
     pub commit_interval_secs: u64,
     pub lease_ttl_secs: u64,
     pub refresh_secs: u64,
@@ -217,6 +226,12 @@ impl MountArgs {
             cache_size,
             dirty_limit,
             memory_limit,
+            cache_dir: a.cache_dir.clone(),
+            disk_cache_size: match &a.disk_cache_size {
+                Some(s) if s.trim() == "0" => Some(0),
+                Some(s) => Some(parse_bounded_size("disk-cache-size", s, 1 << 20, 1 << 50)?),
+                None => None,
+            },
             commit_interval_secs: match &a.commit_interval {
                 Some(s) => parse_count("commit-interval", s, 3600)?,
                 None => 5,
@@ -267,6 +282,8 @@ impl MountArgs {
             "cache_size" => self.cache_size = Some(need(value)?),
             "dirty_limit" => self.dirty_limit = Some(need(value)?),
             "memory_limit" => self.memory_limit = Some(need(value)?),
+            "cache_dir" => self.cache_dir = Some(need(value)?.into()),
+            "disk_cache_size" => self.disk_cache_size = Some(need(value)?),
             "commit_interval" => self.commit_interval = Some(need(value)?),
             "threads" => self.threads = Some(need(value)?),
             "lease_ttl" => self.lease_ttl = Some(need(value)?),

@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 type CliResult<T> = Result<T, String>;
 
 pub fn mount(args: &MountArgs) -> CliResult<()> {
-    let settings = args.settings()?;
+    let mut settings = args.settings()?;
+    if let Some(dir) = &settings.cache_dir {
+        settings.cache_dir = Some(absolute(dir)?);
+    }
     let location = match StoreLocation::parse_with(&args.store, &settings.store)? {
         StoreLocation::Local(p) => StoreLocation::Local(absolute(&p)?),
         other => other,
@@ -291,6 +294,7 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
         cache_size: settings.cache_size,
         dirty_limit: settings.dirty_limit,
         memory_limit: settings.memory_limit,
+        disk_cache: disk_cache(&target.location, settings),
         commit_interval: Duration::from_secs(settings.commit_interval_secs),
         upload_threads: settings.upload_threads,
         lease_ttl: Duration::from_secs(settings.lease_ttl_secs),
@@ -391,6 +395,25 @@ fn run_until_unmounted(
             "final flush failed, changes since the last commit may be lost: {e}"
         )),
     }
+}
+
+/// The disk tier: on by default only where the store is remote.
+fn disk_cache(location: &StoreLocation, settings: &MountSettings) -> Option<(PathBuf, u64)> {
+    let default = if location.is_unbounded() { 4 << 30 } else { 0 };
+    let size = settings.disk_cache_size.unwrap_or(default);
+    if size == 0 {
+        return None;
+    }
+    let dir = settings.cache_dir.clone().unwrap_or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("objfs-{}", unsafe { libc::geteuid() }))
+            })
+            .join("objfs")
+    });
+    Some((dir, size))
 }
 
 /// A daemon on this machine whose mount is already gone is still flushing (after a

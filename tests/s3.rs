@@ -221,3 +221,42 @@ fn shared_aws_files_and_profiles_configure_the_store() {
         "{err}"
     );
 }
+
+#[test]
+fn disk_cache_survives_remount_and_serves_reads_while_the_store_is_down() {
+    let mut g = Garage::start();
+    let mut f = s3_fixture(&g, "cached");
+    let cache = f.tmp.path().join("cache");
+    f.extra = vec![
+        "--cache-dir".into(),
+        cache.display().to_string(),
+        "--disk-cache-size".into(),
+        "64M".into(),
+        "--retry-budget".into(),
+        "2".into(),
+    ];
+    f.mount();
+    bash(&format!(
+        "head -c 5000000 /dev/urandom > {0}/data && md5sum < {0}/data > {1}/sum",
+        f.mnt_str(),
+        f.tmp.path().display()
+    ));
+    f.remount();
+    let cached: u64 = bash(&format!("du -sb {} | cut -f1", cache.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        cached >= 5_000_000,
+        "written blocks went to the disk cache ({cached} bytes)"
+    );
+    // The store goes away; a fresh mount's reads come from the disk cache.
+    g.stop();
+    bash(&format!(
+        "echo 3 > /proc/sys/vm/drop_caches; md5sum < {}/data | cmp - {}/sum",
+        f.mnt_str(),
+        f.tmp.path().display()
+    ));
+    g.restart();
+    f.umount();
+}

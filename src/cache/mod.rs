@@ -1,6 +1,9 @@
 //! The block cache: verified plain blocks in memory, bounded by bytes (LRU), in front of
 //! the store on both the read path (fetch + verify once) and the write path (newly
-//! written blocks stay hot).
+//! written blocks stay hot), with an optional bounded disk tier behind it.
+
+mod disk;
+pub use disk::DiskCache;
 
 use crate::block::{self, BlockError, BlockId};
 use crate::store::{ObjectStore, StoreError};
@@ -36,6 +39,7 @@ pub struct BlockCache {
     lru: Mutex<Lru>,
     capacity: u64,
     inflight: Mutex<HashMap<BlockId, Arc<Flight>>>,
+    disk: Option<DiskCache>,
 }
 
 impl BlockCache {
@@ -48,7 +52,14 @@ impl BlockCache {
             }),
             capacity,
             inflight: Mutex::new(HashMap::new()),
+            disk: None,
         }
+    }
+
+    /// Adds a disk tier behind the memory cache.
+    pub fn with_disk(mut self, disk: DiskCache) -> BlockCache {
+        self.disk = Some(disk);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -97,6 +108,11 @@ impl BlockCache {
     }
 
     fn fetch(&self, id: BlockId) -> Result<Block, CacheError> {
+        if let Some(plain) = self.disk.as_ref().and_then(|d| d.get(&id)) {
+            let plain = Arc::new(plain);
+            self.insert(id, plain.clone());
+            return Ok(plain);
+        }
         let stored = self.store.get(&id.key())?;
         let plain = match block::decode(id, stored) {
             Ok(p) => Arc::new(p),
@@ -106,6 +122,9 @@ impl BlockCache {
             }
         };
         self.insert(id, plain.clone());
+        if let Some(d) = &self.disk {
+            d.put(&id, &plain);
+        }
         Ok(plain)
     }
 
@@ -114,6 +133,10 @@ impl BlockCache {
         let trailer = block::trailer(block::CODEC_NONE);
         self.store
             .put_parts_unsynced(&id.key(), &[plain, &trailer])?;
+        // Only once the store has it: the cache never holds the only copy.
+        if let Some(d) = &self.disk {
+            d.put(&id, plain);
+        }
         Ok(())
     }
 

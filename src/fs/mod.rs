@@ -142,6 +142,8 @@ pub struct VolumeConfig {
     pub dirty_limit: u64,
     /// Budget for cache, dirty data and upload buffers together.
     pub memory_limit: Option<u64>,
+    /// Disk cache tier: a directory (the filesystem's uuid is appended) and a size.
+    pub disk_cache: Option<(std::path::PathBuf, u64)>,
     pub commit_interval: Duration,
     /// Freed blocks stay in the store this long after the commit that freed them.
     pub free_grace: Duration,
@@ -192,6 +194,7 @@ impl Default for VolumeConfig {
             cache_size: 256 << 20,
             dirty_limit: 128 << 20,
             memory_limit: None,
+            disk_cache: None,
             commit_interval: Duration::from_secs(5),
             free_grace: Duration::from_secs(30),
             upload_threads: 8,
@@ -303,7 +306,7 @@ impl Volume {
         };
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
-            cache: Arc::new(BlockCache::new(store.clone(), config.cache_size)),
+            cache: Arc::new(Self::block_cache(&store, &config, &sb.uuid)),
             readahead: Arc::new(prefetch::Readahead::default()),
             uploader: upload::Uploader::default(),
             store,
@@ -330,6 +333,25 @@ impl Volume {
             volume.after_recovery()?;
         }
         Ok(volume)
+    }
+
+    fn block_cache(store: &Arc<dyn ObjectStore>, config: &VolumeConfig, uuid: &str) -> BlockCache {
+        let cache = BlockCache::new(store.clone(), config.cache_size);
+        match &config.disk_cache {
+            Some((dir, size)) if *size > 0 => {
+                match crate::cache::DiskCache::open(&dir.join(uuid), *size) {
+                    Ok(disk) => cache.with_disk(disk),
+                    Err(e) => {
+                        log::warn!(
+                            "disk cache {} unusable, running without it: {e}",
+                            dir.display()
+                        );
+                        cache
+                    }
+                }
+            }
+            _ => cache,
+        }
     }
 
     pub fn superblock(&self) -> &Superblock {
