@@ -31,6 +31,9 @@ if [ ! -x "$GARAGE_BIN" ]; then
 fi
 export GARAGE_BIN
 
+# pjdfstest and fsx for tests/posix_suites.rs (built once per machine).
+. scripts/install-posix-tools.sh
+
 cleanup_mounts() {
     # Teardown bugs must not leave mounts behind on the machine.
     awk '$3 ~ /^fuse/ && $2 ~ /^\/tmp\/\.tmp/ {print $2}' /proc/mounts | while read -r m; do

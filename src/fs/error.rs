@@ -40,6 +40,8 @@ pub enum FsError {
     NoSpace,
     #[error("bad file handle")]
     BadHandle,
+    #[error("too many links")]
+    TooManyLinks,
     #[error("I/O error: {0}")]
     Io(String),
     #[error("{0}")]
@@ -68,6 +70,7 @@ impl FsError {
             FsError::Access => libc::EACCES,
             FsError::NoSpace => libc::ENOSPC,
             FsError::BadHandle => libc::EBADF,
+            FsError::TooManyLinks => libc::EMLINK,
             FsError::Io(_) => libc::EIO,
             FsError::Lease(_) => libc::EROFS,
             FsError::Config(_) => libc::EINVAL,

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 pub const NAME_MAX: usize = 255;
 pub const SYMLINK_MAX: usize = 4095;
+/// Hard links per file, as ext4.
+pub const LINK_MAX: u32 = 65000;
 pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_VALUE_MAX: usize = 65536;
 /// Largest file offset objfs accepts (8 EiB would overflow block arithmetic).
@@ -579,6 +581,9 @@ impl Volume {
         }
         if inode.nlink == 0 {
             return Err(FsError::NotFound);
+        }
+        if inode.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
         }
         if state.index.lookup(parent, name).is_some() {
             return Err(FsError::Exists);

@@ -660,3 +660,12 @@ fn a_writer_that_cannot_renew_its_lease_stops_writing() {
     let after = open_ro(&mem);
     assert!(after.lookup(ROOT_INO, b"before").is_ok());
 }
+
+#[test]
+fn hard_links_stop_at_link_max() {
+    let v = open(&new_store());
+    let f = file(&v, ROOT_INO, "f");
+    v.with_index_mut(|i| i.get_mut(f).unwrap().nlink = LINK_MAX);
+    assert_eq!(v.link(f, ROOT_INO, b"g"), Err(FsError::TooManyLinks));
+    assert_eq!(FsError::TooManyLinks.errno(), libc::EMLINK);
+}
