@@ -11,7 +11,7 @@ use std::path::PathBuf;
     version,
     about = "A POSIX filesystem kept in an object store",
     long_about = "objfs shows a normal folder tree whose data and metadata live in a flat object store \
-                  (a local directory, or a file:// URL). Set RUST_LOG=debug for more logging."
+                  (a local directory, a file:// URL, or s3://BUCKET[/PREFIX]). Set RUST_LOG=debug for more logging."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -49,7 +49,7 @@ impl StoreArgs {
 pub enum Command {
     /// Create a filesystem in STORE (a missing local directory is created).
     Mkfs {
-        /// Where the filesystem lives: a local directory or file:// URL.
+        /// Where the filesystem lives: a local directory, file:// URL or s3://BUCKET[/PREFIX].
         store: String,
         /// Block size (power of two, 4K..64M; K/M/G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "1M")]
@@ -144,8 +144,8 @@ pub struct MountArgs {
     /// Parallel block uploads per flush.
     #[arg(long, value_name = "N")]
     pub upload_threads: Option<String>,
-    /// Daemon log file [default: $XDG_STATE_HOME/objfs/<mountpoint>.log, i.e.
-    /// ~/.local/state/objfs/<mountpoint>.log].
+    /// Daemon log file [default: $XDG_STATE_HOME/objfs/<name>-<hash>.log, i.e.
+    /// ~/.local/state/objfs/<mountpoint's name>-<12 hex of its path>.log].
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
     /// Let other users access the mount (default when mounted by root).
@@ -241,7 +241,8 @@ impl MountArgs {
                 None => 30,
             },
             refresh_secs: match &a.refresh {
-                Some(s) => parse_count("refresh", s, 3600)?,
+                // Freed blocks stay 30 s: a replica must look more often than that.
+                Some(s) => parse_count("refresh", s, 20)?,
                 None => 1,
             },
             snapshot_every: match &a.snapshot_every {

@@ -108,7 +108,8 @@ impl Reporter {
                 let _ = writeln!(pipe, "ERR {msg}");
             }
             (None, Ok(())) => {}
-            (None, Err(msg)) => eprintln!("objfs: {msg}"),
+            // In the foreground the caller prints the error.
+            (None, Err(_)) => {}
         }
     }
 }

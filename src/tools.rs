@@ -93,6 +93,7 @@ fn repair(spec: &str, opts: &StoreOptions) -> CliResult<()> {
     let volume = Volume::load(store, VolumeConfig::default())
         .map_err(|e| format!("{spec}: refusing to repair: {e}"))?;
     let fixes = volume.repair().map_err(|e| format!("{spec}: {e}"))?;
+    volume.renew_lease();
     for f in &fixes {
         println!("repaired: {f}");
     }
@@ -248,14 +249,20 @@ pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
         "",
     )
     .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;
-    let result = collect(spec, &store, &writer, dry_run);
+    let result = collect(spec, &store, &writer, dry_run, &mut lease);
     if let Err(e) = lease.release() {
         eprintln!("objfs: warning: releasing the lease: {e}");
     }
     result
 }
 
-fn collect(spec: &str, store: &Arc<dyn ObjectStore>, writer: &str, dry_run: bool) -> CliResult<()> {
+fn collect(
+    spec: &str,
+    store: &Arc<dyn ObjectStore>,
+    writer: &str,
+    dry_run: bool,
+    lease: &mut crate::lease::Lease,
+) -> CliResult<()> {
     let loaded =
         crate::index::journal::load(store.clone(), writer).map_err(|e| format!("{spec}: {e}"))?;
     if !loaded.report.clean() {
@@ -284,6 +291,11 @@ fn collect(spec: &str, store: &Arc<dyn ObjectStore>, writer: &str, dry_run: bool
             println!("would delete {key}");
             freed += 1;
             continue;
+        }
+        // Deleting only while the store is still ours: a writer that took over could
+        // be uploading this very block again.
+        if freed.is_multiple_of(256) {
+            lease.renew().map_err(|e| format!("{spec}: stopped: {e}"))?;
         }
         match store.delete(&key) {
             Ok(()) => freed += 1,

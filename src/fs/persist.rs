@@ -71,9 +71,13 @@ impl Volume {
         }
         let mut journal = self.journal.lock().unwrap();
         self.check_lease()?;
-        // Blocks before the index that points at them.
-        self.store.sync()?;
         let changes = self.state().index.take_changes();
+        // Blocks before the index that points at them: every block these changes
+        // reference was installed before they were taken, so this sync covers it.
+        if let Err(e) = self.store.sync() {
+            self.state().index.restore(changes);
+            return Err(e.into());
+        }
         if !changes.is_empty()
             && let Err(e) = journal.commit(&changes)
         {
@@ -139,13 +143,16 @@ impl Volume {
 
     fn snapshot_locked(&self, journal: &mut crate::index::journal::Journal) -> FsResult<()> {
         self.check_lease()?;
-        self.store.sync()?;
         let (changes, body) = {
             let mut state = self.state();
             let changes = state.index.take_changes();
-            let body = state.index.snapshot_body(journal.generation() + 1);
+            let body = state.index.snapshot_body(journal.next_generation());
             (changes, body)
         };
+        if let Err(e) = self.store.sync() {
+            self.state().index.restore(changes);
+            return Err(e.into());
+        }
         match journal.write_snapshot(&body) {
             Ok(()) => {
                 log::info!("wrote snapshot generation {}", body.generation);
@@ -209,7 +216,8 @@ impl Volume {
         self.commit()
     }
 
-    /// close(2): push the file's data out so errors surface here, not later.
+    /// close(2): reports (once) an error from an earlier background write-back of
+    /// the file. The data itself is written back later, or by fsync.
     pub fn flush(&self, ino: Ino) -> FsResult<()> {
         if self.config.read_only {
             return Ok(());
@@ -300,6 +308,8 @@ impl Volume {
     }
 
     fn lease_loop(&self, stop: &(Mutex<bool>, Condvar)) {
+        // At once: loading a large index may have used much of the first term.
+        self.renew_lease();
         while wait(stop, self.config.lease_ttl / 3) {
             if !self.is_fenced() {
                 self.renew_lease();

@@ -108,6 +108,9 @@ pub struct Journal {
     pub bytes: u64,
     /// False when recovery hit damage: old objects are then kept as evidence.
     clean: bool,
+    /// The highest generation any object in the store names: a new snapshot goes
+    /// above it, never over an existing one.
+    floor: u64,
 }
 
 pub fn read_superblock(store: &dyn ObjectStore) -> Result<Superblock, IndexError> {
@@ -197,6 +200,10 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
                 found = Some((generation, body));
                 break;
             }
+            // The store failing is not damage: give up rather than fall back.
+            Err(IndexError::Store(e)) if !matches!(e, StoreError::NotFound(_)) => {
+                return Err(IndexError::Store(e));
+            }
             Err(e) => {
                 let w = format!("skipping unreadable snapshot: {e}");
                 log::warn!("{w}");
@@ -244,6 +251,9 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
             })
         });
         let segment = match segment {
+            Err(IndexError::Store(e)) if !matches!(e, StoreError::NotFound(_)) => {
+                return Err(IndexError::Store(e));
+            }
             Ok(seg) if seg.prev == last_key && seg.generation == generation && seg.seq == s => seg,
             Ok(_) => {
                 let w = format!("{key}: does not follow the previous segment; replay stopped");
@@ -275,6 +285,13 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
             orphans.len()
         );
     }
+    let newest_segment_gen = store
+        .list(JOURNAL_PREFIX)?
+        .iter()
+        .filter_map(|k| parse_segment_key(k).map(|p| p.0))
+        .max()
+        .unwrap_or(0);
+    let floor = gens.last().copied().unwrap_or(0).max(newest_segment_gen);
     let journal = Journal {
         store,
         writer: writer.to_string(),
@@ -284,6 +301,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         segments: report.segments,
         bytes: report.journal_bytes,
         clean: report.clean(),
+        floor,
     };
     Ok(Loaded {
         superblock,
@@ -358,6 +376,11 @@ impl Journal {
         self.generation
     }
 
+    /// The generation the next snapshot gets.
+    pub fn next_generation(&self) -> u64 {
+        self.generation.max(self.floor) + 1
+    }
+
     pub fn needs_fresh_snapshot(&self) -> bool {
         !self.clean
     }
@@ -402,12 +425,13 @@ impl Journal {
 
     /// Writes the whole index as the next generation, then removes what it replaces.
     pub fn write_snapshot(&mut self, body: &SnapshotBody) -> Result<(), IndexError> {
-        let generation = self.generation + 1;
-        debug_assert_eq!(body.generation, generation);
+        let generation = body.generation;
+        debug_assert_eq!(generation, self.next_generation());
         let bytes = codec::encode(&codec::SNAPSHOT, body);
         self.store.put(&snapshot_key(generation), &bytes)?;
         let old_gen = self.generation;
         self.generation = generation;
+        self.floor = generation;
         self.seq = 0;
         self.last_key = None;
         self.segments = 0;
@@ -505,7 +529,7 @@ mod tests {
         assert_eq!(r.report.segments, 2);
 
         // Compaction: a new generation replaces the old objects.
-        let body = l.index.snapshot_body(l.journal.generation() + 1);
+        let body = l.index.snapshot_body(l.journal.next_generation());
         l.journal.write_snapshot(&body).unwrap();
         add_file(&mut l.index, "c");
         l.journal.commit(&l.index.take_changes()).unwrap();
@@ -557,5 +581,38 @@ mod tests {
             Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
             other => panic!("expected a fork, got {:?}", other.map(|l| l.report)),
         }
+    }
+
+    #[test]
+    fn a_fallback_never_overwrites_a_newer_snapshot_and_store_errors_fail() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mkfs(&*store, 4096).unwrap();
+        let mut l = load(store.clone(), "w").unwrap();
+        add_file(&mut l.index, "a");
+        let body = l.index.snapshot_body(l.journal.next_generation());
+        l.journal.write_snapshot(&body).unwrap();
+        // Generation 1 is damaged; generation 0 is gone; put an older copy back.
+        let damaged = store.get(&snapshot_key(1)).unwrap();
+        store.put(&snapshot_key(1), &damaged[..20]).unwrap();
+        store
+            .put(
+                &snapshot_key(0),
+                &codec::encode(
+                    &codec::SNAPSHOT,
+                    &Index::new_filesystem(4096, 0, 0).snapshot_body(0),
+                ),
+            )
+            .unwrap();
+        let r = load(store.clone(), "x").unwrap();
+        assert_eq!(r.report.generation, 0);
+        assert_eq!(
+            r.journal.next_generation(),
+            2,
+            "generation 1 is kept as evidence"
+        );
+        // A store that fails reads is an error, not damage to skip.
+        let faulty = Arc::new(crate::store::FaultyStore::new(store.clone()));
+        faulty.set_fail_gets(true);
+        assert!(matches!(load(faulty, "y"), Err(IndexError::Store(_))));
     }
 }

@@ -314,8 +314,11 @@ impl Index {
             .copied()
             .filter(|i| !linked.contains(i))
             .collect();
+        let mut orphan_blocks = Vec::new();
         for ino in &orphans {
-            self.inodes.remove(ino);
+            if let Some(inode) = self.inodes.remove(ino) {
+                orphan_blocks.extend(inode.extents.values().filter_map(Extent::block_id));
+            }
             self.dirs.remove(ino);
             self.dirty_inodes.insert(*ino);
         }
@@ -327,6 +330,13 @@ impl Index {
                 }
             }
         }
+        // The reclaimed files' blocks are freed like any others after the next commit.
+        orphan_blocks.sort_unstable();
+        orphan_blocks.dedup();
+        let freed = orphan_blocks
+            .into_iter()
+            .filter(|id| self.ledger.refs(id) == 0);
+        self.unreferenced.extend(freed);
         orphans
     }
 
