@@ -19,8 +19,9 @@ pub(super) struct DirtyBlock {
 #[derive(Default)]
 pub(super) struct FileData {
     pub(super) dirty: BTreeMap<u64, DirtyBlock>,
-    /// A write-back failure not yet reported to the user (by fsync or close).
-    pub(super) error: Option<FsError>,
+    /// The latest write-back failure and its sequence number: every descriptor open
+    /// when it happened reports it once (fsync or close), as Linux's errseq does.
+    pub(super) error: Option<(u64, FsError)>,
 }
 
 impl FileData {
@@ -542,7 +543,7 @@ impl Volume {
             state.index.mark_data_flushed(ino);
         }
         if let Some(e) = first_error {
-            file.error = Some(e.clone());
+            file.error = Some((self.next_error_seq(), e.clone()));
             return Err(e);
         }
         Ok(())
@@ -631,11 +632,15 @@ impl Volume {
         }
     }
 
-    /// Takes the pending write-back error of a file, if any (reported once).
-    pub(super) fn take_write_error(&self, ino: Ino) -> Option<FsError> {
-        let fd = self.file_data(ino, false)?;
+    pub(super) fn next_error_seq(&self) -> u64 {
+        self.error_seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
 
-        fd.lock().unwrap().error.take()
+    /// The file's latest write-back error, if it is newer than `seen`.
+    pub(super) fn write_error_since(&self, ino: Ino, seen: u64) -> Option<(u64, FsError)> {
+        let fd = self.file_data(ino, false)?;
+        let file = fd.lock().unwrap();
+        file.error.clone().filter(|(seq, _)| *seq > seen)
     }
 
     pub fn dirty_bytes(&self) -> u64 {

@@ -215,9 +215,9 @@ struct State {
 }
 
 enum Handle {
-    File {
-        ino: Ino,
-    },
+    /// `seen`: the newest write-back error this descriptor has reported (or that
+    /// happened before it was opened).
+    File { ino: Ino, seen: u64 },
     /// `served`: a readdir already read this listing (offset 0 then means rewind).
     Dir {
         entries: Vec<DirEntry>,
@@ -241,6 +241,8 @@ pub struct Volume {
     graveyard: Mutex<Vec<Arc<Mutex<FileData>>>>,
     dirty_bytes: AtomicU64,
     versions: AtomicU64,
+    /// Sequence of write-back errors (per-descriptor reporting).
+    error_seq: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     free_queue: Mutex<VecDeque<(Instant, BlockId)>>,
@@ -324,6 +326,7 @@ impl Volume {
             graveyard: Mutex::new(Vec::new()),
             dirty_bytes: AtomicU64::new(0),
             versions: AtomicU64::new(1),
+            error_seq: AtomicU64::new(0),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             free_queue: Mutex::new(VecDeque::new()),
@@ -812,7 +815,21 @@ impl Volume {
             self.close_inode(ino);
             return Err(e);
         }
-        Ok(self.add_handle(Handle::File { ino }))
+        let seen = self.error_seq.load(Ordering::Relaxed);
+        Ok(self.add_handle(Handle::File { ino, seen }))
+    }
+
+    fn handle_error_seen(&self, fh: u64) -> u64 {
+        match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::File { seen, .. }) => *seen,
+            _ => 0,
+        }
+    }
+
+    fn set_handle_error_seen(&self, fh: u64, seq: u64) {
+        if let Some(Handle::File { seen, .. }) = self.handles.lock().unwrap().get_mut(&fh) {
+            *seen = seq;
+        }
     }
 
     fn add_handle(&self, handle: Handle) -> u64 {
@@ -848,7 +865,7 @@ impl Volume {
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let handle = self.handles.lock().unwrap().remove(&fh);
         match handle {
-            Some(Handle::File { ino }) => {
+            Some(Handle::File { ino, .. }) => {
                 self.close_inode(ino);
                 Ok(())
             }

@@ -202,30 +202,43 @@ impl Volume {
 
     /// fsync(2) on a file: its blocks, then every index change so far, are durable.
     pub fn fsync(&self, ino: Ino) -> FsResult<()> {
+        self.fsync_handle(ino, None)
+    }
+
+    /// fsync(2) through a descriptor: a write-back failure is reported once to each
+    /// descriptor that was open when it happened; the data stays dirty for a retry.
+    pub fn fsync_handle(&self, ino: Ino, fh: Option<u64>) -> FsResult<()> {
         if self.config.read_only {
             return Ok(());
         }
-        if let Some(e) = self.take_write_error(ino) {
-            // Reported once, as Linux does; the data stays dirty for a retry.
-            let _ = self.flush_file(ino);
-            return Err(e);
-        }
-        self.flush_file(ino).inspect_err(|_| {
-            self.take_write_error(ino);
-        })?;
+        let flushed = self.flush_file(ino);
+        self.report_write_error(ino, fh)?;
+        flushed?;
         self.commit()
     }
 
-    /// close(2): reports (once) an error from an earlier background write-back of
-    /// the file. The data itself is written back later, or by fsync.
-    pub fn flush(&self, ino: Ino) -> FsResult<()> {
+    /// close(2): reports (once per descriptor) an error from an earlier background
+    /// write-back of the file. The data itself is written back later, or by fsync.
+    pub fn flush(&self, ino: Ino, fh: Option<u64>) -> FsResult<()> {
         if self.config.read_only {
             return Ok(());
         }
-        if let Some(e) = self.take_write_error(ino) {
-            return Err(e);
+        self.report_write_error(ino, fh)
+    }
+
+    fn report_write_error(&self, ino: Ino, fh: Option<u64>) -> FsResult<()> {
+        // Internal callers see only their own flush's result.
+        let Some(fh) = fh else {
+            return Ok(());
+        };
+        let seen = self.handle_error_seen(fh);
+        match self.write_error_since(ino, seen) {
+            Some((seq, e)) => {
+                self.set_handle_error_seen(fh, seq);
+                Err(e)
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Everything dirty to the store, journal committed.

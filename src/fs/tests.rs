@@ -263,17 +263,24 @@ fn unflushed_growth_is_never_journaled_as_zeros() {
 }
 
 #[test]
-fn write_back_errors_surface_once_and_data_stays_dirty() {
+fn write_back_errors_surface_once_per_descriptor_and_data_stays_dirty() {
     let mem: Arc<dyn ObjectStore> = new_store();
     let faulty = Arc::new(FaultyStore::new(mem.clone()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let v = open(&store);
     let f = file(&v, ROOT_INO, "f");
+    let (h1, h2) = (v.open(f, false).unwrap(), v.open(f, false).unwrap());
     v.write(f, 0, &[1u8; 10_000]).unwrap();
     faulty.set_fail_puts(true);
-    assert!(matches!(v.fsync(f), Err(FsError::Io(_))));
+    assert!(matches!(v.fsync_handle(f, Some(h1)), Err(FsError::Io(_))));
     faulty.set_fail_puts(false);
-    v.fsync(f).unwrap();
+    // h1 saw it; the retry succeeds. h2 has not seen it: its close reports it, once.
+    v.fsync_handle(f, Some(h1)).unwrap();
+    assert!(matches!(v.flush(f, Some(h2)), Err(FsError::Io(_))));
+    v.flush(f, Some(h2)).unwrap();
+    // A descriptor opened after the failure never sees it.
+    let h3 = v.open(f, false).unwrap();
+    v.fsync_handle(f, Some(h3)).unwrap();
     let after = open_ro(&mem);
     assert_eq!(read_all(&after, f), vec![1u8; 10_000]);
 }

@@ -131,7 +131,7 @@ impl Volume {
             Err(e) => {
                 log::error!("write-back of inode {} block {}: {e}", job.ino, job.slot);
                 if let Some(file) = file.as_mut() {
-                    file.error = Some(e);
+                    file.error = Some((self.next_error_seq(), e));
                 }
             }
         }
