@@ -615,4 +615,24 @@ mod tests {
         faulty.set_fail_gets(true);
         assert!(matches!(load(faulty, "y"), Err(IndexError::Store(_))));
     }
+
+    #[test]
+    fn a_missing_segment_stops_replay_at_the_gap() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mkfs(&*store, 4096).unwrap();
+        let mut l = load(store.clone(), "w").unwrap();
+        for name in ["a", "b", "c"] {
+            add_file(&mut l.index, name);
+            l.journal.commit(&l.index.take_changes()).unwrap();
+        }
+        store.delete(&segment_key(0, 2, "w")).unwrap();
+        let r = load(store, "x").unwrap();
+        assert_eq!(names(&r.index), vec!["a"]);
+        assert!(
+            r.report.warnings.iter().any(|w| w.contains("gap")),
+            "{:?}",
+            r.report.warnings
+        );
+        assert!(r.journal.needs_fresh_snapshot());
+    }
 }
