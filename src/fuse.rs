@@ -34,9 +34,16 @@ impl FuseAdapter {
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
         };
+        // A writer is the only one changing its files, so the kernel may keep
+        // attributes and names longer; a replica must look again soon.
+        let ttl = if volume.config().read_only {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(30)
+        };
         FuseAdapter {
             volume,
-            ttl: Duration::from_secs(1),
+            ttl,
             open_flags,
         }
     }
