@@ -2,6 +2,24 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Drops one count of `key`; true when that was the last one (the key is then gone).
+pub fn release_count<K: std::hash::Hash + Eq>(
+    counts: &mut std::collections::HashMap<K, u32>,
+    key: &K,
+) -> bool {
+    match counts.get_mut(key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            counts.remove(key);
+            true
+        }
+        None => false,
+    }
+}
+
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     getrandom::getrandom(&mut buf).expect("the OS random source is available");

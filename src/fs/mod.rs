@@ -840,17 +840,7 @@ impl Volume {
 
     fn close_inode(&self, ino: Ino) {
         let mut state = self.state();
-        let last = match state.open.get_mut(&ino) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                state.open.remove(&ino);
-                true
-            }
-            None => false,
-        };
+        let last = crate::util::release_count(&mut state.open, &ino);
         if last {
             self.readahead.forget(ino);
         }

@@ -488,6 +488,18 @@ mod tests {
         ino
     }
 
+    /// A fresh store with one segment per name, committed by `writer`.
+    fn with_segments(names: &[&str], writer: &str) -> (Arc<dyn ObjectStore>, Loaded) {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mkfs(&*store, 4096).unwrap();
+        let mut l = load(store.clone(), writer).unwrap();
+        for name in names {
+            add_file(&mut l.index, name);
+            l.journal.commit(&l.index.take_changes()).unwrap();
+        }
+        (store, l)
+    }
+
     fn names(index: &Index) -> Vec<String> {
         index
             .entries(ROOT_INO)
@@ -516,14 +528,7 @@ mod tests {
 
     #[test]
     fn commits_snapshots_and_recovers() {
-        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        mkfs(&*store, 4096).unwrap();
-        let mut l = load(store.clone(), "w1").unwrap();
-        add_file(&mut l.index, "a");
-        l.journal.commit(&l.index.take_changes()).unwrap();
-        add_file(&mut l.index, "b");
-        l.journal.commit(&l.index.take_changes()).unwrap();
-
+        let (store, mut l) = with_segments(&["a", "b"], "w1");
         let r = load(store.clone(), "w2").unwrap();
         assert_eq!(names(&r.index), vec!["a", "b"]);
         assert_eq!(r.report.segments, 2);
@@ -548,13 +553,7 @@ mod tests {
 
     #[test]
     fn torn_segment_stops_replay_with_a_warning() {
-        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        mkfs(&*store, 4096).unwrap();
-        let mut l = load(store.clone(), "w").unwrap();
-        add_file(&mut l.index, "a");
-        l.journal.commit(&l.index.take_changes()).unwrap();
-        add_file(&mut l.index, "b");
-        l.journal.commit(&l.index.take_changes()).unwrap();
+        let (store, _l) = with_segments(&["a", "b"], "w");
         let key = segment_key(0, 2, "w");
         let bytes = store.get(&key).unwrap();
         store.put(&key, &bytes[..bytes.len() / 2]).unwrap();
@@ -618,13 +617,7 @@ mod tests {
 
     #[test]
     fn a_missing_segment_stops_replay_at_the_gap() {
-        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        mkfs(&*store, 4096).unwrap();
-        let mut l = load(store.clone(), "w").unwrap();
-        for name in ["a", "b", "c"] {
-            add_file(&mut l.index, name);
-            l.journal.commit(&l.index.take_changes()).unwrap();
-        }
+        let (store, _l) = with_segments(&["a", "b", "c"], "w");
         store.delete(&segment_key(0, 2, "w")).unwrap();
         let r = load(store, "x").unwrap();
         assert_eq!(names(&r.index), vec!["a"]);

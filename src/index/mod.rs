@@ -173,17 +173,7 @@ impl Ledger {
     }
     /// True when the last reference went away.
     fn remove(&mut self, id: BlockId) -> bool {
-        match self.refs.get_mut(&id) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                self.refs.remove(&id);
-                true
-            }
-            None => false,
-        }
+        crate::util::release_count(&mut self.refs, &id)
     }
     pub fn block_count(&self) -> usize {
         self.refs.len()
