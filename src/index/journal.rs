@@ -37,6 +37,19 @@ pub enum IndexError {
 const SNAPSHOT_PREFIX: &str = "meta/snapshot-";
 const JOURNAL_PREFIX: &str = "meta/journal-";
 
+/// Two or more segments with one sequence number: two writers were active.
+fn fork(generation: u64, seq: u64, keys: &[String]) -> IndexError {
+    let writers: Vec<String> = keys
+        .iter()
+        .filter_map(|k| parse_segment_key(k).map(|p| p.2))
+        .collect();
+    IndexError::Fork {
+        generation,
+        seq,
+        writers: writers.join(", "),
+    }
+}
+
 pub fn snapshot_key(generation: u64) -> String {
     format!("{SNAPSHOT_PREFIX}{generation:020}")
 }
@@ -232,15 +245,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
             break;
         }
         if keys.len() > 1 {
-            let writers: Vec<String> = keys
-                .iter()
-                .filter_map(|k| parse_segment_key(k).map(|p| p.2))
-                .collect();
-            return Err(IndexError::Fork {
-                generation,
-                seq: s,
-                writers: writers.join(", "),
-            });
+            return Err(fork(generation, s, keys));
         }
         let key = &keys[0];
         let segment = store.get(key).map_err(IndexError::from).and_then(|bytes| {
@@ -335,15 +340,7 @@ impl Journal {
                 break;
             }
             if keys.len() > 1 {
-                let writers: Vec<String> = keys
-                    .iter()
-                    .filter_map(|k| parse_segment_key(k).map(|p| p.2))
-                    .collect();
-                return Err(IndexError::Fork {
-                    generation: self.generation,
-                    seq: s,
-                    writers: writers.join(", "),
-                });
+                return Err(fork(self.generation, s, keys));
             }
             let key = &keys[0];
             let bytes = match self.store.get(key) {
@@ -406,15 +403,7 @@ impl Journal {
             self.generation
         ))?;
         if same_seq.len() > 1 {
-            let writers: Vec<String> = same_seq
-                .iter()
-                .filter_map(|k| parse_segment_key(k).map(|p| p.2))
-                .collect();
-            return Err(IndexError::Fork {
-                generation: self.generation,
-                seq,
-                writers: writers.join(", "),
-            });
+            return Err(fork(self.generation, seq, &same_seq));
         }
         self.seq = seq;
         self.last_key = Some(key);
