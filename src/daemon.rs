@@ -330,8 +330,11 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     };
     fuse_config.n_threads = Some(settings.threads);
     fuse_config.clone_fd = true;
-    let session = fuser::spawn_mount(FuseAdapter::new(volume.clone()), mountpoint, &fuse_config)
+    let notifier = Arc::new(std::sync::OnceLock::new());
+    let adapter = FuseAdapter::new(volume.clone(), notifier.clone());
+    let session = fuser::spawn_mount(adapter, mountpoint, &fuse_config)
         .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     raise_readahead(mountpoint);
     let background = (!settings.read_only).then(|| volume.start_background());
     if settings.read_only {

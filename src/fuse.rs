@@ -14,7 +14,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Directory entries fetched per readdir request (more than one reply buffer holds).
@@ -25,10 +25,13 @@ pub struct FuseAdapter {
     ttl: Duration,
     /// Page cache kept across opens: only where no one else changes the files.
     open_flags: FopenFlags,
+    /// Set once the session is up: lets a request handler tell the kernel to
+    /// forget attributes it would otherwise keep for the whole TTL.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl FuseAdapter {
-    pub fn new(volume: Arc<Volume>) -> FuseAdapter {
+    pub fn new(volume: Arc<Volume>, notifier: Arc<OnceLock<fuser::Notifier>>) -> FuseAdapter {
         let open_flags = if volume.config().read_only {
             FopenFlags::empty()
         } else {
@@ -45,6 +48,7 @@ impl FuseAdapter {
             volume,
             ttl,
             open_flags,
+            notifier,
         }
     }
 
@@ -170,7 +174,10 @@ impl Filesystem for FuseAdapter {
             fuser::InitFlags::FUSE_CACHE_SYMLINKS
                 | fuser::InitFlags::FUSE_DO_READDIRPLUS
                 | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
-                | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS
+                // We drop set-ID bits on write ourselves, so the kernel need not ask
+                // for security.capability before every write.
+                | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         );
         Ok(())
     }
@@ -326,8 +333,15 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        // A reader has no write-back error to hear about at close: spare the
+        // round trip.
+        let open_flags = if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+            self.open_flags | FopenFlags::FOPEN_NOFLUSH
+        } else {
+            self.open_flags
+        };
         match self.volume.open(ino.0, truncate) {
-            Ok(fh) => reply.opened(FileHandle(fh), self.open_flags),
+            Ok(fh) => reply.opened(FileHandle(fh), open_flags),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -351,18 +365,30 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.volume.write(ino.0, offset, data) {
-            Ok(n) => reply.written(n),
+        let drop_setid_for = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| req.gid());
+        match self
+            .volume
+            .write_dropping_setid(ino.0, offset, data, drop_setid_for)
+        {
+            Ok((n, mode_changed)) => {
+                reply.written(n);
+                // The kernel refreshes size and times after a write, not the mode.
+                if mode_changed && let Some(notifier) = self.notifier.get() {
+                    let _ = notifier.inval_inode(ino, -1, 0);
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

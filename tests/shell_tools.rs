@@ -191,3 +191,36 @@ print(len(seen))
         .unwrap();
     assert!(n > 90000, "{n}");
 }
+
+#[test]
+fn a_write_by_another_user_drops_set_id_bits_as_on_a_native_disk() {
+    let f = Fixture::mounted();
+    let native = f.tmp.path().join("native");
+    std::fs::create_dir(&native).unwrap();
+    // The other user must be able to reach both directories.
+    bash(&format!("chmod 755 '{}'", f.tmp.path().display()));
+    // `stat -c %a` asks the kernel for the mode alone, which a write does not make it
+    // fetch again: a stale cached mode would show here.
+    // a: setuid+setgid with group-execute; b: setgid without it (writer not in
+    // the group); c: as a, but written by root (CAP_FSETID keeps the bits);
+    // d: setgid without group-execute, writer in the file's group.
+    let script = |dir: &str| {
+        format!(
+            "cd '{dir}' && touch a b c d && chmod 6777 a c && chmod 6767 b d && chgrp nogroup d && \
+             setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo x >> a; echo y >> b' && \
+             setpriv --reuid=65534 --regid=$(getent group nogroup | cut -d: -f3) --clear-groups sh -c 'echo z >> d' && \
+             echo w >> c && stat -c '%n %a' a b c d && stat -c '%n %s' a b c d"
+        )
+    };
+    let on_native = bash(&script(native.to_str().unwrap()));
+    let on_objfs = bash(&script(f.mnt_str()));
+    assert_eq!(on_objfs, on_native);
+    assert!(on_native.contains("a 777\n"), "{on_native}");
+    // And what the store kept, not only what the kernel cached.
+    f.remount();
+    let kept = bash(&format!(
+        "cd '{}' && stat -c '%n %a' a b c d && stat -c '%n %s' a b c d",
+        f.mnt_str()
+    ));
+    assert_eq!(kept, on_native);
+}

@@ -272,13 +272,28 @@ impl Volume {
     }
 
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_dropping_setid(ino, offset, data, None)
+            .map(|(n, _)| n)
+    }
+
+    /// `drop_setid_for`: the kernel asks us to drop set-ID bits as a write by a
+    /// process without CAP_FSETID must (FUSE_HANDLE_KILLPRIV_V2); it carries that
+    /// process's group. Also returns whether the mode changed, so the caller can
+    /// tell the kernel to forget the mode it cached.
+    pub fn write_dropping_setid(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        drop_setid_for: Option<u32>,
+    ) -> FsResult<(u32, bool)> {
         self.writable()?;
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::FileTooBig)?;
         if data.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         {
             let state = self.state();
@@ -330,6 +345,7 @@ impl Volume {
             }
         }
         self.account_dirty(added);
+        let mut mode_changed = false;
         let many =
             !self.uploader.running() && file.dirty.len() as u64 * bs >= self.config.dirty_limit / 4;
         {
@@ -340,6 +356,9 @@ impl Volume {
             let now = Timestamp::now();
             inode.mtime = now;
             inode.ctime = now;
+            if let Some(gid) = drop_setid_for {
+                mode_changed = drop_setid(inode, gid);
+            }
         }
         drop(file);
         // Outside the file lock: a full queue blocks here until workers catch up.
@@ -347,7 +366,7 @@ impl Volume {
         if many || self.dirty_bytes.load(Ordering::Relaxed) > self.config.dirty_limit {
             self.flush_file(ino)?;
         }
-        Ok(data.len() as u32)
+        Ok((data.len() as u32, mode_changed))
     }
 
     pub(super) fn account_dirty(&self, delta: i64) {
@@ -646,4 +665,17 @@ impl Volume {
     pub fn dirty_bytes(&self) -> u64 {
         self.dirty_bytes.load(Ordering::Relaxed)
     }
+}
+
+/// What a write by a process without CAP_FSETID does to the mode (as Linux's
+/// `setattr_should_drop_sgid`): set-user-ID always goes; set-group-ID goes with
+/// group-execute, or when the writer is not in the file's group (the primary group
+/// is all a FUSE request tells). Returns whether anything changed.
+pub(super) fn drop_setid(inode: &mut crate::index::Inode, writer_gid: u32) -> bool {
+    let before = inode.perm;
+    inode.perm &= !0o4000;
+    if inode.perm & 0o010 != 0 || inode.gid != writer_gid {
+        inode.perm &= !0o2000;
+    }
+    inode.perm != before
 }
