@@ -2,6 +2,9 @@
 # Benchmark: objfs (local store) vs the native directory vs `rclone mount` of a local
 # directory, side by side in one run, on the same disk. Prints absolute figures and
 # ratios. Not part of the test suite. Run as root: scripts/bench.sh
+# A fourth column, "floor", is examples/floorfs.rs: an in-memory FUSE filesystem that
+# does no storage work but talks to the kernel as objfs does, i.e. what FUSE itself
+# costs on this machine.
 #   BENCH_MB=1024       size of the sequential write/read files
 #   BENCH_RSS_MB=4096   size written for the peak-RSS check
 #   BENCH_FILES=20000   files for the create / ls -l workload
@@ -21,17 +24,21 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release --locked -q
+cargo build --release --locked -q --example floorfs
 OBJFS=$PWD/target/release/objfs
+FLOORFS=$PWD/target/release/examples/floorfs
 
 W=$(mktemp -d /var/tmp/objfs-bench.XXXXXX)
 NATIVE=$W/native STORE=$W/store MNT=$W/objfs RSRC=$W/rclone-src RMNT=$W/rclone RCACHE=$W/rclone-cache
-mkdir -p "$NATIVE" "$MNT" "$RSRC" "$RMNT" "$RCACHE"
+FLOOR=$W/floor
+mkdir -p "$NATIVE" "$MNT" "$RSRC" "$RMNT" "$RCACHE" "$FLOOR"
 
 cleanup() {
     set +e
     mountpoint -q "$MNT" && { "$OBJFS" umount "$MNT" || umount -l "$MNT"; }
     mountpoint -q "$W/rss" && { "$OBJFS" umount "$W/rss" || umount -l "$W/rss"; }
     mountpoint -q "$RMNT" && { fusermount3 -u "$RMNT" || umount -l "$RMNT"; }
+    mountpoint -q "$FLOOR" && { umount "$FLOOR" || umount -l "$FLOOR"; }
     rm -rf "$W"
 }
 trap cleanup EXIT
@@ -68,6 +75,11 @@ cat "$W/src.bin" > /dev/null
 
 objfs_mount
 rclone_mount
+"$FLOORFS" "$FLOOR" 2>"$W/floorfs.log" &
+for _ in $(seq 100); do mountpoint -q "$FLOOR" && break; sleep 0.1; done
+mountpoint -q "$FLOOR" || { echo "floorfs did not come up" >&2; exit 1; }
+# The same 4 MiB readahead objfs sets on its own mount (1 MiB read requests).
+echo 4096 > "/sys/class/bdi/$(mountpoint -d "$FLOOR")/read_ahead_kb"
 
 declare -A R
 FAILED=()
@@ -81,8 +93,8 @@ run() { # name dir command...   (a failing command is timed anyway and reported)
 }
 
 echo "== sequential write ${MB} MiB (dd bs=1M conv=fsync)"
-for fs in native objfs rclone; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; esac
+for fs in native objfs rclone floor; do
+    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
     drop_caches
     run "write_$fs" "$d" dd if="$W/src.bin" of=big bs=1M conv=fsync
 done
@@ -90,23 +102,23 @@ done
 echo "== cold sequential read ${MB} MiB (after remount, caches dropped)"
 objfs_remount
 rclone_remount_cold
-for fs in native objfs rclone; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; esac
+for fs in native objfs rclone floor; do
+    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
     drop_caches
     run "read_$fs" "$d" dd if=big of=/dev/null bs=1M
 done
 
 echo "== create ${NFILES} empty files, then ls -l"
-for fs in native objfs rclone; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; esac
+for fs in native objfs rclone floor; do
+    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
     mkdir "$d/many"
     run "create_$fs" "$d/many" bash -c "seq 1 $NFILES | xargs touch"
     run "ls_$fs" "$d/many" ls -l
 done
 
 echo "== extract a tarball of ${TARFILES} files, then cp -a it back out"
-for fs in native objfs rclone; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; esac
+for fs in native objfs rclone floor; do
+    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
     mkdir "$d/x"
     run "untar_$fs" "$d/x" tar -xf "$W/src.tar"
     run "cpout_$fs" "$d" cp -a x "$W/out-$fs"
@@ -122,24 +134,30 @@ PEAK_KB=$(awk '/VmHWM/ {print $2}' /proc/"$PID"/status)
 
 mbps() { echo "$MB / $1" | bc -l; }
 ratio() { echo "$1 / $2" | bc -l; }
-printf '\n%-34s %12s %12s %12s %10s %10s\n' workload native objfs rclone obj/nat obj/rcl
-line() { # label unit native objfs rclone higher-is-better(1/0)
-    local n=$3 o=$4 r=$5
-    if [ "$6" = 1 ]; then
-        printf '%-34s %12.1f %12.1f %12.1f %9.2fx %9.2fx\n' "$1 ($2)" "$n" "$o" "$r" "$(ratio "$o" "$n")" "$(ratio "$o" "$r")"
+printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s %8s\n' workload native objfs rclone floor obj/nat obj/rcl obj/flr flr/nat
+line() { # label unit key higher-is-better(1/0)
+    local n o r f fmt
+    if [ "$4" = 1 ]; then
+        n=$(mbps "${R[$3_native]}") o=$(mbps "${R[$3_objfs]}") r=$(mbps "${R[$3_rclone]}") f=$(mbps "${R[$3_floor]}")
+        fmt='%-34s %10.1f %10.1f %10.1f %10.1f %7.2fx %7.2fx %7.2fx %7.2fx\n'
     else
-        printf '%-34s %12.2f %12.2f %12.2f %9.2fx %9.2fx\n' "$1 ($2)" "$n" "$o" "$r" "$(ratio "$o" "$n")" "$(ratio "$o" "$r")"
+        n=${R[$3_native]} o=${R[$3_objfs]} r=${R[$3_rclone]} f=${R[$3_floor]}
+        fmt='%-34s %10.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %7.2fx %7.2fx\n'
     fi
+    # shellcheck disable=SC2059
+    printf "$fmt" "$1 ($2)" "$n" "$o" "$r" "$f" "$(ratio "$o" "$n")" "$(ratio "$o" "$r")" "$(ratio "$o" "$f")" "$(ratio "$f" "$n")"
 }
-line "seq write ${MB}M, conv=fsync" "MB/s" "$(mbps "${R[write_native]}")" "$(mbps "${R[write_objfs]}")" "$(mbps "${R[write_rclone]}")" 1
-line "cold seq read ${MB}M" "MB/s" "$(mbps "${R[read_native]}")" "$(mbps "${R[read_objfs]}")" "$(mbps "${R[read_rclone]}")" 1
-line "create ${NFILES} files" "s" "${R[create_native]}" "${R[create_objfs]}" "${R[create_rclone]}" 0
-line "ls -l ${NFILES} files" "s" "${R[ls_native]}" "${R[ls_objfs]}" "${R[ls_rclone]}" 0
-line "tar x ${TARFILES} files" "s" "${R[untar_native]}" "${R[untar_objfs]}" "${R[untar_rclone]}" 0
-line "cp -a ${TARFILES} files out" "s" "${R[cpout_native]}" "${R[cpout_objfs]}" "${R[cpout_rclone]}" 0
+line "seq write ${MB}M, conv=fsync" "MB/s" write 1
+line "cold seq read ${MB}M" "MB/s" read 1
+line "create ${NFILES} files" "s" create 0
+line "ls -l ${NFILES} files" "s" ls 0
+line "tar x ${TARFILES} files" "s" untar 0
+line "cp -a ${TARFILES} files out" "s" cpout 0
 printf '%-34s %12s %12s\n' "peak RSS, ${RSS_MB}M write, 256M limit" "-" "$((PEAK_KB / 1024)) MiB"
 echo
 [ ${#FAILED[@]} -eq 0 ] || echo "commands that reported errors (timed anyway): ${FAILED[*]}"
 echo "For time rows a ratio below 1 is faster than the peer; for MB/s rows above 1."
+echo "floor: an in-memory FUSE filesystem (examples/floorfs.rs) doing no storage work;"
+echo "flr/nat is what FUSE alone costs here, obj/flr what objfs adds on top."
 echo "rclone's write figure flatters it: its fsync returns before its upload completes,"
 echo "while objfs's data is in its store when dd returns."

@@ -1,0 +1,369 @@
+//! floorfs: the cost of FUSE itself on this machine, for `scripts/bench.sh`.
+//!
+//! An in-memory filesystem that does no storage work at all but talks to the kernel
+//! exactly as objfs does (same threads, TTL, capabilities and open flags). Whatever
+//! it takes for a workload is the floor any FUSE filesystem pays here, so the bench can
+//! tell objfs's own overhead from the protocol's. Not a product: no persistence, no
+//! limits, no removal. Usage: `floorfs MOUNTPOINT` (runs until unmounted).
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+const TTL: Duration = Duration::from_secs(30);
+
+struct Node {
+    attr: FileAttr,
+    data: Vec<u8>,
+    children: BTreeMap<OsString, u64>,
+}
+
+struct State {
+    nodes: HashMap<u64, Node>,
+    next_ino: u64,
+}
+
+struct FloorFs {
+    state: Mutex<State>,
+}
+
+fn new_attr(ino: u64, kind: FileType, perm: u16, req: &Request) -> FileAttr {
+    let now = SystemTime::now();
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        crtime: now,
+        kind,
+        perm,
+        nlink: if kind == FileType::Directory { 2 } else { 1 },
+        uid: req.uid(),
+        gid: req.gid(),
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn to_time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+impl FloorFs {
+    fn add(&self, parent: u64, name: &OsStr, kind: FileType, mode: u32, req: &Request) -> FileAttr {
+        let mut s = self.state.lock().unwrap();
+        let ino = s.next_ino;
+        s.next_ino += 1;
+        let attr = new_attr(ino, kind, (mode & 0o7777) as u16, req);
+        let node = Node {
+            attr,
+            data: Vec::new(),
+            children: BTreeMap::new(),
+        };
+        s.nodes.insert(ino, node);
+        if let Some(p) = s.nodes.get_mut(&parent) {
+            p.children.insert(name.to_owned(), ino);
+            p.attr.mtime = SystemTime::now();
+        }
+        attr
+    }
+}
+
+impl Filesystem for FloorFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
+        let _ = config.set_max_background(64);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS
+                | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let s = self.state.lock().unwrap();
+        let found = s.nodes.get(&parent.0).and_then(|p| p.children.get(name));
+        match found.and_then(|ino| s.nodes.get(ino)) {
+            Some(n) => reply.entry(&TTL, &n.attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.state.lock().unwrap().nodes.get(&ino.0) {
+            Some(n) => reply.attr(&TTL, &n.attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mut s = self.state.lock().unwrap();
+        let Some(n) = s.nodes.get_mut(&ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if let Some(m) = mode {
+            n.attr.perm = (m & 0o7777) as u16;
+        }
+        n.attr.uid = uid.unwrap_or(n.attr.uid);
+        n.attr.gid = gid.unwrap_or(n.attr.gid);
+        if let Some(size) = size {
+            n.data.resize(size as usize, 0);
+            n.attr.size = size;
+        }
+        n.attr.atime = atime.map_or(n.attr.atime, to_time);
+        n.attr.mtime = mtime.map_or(n.attr.mtime, to_time);
+        n.attr.ctime = SystemTime::now();
+        reply.attr(&TTL, &n.attr);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let attr = self.add(parent.0, name, FileType::Directory, mode, req);
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let attr = self.add(parent.0, name, FileType::RegularFile, mode, req);
+        let flags = FopenFlags::FOPEN_KEEP_CACHE;
+        reply.created(&TTL, &attr, Generation(0), FileHandle(0), flags);
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mut open_flags = FopenFlags::FOPEN_KEEP_CACHE;
+        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+            open_flags |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        reply.opened(FileHandle(0), open_flags);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let s = self.state.lock().unwrap();
+        let data = s.nodes.get(&ino.0).map_or(&[][..], |n| &n.data[..]);
+        let start = (offset as usize).min(data.len());
+        let end = (start + size as usize).min(data.len());
+        reply.data(&data[start..end]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let mut s = self.state.lock().unwrap();
+        let Some(n) = s.nodes.get_mut(&ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let end = offset as usize + data.len();
+        if n.data.len() < end {
+            n.data.resize(end, 0);
+        }
+        n.data[offset as usize..end].copy_from_slice(data);
+        n.attr.size = n.data.len() as u64;
+        n.attr.blocks = n.attr.size.div_ceil(512);
+        n.attr.mtime = SystemTime::now();
+        reply.written(data.len() as u32);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let s = self.state.lock().unwrap();
+        let Some(dir) = s.nodes.get(&ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        for (i, (name, child)) in dir.children.iter().enumerate().skip(offset as usize) {
+            let kind = s.nodes[child].attr.kind;
+            if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let s = self.state.lock().unwrap();
+        let Some(dir) = s.nodes.get(&ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        for (i, (name, child)) in dir.children.iter().enumerate().skip(offset as usize) {
+            let attr = &s.nodes[child].attr;
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                name,
+                &TTL,
+                attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+}
+
+fn main() {
+    let Some(mountpoint) = std::env::args_os().nth(1) else {
+        eprintln!("usage: floorfs MOUNTPOINT");
+        std::process::exit(2);
+    };
+    let req_root = FileAttr {
+        ino: INodeNo(1),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::now(),
+        mtime: SystemTime::now(),
+        ctime: SystemTime::now(),
+        crtime: SystemTime::now(),
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    };
+    let root = Node {
+        attr: req_root,
+        data: Vec::new(),
+        children: BTreeMap::new(),
+    };
+    let fs = FloorFs {
+        state: Mutex::new(State {
+            nodes: HashMap::from([(1, root)]),
+            next_ino: 2,
+        }),
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("floorfs".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    if let Err(e) = fuser::mount(fs, &mountpoint, &config) {
+        eprintln!("floorfs: {e}");
+        std::process::exit(1);
+    }
+}
