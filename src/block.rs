@@ -10,8 +10,9 @@ use std::fmt;
 /// header: decoding a plain block is then a truncate, not a copy.
 const MAGIC: [u8; 3] = *b"OBK";
 pub const CODEC_NONE: u8 = 0;
+pub const TRAILER_LEN: usize = 4;
 
-pub fn trailer(codec: u8) -> [u8; 4] {
+pub fn trailer(codec: u8) -> [u8; TRAILER_LEN] {
     [codec, MAGIC[0], MAGIC[1], MAGIC[2]]
 }
 

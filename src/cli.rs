@@ -218,7 +218,7 @@ impl MountArgs {
             None => 128 << 20,
         };
         let memory_limit = match &a.memory_limit {
-            Some(s) => Some(parse_bounded_size("memory-limit", s, 32 << 20, 1 << 42)?),
+            Some(s) => Some(parse_bounded_size("memory-limit", s, 40 << 20, 1 << 42)?),
             None => None,
         };
         Ok(MountSettings {

@@ -263,6 +263,7 @@ fn pipe() -> CliResult<(OwnedFd, OwnedFd)> {
 
 /// Runs the mount until it is unmounted or the daemon is told to stop.
 fn serve(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> CliResult<()> {
+    tune_malloc();
     match start(target, settings, reporter) {
         Ok((volume, session, background)) => {
             reporter.finish(Ok(()));
@@ -280,6 +281,21 @@ type Started = (
     fuser::BackgroundSession,
     Option<crate::fs::Background>,
 );
+
+/// Keeps the daemon's RSS close to what it uses. By default glibc serves 1 MiB block
+/// buffers from per-thread heaps once one has been freed (its mmap threshold adapts
+/// upwards), and memory freed in the middle of a heap stays resident: writing 4 GiB
+/// with `--memory-limit 256M` peaked at 270-330 MiB RSS. With a fixed threshold big
+/// buffers are mapped and unmapped exactly (185 MiB); the cache's buffer pool makes up
+/// for the page faults that would cost. Fewer arenas keep small objects together.
+/// Must run before any thread starts.
+fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters; no thread is running yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
 
 /// Opens (or creates) the store, loads the index, takes the lease and mounts.
 fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> CliResult<Started> {

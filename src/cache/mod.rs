@@ -21,6 +21,42 @@ pub enum CacheError {
 
 pub type Block = Arc<Vec<u8>>;
 
+/// Block buffers kept for reuse. Fetches and new dirty blocks take one instead of
+/// asking malloc for fresh pages: each MiB from the kernel costs 256 page faults,
+/// and giving it back (an munmap) interrupts every core running our threads.
+/// Bounded in bytes (part of the memory budget's overhead), so large block sizes
+/// simply pool fewer buffers.
+const POOL_BYTES: usize = 16 << 20;
+/// Smaller buffers are not worth keeping.
+const POOLED_MIN: usize = 64 << 10;
+
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    fn take(&self) -> Vec<u8> {
+        self.free.lock().unwrap().pop().unwrap_or_default()
+    }
+
+    /// Keeps the block's buffer if no one else holds the block.
+    fn give(&self, block: Block) {
+        let Ok(mut buf) = Arc::try_unwrap(block) else {
+            return;
+        };
+        if buf.capacity() < POOLED_MIN {
+            return;
+        }
+        buf.clear();
+        let mut free = self.free.lock().unwrap();
+        let pooled: usize = free.iter().map(Vec::capacity).sum();
+        if pooled + buf.capacity() <= POOL_BYTES {
+            free.push(buf);
+        }
+    }
+}
+
 struct Lru {
     map: LruCache<BlockId, Block>,
     bytes: u64,
@@ -40,6 +76,7 @@ pub struct BlockCache {
     capacity: u64,
     inflight: Mutex<HashMap<BlockId, Arc<Flight>>>,
     disk: Option<DiskCache>,
+    pool: BufferPool,
 }
 
 impl BlockCache {
@@ -53,6 +90,7 @@ impl BlockCache {
             capacity,
             inflight: Mutex::new(HashMap::new()),
             disk: None,
+            pool: BufferPool::default(),
         }
     }
 
@@ -113,7 +151,8 @@ impl BlockCache {
             self.insert(id, plain.clone());
             return Ok(plain);
         }
-        let stored = self.store.get(&id.key())?;
+        let mut stored = self.pool.take();
+        self.store.get_into(&id.key(), &mut stored)?;
         let plain = match block::decode(id, stored) {
             Ok(p) => Arc::new(p),
             Err(e) => {
@@ -145,24 +184,48 @@ impl BlockCache {
         if len > self.capacity {
             return;
         }
-        let mut lru = self.lru.lock().unwrap();
-        if let Some(old) = lru.map.put(id, plain) {
-            lru.bytes -= old.len() as u64;
-        }
-        lru.bytes += len;
-        while lru.bytes > self.capacity {
-            match lru.map.pop_lru() {
-                Some((_, b)) => lru.bytes -= b.len() as u64,
-                None => break,
+        let mut evicted = Vec::new();
+        {
+            let mut lru = self.lru.lock().unwrap();
+            if let Some(old) = lru.map.put(id, plain) {
+                lru.bytes -= old.len() as u64;
+                evicted.push(old);
             }
+            lru.bytes += len;
+            while lru.bytes > self.capacity {
+                match lru.map.pop_lru() {
+                    Some((_, b)) => {
+                        lru.bytes -= b.len() as u64;
+                        evicted.push(b);
+                    }
+                    None => break,
+                }
+            }
+        }
+        for b in evicted {
+            self.pool.give(b);
         }
     }
 
     pub fn forget(&self, id: &BlockId) {
-        let mut lru = self.lru.lock().unwrap();
-        if let Some(b) = lru.map.pop(id) {
-            lru.bytes -= b.len() as u64;
+        let popped = {
+            let mut lru = self.lru.lock().unwrap();
+            let popped = lru.map.pop(id);
+            if let Some(b) = &popped {
+                lru.bytes -= b.len() as u64;
+            }
+            popped
+        };
+        if let Some(b) = popped {
+            self.pool.give(b);
         }
+    }
+
+    /// An empty buffer with room for at least `capacity` bytes, reused if one is free.
+    pub fn buffer(&self, capacity: usize) -> Vec<u8> {
+        let mut buf = self.pool.take();
+        buf.reserve_exact(capacity);
+        buf
     }
 
     pub fn cached_bytes(&self) -> u64 {
@@ -196,5 +259,37 @@ mod tests {
             cache.get(BlockId::of(b"missing")),
             Err(CacheError::Store(StoreError::NotFound(_)))
         ));
+    }
+
+    #[test]
+    fn evicted_buffers_are_reused_but_never_while_shared() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let cache = BlockCache::new(store, 2 * POOLED_MIN as u64);
+        let block = |byte: u8| Arc::new(vec![byte; POOLED_MIN]);
+        let held = block(1);
+        cache.insert(BlockId::of(&held), held.clone());
+        cache.insert(BlockId::of(&[2]), block(2));
+        // Evicts the first two: one still held by a reader, one free.
+        cache.insert(BlockId::of(&[3]), block(3));
+        cache.insert(BlockId::of(&[4]), block(4));
+        let mut reused = cache.buffer(POOLED_MIN);
+        assert!(reused.is_empty() && reused.capacity() >= POOLED_MIN);
+        reused.resize(POOLED_MIN, 9);
+        assert!(held.iter().all(|&b| b == 1), "a held block was handed out");
+        // Nothing else was pooled: the next buffer is new.
+        assert_eq!(cache.pool.free.lock().unwrap().len(), 0);
+        // The pool is bounded in bytes.
+        for _ in 0..(POOL_BYTES / POOLED_MIN + 8) {
+            cache.pool.give(Arc::new(Vec::with_capacity(POOLED_MIN)));
+        }
+        let pooled: usize = cache
+            .pool
+            .free
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Vec::capacity)
+            .sum();
+        assert!(pooled <= POOL_BYTES && pooled > POOL_BYTES - POOLED_MIN * 2);
     }
 }

@@ -262,13 +262,22 @@ impl Volume {
             Self::inode(&state, ino)?.extents.get(&slot).cloned()
         };
         Ok(match extent {
-            None => Vec::new(),
+            None => self.block_buffer(),
             Some(Extent::Inline(b)) => b,
             Some(Extent::Block { id, len }) => {
                 let b = self.cache.get(id)?;
-                b[..(len as usize).min(b.len())].to_vec()
+                let mut buf = self.block_buffer();
+                buf.extend_from_slice(&b[..(len as usize).min(b.len())]);
+                buf
             }
         })
+    }
+
+    /// A buffer for a whole block (plus the stored trailer, so it can be reused for a
+    /// fetch later): a writer filling it piecemeal never reallocates.
+    fn block_buffer(&self) -> Vec<u8> {
+        self.cache
+            .buffer(self.block_size as usize + crate::block::TRAILER_LEN)
     }
 
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -315,7 +324,7 @@ impl Volume {
             if let std::collections::btree_map::Entry::Vacant(e) = file.dirty.entry(slot) {
                 let whole = lo == 0 && hi as u64 == bs;
                 let base = if whole {
-                    Vec::with_capacity(bs as usize)
+                    self.block_buffer()
                 } else {
                     self.slot_base(ino, slot)?
                 };

@@ -159,8 +159,9 @@ pub struct VolumeConfig {
     pub mountpoint: String,
 }
 
-/// Room for what the budget does not itemize: FUSE buffers, read replies, the index.
-const MEMORY_OVERHEAD: u64 = 16 << 20;
+/// Room for what the budget does not itemize: FUSE buffers, read replies, the index,
+/// the cache's pool of reusable buffers (16 MiB).
+const MEMORY_OVERHEAD: u64 = 32 << 20;
 
 impl VolumeConfig {
     /// Shrinks the cache, dirty limit and upload parallelism to fit `memory_limit`.

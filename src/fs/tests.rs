@@ -599,7 +599,7 @@ fn memory_limit_bounds_cache_dirty_data_and_uploads() {
     };
     cfg.fit_memory(1 << 20).unwrap();
     let total = cfg.cache_size + cfg.dirty_limit + cfg.upload_threads as u64 * (1 << 20);
-    assert!(total + (16 << 20) <= 256 << 20, "{cfg:?}");
+    assert!(total + (32 << 20) <= 256 << 20, "{cfg:?}");
     assert!(cfg.cache_size >= 64 << 20, "{cfg:?}");
     let mut tiny = VolumeConfig {
         memory_limit: Some(20 << 20),

@@ -1,6 +1,6 @@
 use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -156,6 +156,21 @@ impl ObjectStore for LocalStore {
     fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
         let path = self.path_of(key)?;
         fs::read(&path).map_err(|e| StoreError::from_io(key, e))
+    }
+
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> StoreResult<()> {
+        let path = self.path_of(key)?;
+        let read = |buf: &mut Vec<u8>| -> std::io::Result<()> {
+            let mut f = File::open(&path)?;
+            let len = f.metadata()?.len() as usize;
+            buf.clear();
+            // A reused buffer is usually big enough already; read_to_end checks for
+            // EOF without growing a buffer that fits exactly.
+            buf.reserve_exact(len);
+            f.read_to_end(buf)?;
+            Ok(())
+        };
+        read(buf).map_err(|e| StoreError::from_io(key, e))
     }
 
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {

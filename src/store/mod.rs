@@ -59,6 +59,11 @@ pub struct StoreSpace {
 /// a reader never sees a partially written object.
 pub trait ObjectStore: Send + Sync {
     fn get(&self, key: &str) -> StoreResult<Vec<u8>>;
+    /// `get` into a buffer the caller may reuse; it is cleared first.
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> StoreResult<()> {
+        *buf = self.get(key)?;
+        Ok(())
+    }
     /// Durable when it returns.
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()>;
     /// Like `put`, for the concatenation of `parts`, but durable only once a later
