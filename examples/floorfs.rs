@@ -17,11 +17,55 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 const TTL: Duration = Duration::from_secs(30);
+/// File data lives in chunks so a growing file never reallocates and copies.
+const CHUNK: usize = 1 << 20;
 
 struct Node {
     attr: FileAttr,
-    data: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
     children: BTreeMap<OsString, u64>,
+}
+
+impl Node {
+    fn read(&self, offset: usize, size: usize) -> Vec<u8> {
+        let end = (offset + size).min(self.attr.size as usize);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset));
+        let mut pos = offset;
+        while pos < end {
+            let (i, at) = (pos / CHUNK, pos % CHUNK);
+            let n = (CHUNK - at).min(end - pos);
+            match self.chunks.get(i) {
+                Some(c) if c.len() >= at + n => out.extend_from_slice(&c[at..at + n]),
+                _ => out.resize(out.len() + n, 0),
+            }
+            pos += n;
+        }
+        out
+    }
+
+    fn write(&mut self, offset: usize, data: &[u8]) {
+        let mut pos = offset;
+        let mut src = data;
+        while !src.is_empty() {
+            let (i, at) = (pos / CHUNK, pos % CHUNK);
+            let n = (CHUNK - at).min(src.len());
+            if self.chunks.len() <= i {
+                self.chunks.resize_with(i + 1, || Vec::with_capacity(CHUNK));
+            }
+            let c = &mut self.chunks[i];
+            if c.len() == at {
+                c.extend_from_slice(&src[..n]);
+            } else {
+                if c.len() < at + n {
+                    c.resize(at + n, 0);
+                }
+                c[at..at + n].copy_from_slice(&src[..n]);
+            }
+            pos += n;
+            src = &src[n..];
+        }
+        self.attr.size = self.attr.size.max(pos as u64);
+    }
 }
 
 struct State {
@@ -69,7 +113,7 @@ impl FloorFs {
         let attr = new_attr(ino, kind, (mode & 0o7777) as u16, req);
         let node = Node {
             attr,
-            data: Vec::new(),
+            chunks: Vec::new(),
             children: BTreeMap::new(),
         };
         s.nodes.insert(ino, node);
@@ -139,8 +183,13 @@ impl Filesystem for FloorFs {
         n.attr.uid = uid.unwrap_or(n.attr.uid);
         n.attr.gid = gid.unwrap_or(n.attr.gid);
         if let Some(size) = size {
-            n.data.resize(size as usize, 0);
-            n.attr.size = size;
+            let size = size as usize;
+            let kept = size.div_ceil(CHUNK);
+            n.chunks.truncate(kept);
+            if let Some(last) = n.chunks.last_mut() {
+                last.truncate(size - (kept - 1) * CHUNK);
+            }
+            n.attr.size = size as u64;
         }
         n.attr.atime = atime.map_or(n.attr.atime, to_time);
         n.attr.mtime = mtime.map_or(n.attr.mtime, to_time);
@@ -196,10 +245,10 @@ impl Filesystem for FloorFs {
         reply: ReplyData,
     ) {
         let s = self.state.lock().unwrap();
-        let data = s.nodes.get(&ino.0).map_or(&[][..], |n| &n.data[..]);
-        let start = (offset as usize).min(data.len());
-        let end = (start + size as usize).min(data.len());
-        reply.data(&data[start..end]);
+        match s.nodes.get(&ino.0) {
+            Some(n) => reply.data(&n.read(offset as usize, size as usize)),
+            None => reply.error(Errno::ENOENT),
+        }
     }
 
     fn write(
@@ -218,12 +267,7 @@ impl Filesystem for FloorFs {
         let Some(n) = s.nodes.get_mut(&ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let end = offset as usize + data.len();
-        if n.data.len() < end {
-            n.data.resize(end, 0);
-        }
-        n.data[offset as usize..end].copy_from_slice(data);
-        n.attr.size = n.data.len() as u64;
+        n.write(offset as usize, data);
         n.attr.blocks = n.attr.size.div_ceil(512);
         n.attr.mtime = SystemTime::now();
         reply.written(data.len() as u32);
@@ -346,7 +390,7 @@ fn main() {
     };
     let root = Node {
         attr: req_root,
-        data: Vec::new(),
+        chunks: Vec::new(),
         children: BTreeMap::new(),
     };
     let fs = FloorFs {

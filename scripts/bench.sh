@@ -96,6 +96,7 @@ echo "== sequential write ${MB} MiB (dd bs=1M conv=fsync)"
 for fs in native objfs rclone floor; do
     case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
     drop_caches
+    cat "$W/src.bin" > /dev/null # the source comes from memory: time the destination
     run "write_$fs" "$d" dd if="$W/src.bin" of=big bs=1M conv=fsync
 done
 
