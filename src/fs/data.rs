@@ -175,36 +175,10 @@ impl Volume {
         Ok(ReadData::Owned(out))
     }
 
-    /// Fetches blocks into the cache in the background, a few at a time.
+    /// Fetches blocks into the cache in the background.
     fn prefetch(&self, ids: Vec<BlockId>) {
-        let ids: Vec<BlockId> = ids
-            .into_iter()
-            .filter(|id| self.cache.cached(id).is_none())
-            .collect();
-        if ids.is_empty() || !self.readahead.try_start() {
-            return;
-        }
-        let cache = self.cache.clone();
-        let readahead = self.readahead.clone();
-        let spawned = std::thread::Builder::new()
-            .name("objfs-prefetch".into())
-            .spawn(move || {
-                std::thread::scope(|s| {
-                    for chunk in ids.chunks(ids.len().div_ceil(4)) {
-                        let cache = &cache;
-                        s.spawn(move || {
-                            for id in chunk {
-                                // A failure here is reported when the reader gets to it.
-                                let _ = cache.get(*id);
-                            }
-                        });
-                    }
-                });
-                readahead.finish();
-            });
-        if spawned.is_err() {
-            self.readahead.finish();
-        }
+        let missing = ids.into_iter().filter(|id| self.cache.cached(id).is_none());
+        self.prefetcher.request(&self.cache, missing);
     }
 
     /// relatime: atime moves only when it is older than mtime/ctime or a day old.

@@ -230,6 +230,7 @@ pub struct Volume {
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
     readahead: Arc<prefetch::Readahead>,
+    prefetcher: prefetch::Prefetcher,
     uploader: upload::Uploader,
     superblock: Superblock,
     block_size: u64,
@@ -313,6 +314,7 @@ impl Volume {
         let volume = Volume {
             cache: Arc::new(Self::block_cache(&store, &config, &sb.uuid)),
             readahead: Arc::new(prefetch::Readahead::default()),
+            prefetcher: prefetch::Prefetcher::default(),
             uploader: upload::Uploader::default(),
             store,
             superblock: loaded.superblock,

@@ -2,22 +2,26 @@
 //! gets the blocks ahead of it fetched in the background, the window doubling up to
 //! a bound, so a large sequential read is not one store round trip at a time.
 
+use crate::block::BlockId;
+use crate::cache::BlockCache;
 use crate::index::Ino;
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 
 /// Blocks fetched ahead of a reader at most.
 pub const MAX_WINDOW: u64 = 16;
 /// How far from the stream's head a read may land and still count as sequential.
 pub const SLACK_BLOCKS: u64 = 8;
-/// Background prefetch batches running at once at most.
-pub const MAX_ACTIVE: usize = 4;
+/// Fetches running in the background at once (store round trips overlap; on a local
+/// store, hashing spreads over the cores).
+const WORKERS: usize = 8;
+/// Requests waiting for a worker; beyond this, readers fetch for themselves.
+const QUEUE: usize = 64;
 
 #[derive(Default)]
 pub struct Readahead {
     streams: Mutex<HashMap<Ino, Stream>>,
-    pub active: AtomicUsize,
 }
 
 struct Stream {
@@ -72,18 +76,61 @@ impl Readahead {
     pub fn forget(&self, ino: Ino) {
         self.streams.lock().unwrap().remove(&ino);
     }
+}
 
-    /// Claims a slot for a background batch, if fewer than MAX_ACTIVE run.
-    pub fn try_start(&self) -> bool {
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_ACTIVE).then_some(n + 1)
-            })
-            .is_ok()
+/// Long-lived background fetchers fed by a bounded queue. (A thread per batch cost
+/// two thread creations, and their stack mappings, per MiB read.) Started on first
+/// use; they exit when the `Prefetcher` is dropped.
+#[derive(Default)]
+pub struct Prefetcher {
+    queue: Mutex<Option<SyncSender<BlockId>>>,
+}
+
+impl Prefetcher {
+    /// Queues fetches into the cache. Best effort: a full queue drops the rest, and a
+    /// failed fetch is reported when the reader gets to that block.
+    pub fn request(&self, cache: &Arc<BlockCache>, ids: impl IntoIterator<Item = BlockId>) {
+        let mut queue = self.queue.lock().unwrap();
+        if queue.is_none() {
+            *queue = start_workers(cache);
+        }
+        let Some(tx) = queue.as_ref() else {
+            return;
+        };
+        for id in ids {
+            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(id) {
+                return;
+            }
+        }
     }
+}
 
-    pub fn finish(&self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
+fn start_workers(cache: &Arc<BlockCache>) -> Option<SyncSender<BlockId>> {
+    let (tx, rx) = sync_channel(QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    let mut started = 0;
+    for i in 0..WORKERS {
+        let (cache, rx) = (cache.clone(), rx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("objfs-prefetch-{i}"))
+            .spawn(move || fetch_loop(&cache, &rx));
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => log::warn!("starting a prefetch thread: {e}"),
+        }
+    }
+    (started > 0).then_some(tx)
+}
+
+fn fetch_loop(cache: &BlockCache, rx: &Mutex<Receiver<BlockId>>) {
+    loop {
+        let next = rx.lock().unwrap().recv();
+        let Ok(id) = next else {
+            return;
+        };
+        if cache.cached(&id).is_none() {
+            let _ = cache.get(id);
+        }
     }
 }
 

@@ -676,3 +676,44 @@ fn hard_links_stop_at_link_max() {
     assert_eq!(v.link(f, ROOT_INO, b"g"), Err(FsError::TooManyLinks));
     assert_eq!(FsError::TooManyLinks.errno(), libc::EMLINK);
 }
+
+#[test]
+fn a_sequential_reader_gets_the_blocks_ahead_fetched_in_the_background() {
+    let store = new_store();
+    let f;
+    {
+        let v = open(&store);
+        f = file(&v, ROOT_INO, "f");
+        let data: Vec<u8> = (0..20 * BS).map(|i| (i % 251) as u8).collect();
+        v.write(f, 0, &data).unwrap();
+        v.sync_all().unwrap();
+        v.shutdown().unwrap();
+    }
+    // A fresh volume: nothing cached.
+    let v = open(&store);
+    let ids: Vec<BlockId> = {
+        let state = v.state();
+        let inode = state.index.get(f).unwrap();
+        (0..20u64)
+            .map(|slot| match inode.extents.get(&slot) {
+                Some(crate::index::Extent::Block { id, .. }) => *id,
+                other => panic!("slot {slot}: {other:?}"),
+            })
+            .collect()
+    };
+    assert!(ids.iter().all(|id| v.cache.cached(id).is_none()));
+    for slot in 0..3u64 {
+        v.read(f, slot * u64::from(BS), BS).unwrap();
+    }
+    let ahead = &ids[3..6];
+    let fetched = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        ahead.iter().all(|id| v.cache.cached(id).is_some())
+    });
+    assert!(fetched, "blocks ahead of the reader were not prefetched");
+    // A random reader gets nothing fetched ahead of it.
+    let far = &ids[16..];
+    v.read(f, 13 * u64::from(BS), 10).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(far.iter().all(|id| v.cache.cached(id).is_none()));
+}
