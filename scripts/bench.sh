@@ -8,6 +8,7 @@
 #   BENCH_MB=1024       size of the sequential write/read files
 #   BENCH_RSS_MB=4096   size written for the peak-RSS check
 #   BENCH_FILES=20000   files for the create / ls -l workload
+#   BENCH_ROUNDS=3      rounds of every workload; the table shows medians
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 MB=${BENCH_MB:-1024}
 RSS_MB=${BENCH_RSS_MB:-4096}
 NFILES=${BENCH_FILES:-20000}
+ROUNDS=${BENCH_ROUNDS:-3}
 
 need=()
 command -v rclone >/dev/null || need+=(rclone)
@@ -55,13 +57,16 @@ rclone_mount() {
     for _ in $(seq 100); do mountpoint -q "$RMNT" && return; sleep 0.1; done
     echo "rclone mount did not come up" >&2; exit 1
 }
-rclone_remount_cold() {
-    # rclone uploads in the background after close; wait until the backend has the
-    # whole file before dropping its cache, or the "cold" read would find nothing.
+rclone_wait_upload() {
+    # rclone uploads in the background after close; wait (untimed) until the backend
+    # has the whole file, so the upload neither overlaps the next measurement nor
+    # leaves the "cold" read with nothing to read.
     for _ in $(seq 1200); do
-        [ "$(stat -c %s "$RSRC/big" 2>/dev/null)" = $((MB << 20)) ] && break
+        [ "$(stat -c %s "$RSRC/$1" 2>/dev/null)" = $((MB << 20)) ] && return
         sleep 0.5
     done
+}
+rclone_remount_cold() {
     fusermount3 -u "$RMNT"; rm -rf "${RCACHE:?}"/*; rclone_mount
 }
 
@@ -92,37 +97,50 @@ run() { # name dir command...   (a failing command is timed anyway and reported)
     R[$name]=$(secs "$t0" "$t1")
 }
 
-echo "== sequential write ${MB} MiB (dd bs=1M conv=fsync)"
-for fs in native objfs rclone floor; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
-    drop_caches
-    cat "$W/src.bin" > /dev/null # the source comes from memory: time the destination
-    run "write_$fs" "$d" dd if="$W/src.bin" of=big bs=1M conv=fsync
-done
+dir_of() { case $1 in native) echo "$NATIVE";; objfs) echo "$MNT";; rclone) echo "$RMNT";; floor) echo "$FLOOR";; esac; }
+median() { printf '%s\n' "$@" | sort -g | sed -n "$(( ($# + 1) / 2 ))p"; }
+keep_median() { # name: R[name] = median of R[name.1] .. R[name.ROUNDS]
+    local vals=() r
+    for r in $(seq "$ROUNDS"); do vals+=("${R[$1.$r]}"); done
+    R[$1]=$(median "${vals[@]}")
+}
+FSES="native objfs rclone floor"
 
-echo "== cold sequential read ${MB} MiB (after remount, caches dropped)"
-objfs_remount
-rclone_remount_cold
-for fs in native objfs rclone floor; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
-    drop_caches
-    run "read_$fs" "$d" dd if=big of=/dev/null bs=1M
-done
+for r in $(seq "$ROUNDS"); do
+    echo "== round $r of $ROUNDS: sequential write ${MB} MiB (dd bs=1M conv=fsync)"
+    for fs in $FSES; do
+        drop_caches
+        cat "$W/src.bin" > /dev/null # the source comes from memory: time the destination
+        run "write_$fs.$r" "$(dir_of $fs)" dd if="$W/src.bin" of="big$r" bs=1M conv=fsync
+        if [ $fs = rclone ]; then rclone_wait_upload "big$r"; fi
+    done
 
-echo "== create ${NFILES} empty files, then ls -l"
-for fs in native objfs rclone floor; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
-    mkdir "$d/many"
-    run "create_$fs" "$d/many" bash -c "seq 1 $NFILES | xargs touch"
-    run "ls_$fs" "$d/many" ls -l
-done
+    echo "== round $r of $ROUNDS: cold sequential read ${MB} MiB (after remount, caches dropped)"
+    objfs_remount
+    rclone_remount_cold
+    for fs in $FSES; do
+        drop_caches
+        run "read_$fs.$r" "$(dir_of $fs)" dd if="big$r" of=/dev/null bs=1M
+    done
 
-echo "== extract a tarball of ${TARFILES} files, then cp -a it back out"
-for fs in native objfs rclone floor; do
-    case $fs in native) d=$NATIVE;; objfs) d=$MNT;; rclone) d=$RMNT;; floor) d=$FLOOR;; esac
-    mkdir "$d/x"
-    run "untar_$fs" "$d/x" tar -xf "$W/src.tar"
-    run "cpout_$fs" "$d" cp -a x "$W/out-$fs"
+    echo "== round $r of $ROUNDS: create ${NFILES} empty files, then ls -l"
+    for fs in $FSES; do
+        d=$(dir_of $fs)
+        mkdir "$d/many$r"
+        run "create_$fs.$r" "$d/many$r" bash -c "seq 1 $NFILES | xargs touch"
+        run "ls_$fs.$r" "$d/many$r" ls -l
+    done
+
+    echo "== round $r of $ROUNDS: extract a tarball of ${TARFILES} files, then cp -a it back out"
+    for fs in $FSES; do
+        d=$(dir_of $fs)
+        mkdir "$d/x$r"
+        run "untar_$fs.$r" "$d/x$r" tar -xf "$W/src.tar"
+        run "cpout_$fs.$r" "$d" cp -a "x$r" "$W/out-$fs-$r"
+    done
+done
+for w in write read create ls untar cpout; do
+    for fs in $FSES; do keep_median "${w}_$fs"; done
 done
 
 echo "== peak daemon RSS writing ${RSS_MB} MiB with --memory-limit 256M"
@@ -157,7 +175,7 @@ line "cp -a ${TARFILES} files out" "s" cpout 0
 printf '%-34s %12s %12s\n' "peak RSS, ${RSS_MB}M write, 256M limit" "-" "$((PEAK_KB / 1024)) MiB"
 echo
 [ ${#FAILED[@]} -eq 0 ] || echo "commands that reported errors (timed anyway): ${FAILED[*]}"
-echo "For time rows a ratio below 1 is faster than the peer; for MB/s rows above 1."
+echo "Medians of $ROUNDS rounds. For time rows a ratio below 1 is faster than the peer; for MB/s rows above 1."
 echo "floor: an in-memory FUSE filesystem (examples/floorfs.rs) doing no storage work;"
 echo "flr/nat is what FUSE alone costs here, obj/flr what objfs adds on top."
 echo "rclone's write figure flatters it: its fsync returns before its upload completes,"
