@@ -140,6 +140,30 @@ pub fn current(store: &dyn ObjectStore) -> Result<Option<(u64, Holder)>, LeaseEr
     Ok(Some((generation, holder)))
 }
 
+/// The writers that held the lease, newest first (as far as the store still
+/// remembers them): who was the legitimate writer when two were active.
+pub fn writers_newest_first(store: &dyn ObjectStore) -> Result<Vec<String>, LeaseError> {
+    let mut generations: Vec<u64> = store
+        .list(PREFIX)?
+        .iter()
+        .filter_map(|k| parse_key(k))
+        .collect();
+    generations.sort_unstable_by(|a, b| b.cmp(a));
+    let mut writers = Vec::new();
+    for generation in generations {
+        let k = key(generation);
+        let holder: Holder = match store.get(&k) {
+            Ok(bytes) => {
+                codec::decode(&LEASE, &bytes).map_err(|err| LeaseError::Frame { key: k, err })?
+            }
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        writers.push(holder.writer);
+    }
+    Ok(writers)
+}
+
 /// A description of the live writer, if one holds the store.
 pub fn live_holder(store: &dyn ObjectStore) -> Result<Option<String>, LeaseError> {
     let now = crate::util::unix_now().0;

@@ -90,8 +90,12 @@ fn stored_bytes(volume: &Volume) -> u64 {
 /// Fixes what is safe (see fs::repair), under the writer lease.
 fn repair(spec: &str, opts: &StoreOptions) -> CliResult<()> {
     let store = open_existing(spec, opts)?;
-    let volume = Volume::load(store, VolumeConfig::default())
-        .map_err(|e| format!("{spec}: refusing to repair: {e}"))?;
+    let config = VolumeConfig {
+        resolve_forks: true,
+        ..VolumeConfig::default()
+    };
+    let volume =
+        Volume::load(store, config).map_err(|e| format!("{spec}: refusing to repair: {e}"))?;
     let fixes = volume.repair().map_err(|e| format!("{spec}: {e}"))?;
     volume.renew_lease();
     for f in &fixes {

@@ -220,3 +220,53 @@ fn fsck_repair_refuses_beside_a_live_writer_and_runs_offline() {
     f.mount();
     assert_eq!(std::fs::read(f.path("d/x")).unwrap(), b"x");
 }
+
+#[test]
+fn a_forked_journal_is_refused_then_fsck_repair_keeps_one_writer_and_mounts() {
+    let f = Fixture::mounted();
+    bash(&format!(
+        "printf acknowledged | dd of='{}/kept' conv=fsync status=none",
+        f.mnt_str()
+    ));
+    // A dead writer leaves its journal segments unsnapshotted.
+    let pids = daemon_pids(&f.mnt);
+    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
+    bash(&format!("umount -l '{}'", f.mnt_str()));
+    // What a second writer on a store without conditional create leaves: another
+    // segment with the same sequence number.
+    let meta = f.tmp.path().join("store/meta");
+    let last = bash(&format!(
+        "ls '{}' | grep '^journal-' | sort | tail -1",
+        meta.display()
+    ));
+    let last = last.trim();
+    assert!(!last.is_empty(), "no journal segment to fork");
+    let (head, _writer) = last.rsplit_once('-').unwrap();
+    std::fs::copy(meta.join(last), meta.join(format!("{head}-ffffffff"))).unwrap();
+
+    let out = f.try_mount();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("journal fork"),
+        "{err}"
+    );
+    assert!(err.contains("fsck --repair"), "{err}");
+    let out = objfs(&["fsck", f.store_str()]);
+    assert!(!out.status.success());
+
+    let out = objfs_ok(&["fsck", f.store_str(), "--repair"]);
+    assert!(
+        out.contains("journal fork") && out.contains("clean"),
+        "{out}"
+    );
+    // The newest lease holder's chain is kept; the other is set aside, not deleted.
+    assert!(!meta.join(format!("{head}-ffffffff")).exists());
+    assert!(
+        meta.join("forked")
+            .join(format!("{head}-ffffffff"))
+            .exists()
+    );
+    f.mount();
+    assert_eq!(std::fs::read(f.path("kept")).unwrap(), b"acknowledged");
+}

@@ -157,6 +157,8 @@ pub struct VolumeConfig {
     pub lease_ttl: Duration,
     /// Recorded in the lease so others can tell where the writer is mounted.
     pub mountpoint: String,
+    /// `fsck --repair`: keep one chain of a forked journal instead of refusing it.
+    pub resolve_forks: bool,
 }
 
 /// Room for what the budget does not itemize: FUSE buffers, read replies, the index,
@@ -205,6 +207,7 @@ impl Default for VolumeConfig {
             snapshot_bytes: 64 << 20,
             lease_ttl: Duration::from_secs(30),
             mountpoint: String::new(),
+            resolve_forks: false,
         }
     }
 }
@@ -249,6 +252,8 @@ pub struct Volume {
     next_handle: AtomicU64,
     free_queue: Mutex<VecDeque<(Instant, BlockId)>>,
     load_report: LoadReport,
+    /// What loading had to fix first (a forked journal), for `repair` to report.
+    load_fixes: Vec<String>,
     /// The writer lease (None when read-only).
     lease: Mutex<Option<Lease>>,
     /// Set when this writer lost its lease or saw a second writer: no more writes.
@@ -301,7 +306,9 @@ impl Volume {
                 &config.mountpoint,
             )?)
         };
-        let loaded = match journal::load(store.clone(), &writer) {
+        let loaded = Self::resolve_forks(&store, &config, lease.is_some())
+            .and_then(|fixes| Ok((fixes, journal::load(store.clone(), &writer)?)));
+        let (load_fixes, loaded) = match loaded {
             Ok(l) => l,
             Err(e) => {
                 if let Some(mut l) = lease {
@@ -334,6 +341,7 @@ impl Volume {
             next_handle: AtomicU64::new(1),
             free_queue: Mutex::new(VecDeque::new()),
             load_report: loaded.report,
+            load_fixes,
             lease: Mutex::new(lease),
             fenced: AtomicBool::new(false),
         };
@@ -341,6 +349,32 @@ impl Volume {
             volume.after_recovery()?;
         }
         Ok(volume)
+    }
+
+    /// Only when asked (fsck --repair) and under the writer lease.
+    fn resolve_forks(
+        store: &Arc<dyn ObjectStore>,
+        config: &VolumeConfig,
+        leased: bool,
+    ) -> Result<Vec<String>, journal::IndexError> {
+        if !config.resolve_forks || !leased {
+            return Ok(Vec::new());
+        }
+        // An unreadable lease history only loses the tie-break.
+        let preferred = crate::lease::writers_newest_first(&**store).unwrap_or_default();
+        Ok(journal::resolve_forks(&**store, &preferred)?
+            .into_iter()
+            .map(|r| {
+                format!(
+                    "journal fork at generation {} sequence {}: kept writer {}'s chain, moved {} segment(s) to {}",
+                    r.generation,
+                    r.seq,
+                    r.kept,
+                    r.moved.len(),
+                    journal::FORKED_PREFIX
+                )
+            })
+            .collect())
     }
 
     fn block_cache(store: &Arc<dyn ObjectStore>, config: &VolumeConfig, uuid: &str) -> BlockCache {

@@ -28,7 +28,7 @@ impl Volume {
     /// Repairs the index in place; returns a line per fix. Commit afterwards.
     pub fn repair(&self) -> FsResult<Vec<String>> {
         self.writable()?;
-        let mut fixes = Vec::new();
+        let mut fixes = self.load_fixes.clone();
         self.remove_dangling_entries(&mut fixes);
         self.relink_detached_directories(&mut fixes)?;
         self.fix_parents_and_link_counts(&mut fixes);

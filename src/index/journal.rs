@@ -25,7 +25,7 @@ pub enum IndexError {
     #[error("no readable snapshot in {0}: the index cannot be recovered")]
     NoSnapshot(String),
     #[error(
-        "journal fork at generation {generation} sequence {seq}: segments from writers {writers} (two writers were active); refusing to mount"
+        "journal fork at generation {generation} sequence {seq}: segments from writers {writers} (two writers were active); refusing to mount (`objfs fsck --repair` keeps one writer's chain)"
     )]
     Fork {
         generation: u64,
@@ -36,6 +36,8 @@ pub enum IndexError {
 
 const SNAPSHOT_PREFIX: &str = "meta/snapshot-";
 const JOURNAL_PREFIX: &str = "meta/journal-";
+/// Segments of a losing branch, set aside by `resolve_forks` (never read by `load`).
+pub const FORKED_PREFIX: &str = "meta/forked/";
 
 /// Two or more segments with one sequence number: two writers were active.
 fn fork(generation: u64, seq: u64, keys: &[String]) -> IndexError {
@@ -189,6 +191,112 @@ fn list_segments(
         }
     }
     Ok(by_seq)
+}
+
+/// What `resolve_forks` did at one fork.
+#[derive(Debug)]
+pub struct ForkResolution {
+    pub generation: u64,
+    pub seq: u64,
+    /// The writer whose chain was kept.
+    pub kept: String,
+    /// Keys moved under `meta/forked/`.
+    pub moved: Vec<String>,
+}
+
+/// Two writers at once (possible only on stores without conditional create) leave
+/// two chains from one sequence number on, and `load` refuses the store. This keeps
+/// one chain per fork: the one that went further (its writer went on committing, so
+/// it acknowledged more), on a tie the writer that comes first in `preferred` (the
+/// newest lease holders first), and moves every other segment from the fork on to
+/// `meta/forked/`, kept for inspection rather than deleted. Only under the writer
+/// lease.
+pub fn resolve_forks(
+    store: &dyn ObjectStore,
+    preferred: &[String],
+) -> Result<Vec<ForkResolution>, IndexError> {
+    let generations: std::collections::BTreeSet<u64> = store
+        .list(JOURNAL_PREFIX)?
+        .iter()
+        .filter_map(|k| parse_segment_key(k).map(|p| p.0))
+        .collect();
+    let mut resolved = Vec::new();
+    for generation in generations {
+        loop {
+            let by_seq = list_segments(store, generation)?;
+            let Some((&seq, keys)) = by_seq.iter().find(|(_, keys)| keys.len() > 1) else {
+                break;
+            };
+            let kept = pick_branch(&by_seq, seq, keys, preferred);
+            let mut moved = Vec::new();
+            for key in by_seq.range(seq..).flat_map(|(_, keys)| keys) {
+                if writer_of(key) != Some(kept.as_str()) {
+                    move_aside(store, key)?;
+                    moved.push(key.clone());
+                }
+            }
+            log::warn!(
+                "journal fork at generation {generation} sequence {seq}: kept writer {kept}, set aside {}",
+                moved.join(", ")
+            );
+            resolved.push(ForkResolution {
+                generation,
+                seq,
+                kept,
+                moved,
+            });
+        }
+    }
+    Ok(resolved)
+}
+
+fn writer_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(JOURNAL_PREFIX)?;
+    rest.splitn(3, '-').nth(2)
+}
+
+/// The writer whose chain from `seq` is longest; ties go to `preferred` order, then
+/// to the smaller name (any fixed rule: the result must not depend on listing order).
+fn pick_branch(
+    by_seq: &BTreeMap<u64, Vec<String>>,
+    seq: u64,
+    keys: &[String],
+    preferred: &[String],
+) -> String {
+    let run = |writer: &str| {
+        by_seq
+            .range(seq..)
+            .zip(seq..)
+            .take_while(|((s, keys), expected)| {
+                *s == expected && keys.iter().any(|k| writer_of(k) == Some(writer))
+            })
+            .count()
+    };
+    let rank = |writer: &str| {
+        preferred
+            .iter()
+            .position(|p| p == writer)
+            .unwrap_or(usize::MAX)
+    };
+    keys.iter()
+        .filter_map(|k| writer_of(k))
+        .max_by(|a, b| {
+            run(a)
+                .cmp(&run(b))
+                .then(rank(b).cmp(&rank(a)))
+                .then(b.cmp(a))
+        })
+        .expect("a fork has keys")
+        .to_string()
+}
+
+/// Copies a segment under `meta/forked/`, then deletes the original.
+fn move_aside(store: &dyn ObjectStore, key: &str) -> Result<(), IndexError> {
+    let bytes = store.get(key)?;
+    let name = key.strip_prefix("meta/").unwrap_or(key);
+    store.put(&format!("{FORKED_PREFIX}{name}"), &bytes)?;
+    store.delete(key)?;
+    Ok(())
 }
 
 /// Recovery: the newest readable snapshot, then its chain of segments in order.
@@ -568,6 +676,53 @@ mod tests {
         match load(store, "c") {
             Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
             other => panic!("expected a fork, got {:?}", other.map(|l| l.report)),
+        }
+    }
+
+    #[test]
+    fn resolving_a_fork_keeps_the_chain_that_went_on_and_sets_the_other_aside() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mkfs(&*store, 4096).unwrap();
+        let mut a = load(store.clone(), "aaaa").unwrap();
+        let mut b = load(store.clone(), "bbbb").unwrap();
+        // b commits first and, seeing no fork yet, goes on; a then forks and stops.
+        add_file(&mut b.index, "b1");
+        b.journal.commit(&b.index.take_changes()).unwrap();
+        add_file(&mut a.index, "a1");
+        assert!(a.journal.commit(&a.index.take_changes()).is_err());
+        add_file(&mut b.index, "b2");
+        b.journal.commit(&b.index.take_changes()).unwrap();
+        // Even the newest lease holder loses the tie-break to a longer chain.
+        let done = resolve_forks(&*store, &["aaaa".into()]).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].seq, done[0].kept.as_str()), (1, "bbbb"));
+        assert_eq!(done[0].moved, vec![segment_key(0, 1, "aaaa")]);
+        let l = load(store.clone(), "c").unwrap();
+        assert_eq!(names(&l.index), ["b1", "b2"]);
+        assert!(l.report.clean());
+        // Set aside, not deleted; and nothing left to do.
+        let aside = store.list(FORKED_PREFIX).unwrap();
+        assert_eq!(
+            aside,
+            vec![format!("{FORKED_PREFIX}journal-{:020}-{:020}-aaaa", 0, 1)]
+        );
+        assert!(resolve_forks(&*store, &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_tied_fork_goes_to_the_newest_lease_holder() {
+        for (preferred, kept, name) in [("aaaa", "aaaa", "a"), ("bbbb", "bbbb", "b")] {
+            let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+            mkfs(&*store, 4096).unwrap();
+            let mut a = load(store.clone(), "aaaa").unwrap();
+            let mut b = load(store.clone(), "bbbb").unwrap();
+            add_file(&mut a.index, "a");
+            a.journal.commit(&a.index.take_changes()).unwrap();
+            add_file(&mut b.index, "b");
+            assert!(b.journal.commit(&b.index.take_changes()).is_err());
+            let done = resolve_forks(&*store, &[preferred.into(), "zzzz".into()]).unwrap();
+            assert_eq!(done[0].kept, kept);
+            assert_eq!(names(&load(store, "c").unwrap().index), [name]);
         }
     }
 
