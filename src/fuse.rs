@@ -52,6 +52,13 @@ impl FuseAdapter {
         }
     }
 
+    /// The kernel refreshes size and times after a write, not the mode.
+    fn forget_cached_mode(&self, ino: INodeNo) {
+        if let Some(notifier) = self.notifier.get() {
+            let _ = notifier.inval_inode(ino, -1, 0);
+        }
+    }
+
     fn attr(&self, a: &Attr) -> FileAttr {
         FileAttr {
             ino: INodeNo(a.ino),
@@ -99,6 +106,7 @@ fn ctx(req: &Request) -> Ctx {
     Ctx {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -195,7 +203,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -218,6 +226,7 @@ impl Filesystem for FuseAdapter {
             size,
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
+            caller: Some(ctx(req)),
         };
         match self.volume.setattr(ino.0, set) {
             Ok(a) => reply.attr(&self.ttl, &self.attr(&a)),
@@ -377,16 +386,15 @@ impl Filesystem for FuseAdapter {
     ) {
         let drop_setid_for = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            .then(|| req.gid());
+            .then(|| ctx(req));
         match self
             .volume
             .write_dropping_setid(ino.0, offset, data, drop_setid_for)
         {
             Ok((n, mode_changed)) => {
                 reply.written(n);
-                // The kernel refreshes size and times after a write, not the mode.
-                if mode_changed && let Some(notifier) = self.notifier.get() {
-                    let _ = notifier.inval_inode(ino, -1, 0);
+                if mode_changed {
+                    self.forget_cached_mode(ino);
                 }
             }
             Err(e) => reply.error(errno(&e)),
@@ -569,7 +577,7 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -577,7 +585,12 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.volume.fallocate(ino.0, offset, length, mode));
+        let result = self.volume.fallocate(ino.0, offset, length, mode);
+        // Like a write: the kernel leaves dropping set-ID bits to us.
+        if result.is_ok() && self.volume.drop_setid_for(ino.0, &ctx(req)) == Ok(true) {
+            self.forget_cached_mode(ino);
+        }
+        empty(reply, result);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

@@ -92,6 +92,20 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// The supplementary groups of process `pid`, from /proc (empty if it is gone).
+pub fn supplementary_groups(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

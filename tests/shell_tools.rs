@@ -193,33 +193,43 @@ print(len(seen))
 }
 
 #[test]
-fn a_write_by_another_user_drops_set_id_bits_as_on_a_native_disk() {
+fn writes_truncates_and_chowns_drop_set_id_bits_as_on_a_native_disk() {
     let f = Fixture::mounted();
     let native = f.tmp.path().join("native");
     std::fs::create_dir(&native).unwrap();
-    // The other user must be able to reach both directories.
+    // The other users must be able to reach both directories.
     bash(&format!("chmod 755 '{}'", f.tmp.path().display()));
     // `stat -c %a` asks the kernel for the mode alone, which a write does not make it
     // fetch again: a stale cached mode would show here.
-    // a: setuid+setgid with group-execute; b: setgid without it (writer not in
-    // the group); c: as a, but written by root (CAP_FSETID keeps the bits);
-    // d: setgid without group-execute, writer in the file's group.
+    // Writes by nobody: a: setuid+setgid with group-execute; b: setgid without it,
+    // writer not in the group; d: the same, writer's primary group is the file's;
+    // h: the same, the file's group is only a supplementary group of the writer.
+    // c: written by root (CAP_FSETID keeps the bits). e: chowned by root.
+    // f: truncated by nobody; i: truncated by root. g: fallocate by nobody.
     let script = |dir: &str| {
         format!(
-            "cd '{dir}' && touch a b c d && chmod 6777 a c && chmod 6767 b d && chgrp nogroup d && \
-             setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo x >> a; echo y >> b' && \
-             setpriv --reuid=65534 --regid=$(getent group nogroup | cut -d: -f3) --clear-groups sh -c 'echo z >> d' && \
-             echo w >> c && stat -c '%n %a' a b c d && stat -c '%n %s' a b c d"
+            "cd '{dir}' && touch a b c d e f g h i && chmod 6777 a c f g i && chmod 6767 b d h && \
+             chmod 4755 e && chgrp nogroup d h && chown nobody e && \
+             NG=$(getent group nogroup | cut -d: -f3) && \
+             setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo x >> a; echo y >> b; truncate -s 0 f; fallocate -l 8192 g' && \
+             setpriv --reuid=65534 --regid=$NG --clear-groups sh -c 'echo z >> d' && \
+             setpriv --reuid=65534 --regid=1 --groups=$NG sh -c 'echo v >> h' && \
+             echo w >> c && truncate -s 1 i && \
+             stat -c '%n %a' a b c d e f g h i && stat -c '%n %s %U' a b c d e f g h i"
         )
     };
     let on_native = bash(&script(native.to_str().unwrap()));
     let on_objfs = bash(&script(f.mnt_str()));
     assert_eq!(on_objfs, on_native);
-    assert!(on_native.contains("a 777\n"), "{on_native}");
+    for expected in [
+        "a 777\n", "e 755\n", "f 777\n", "g 777\n", "h 2767\n", "i 6777\n",
+    ] {
+        assert!(on_native.contains(expected), "{expected:?} in {on_native}");
+    }
     // And what the store kept, not only what the kernel cached.
     f.remount();
     let kept = bash(&format!(
-        "cd '{}' && stat -c '%n %a' a b c d && stat -c '%n %s' a b c d",
+        "cd '{}' && stat -c '%n %a' a b c d e f g h i && stat -c '%n %s %U' a b c d e f g h i",
         f.mnt_str()
     ));
     assert_eq!(kept, on_native);

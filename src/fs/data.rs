@@ -1,7 +1,7 @@
 //! File contents: dirty block buffers (write-back), reads that merge dirty and stored
 //! blocks, truncation, and sealing dirty blocks into the store.
 
-use super::{FsError, FsResult, MAX_FILE_SIZE, Volume};
+use super::{Ctx, FsError, FsResult, MAX_FILE_SIZE, Volume};
 use crate::block::BlockId;
 use crate::index::{Extent, Ino, Kind, Timestamp, UploadStart};
 use std::collections::BTreeMap;
@@ -261,14 +261,14 @@ impl Volume {
 
     /// `drop_setid_for`: the kernel asks us to drop set-ID bits as a write by a
     /// process without CAP_FSETID must (FUSE_HANDLE_KILLPRIV_V2); it carries that
-    /// process's group. Also returns whether the mode changed, so the caller can
-    /// tell the kernel to forget the mode it cached.
+    /// process. Also returns whether the mode changed, so the caller can tell the
+    /// kernel to forget the mode it cached.
     pub fn write_dropping_setid(
         &self,
         ino: Ino,
         offset: u64,
         data: &[u8],
-        drop_setid_for: Option<u32>,
+        drop_setid_for: Option<Ctx>,
     ) -> FsResult<(u32, bool)> {
         self.writable()?;
         let end = offset
@@ -339,8 +339,8 @@ impl Volume {
             let now = Timestamp::now();
             inode.mtime = now;
             inode.ctime = now;
-            if let Some(gid) = drop_setid_for {
-                mode_changed = drop_setid(inode, gid);
+            if let Some(caller) = &drop_setid_for {
+                mode_changed = drop_setid(inode, caller);
             }
         }
         drop(file);
@@ -403,6 +403,22 @@ impl Volume {
     /// fallocate(2): plain allocation extends the size (space is not reserved: the
     /// store grows on demand), KEEP_SIZE is a no-op, PUNCH_HOLE and ZERO_RANGE zero a
     /// range (whole blocks become holes). Other modes are EOPNOTSUPP.
+    /// Drops set-ID bits as a change by `caller` must (see `drop_setid`); returns
+    /// whether the mode changed.
+    pub fn drop_setid_for(&self, ino: Ino, caller: &Ctx) -> FsResult<bool> {
+        self.writable()?;
+        let mut state = self.state();
+        let inode = Self::inode_mut(&mut state, ino)?;
+        if inode.kind != Kind::File || caller.privileged() {
+            return Ok(false);
+        }
+        let changed = drop_setid(inode, caller);
+        if changed {
+            inode.ctime = Timestamp::now();
+        }
+        Ok(changed)
+    }
+
     pub fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         self.writable()?;
         if length == 0 {
@@ -650,14 +666,18 @@ impl Volume {
     }
 }
 
-/// What a write by a process without CAP_FSETID does to the mode (as Linux's
-/// `setattr_should_drop_sgid`): set-user-ID always goes; set-group-ID goes with
-/// group-execute, or when the writer is not in the file's group (the primary group
-/// is all a FUSE request tells). Returns whether anything changed.
-pub(super) fn drop_setid(inode: &mut crate::index::Inode, writer_gid: u32) -> bool {
+/// Linux's rule for dropping set-ID bits when a file is written, truncated or
+/// chowned (`setattr_should_drop_sgid`): set-user-ID always goes; set-group-ID goes
+/// with group-execute, or when the caller is neither in the file's group nor
+/// privileged (without group-execute it marks mandatory locking). Returns whether
+/// the mode changed.
+pub(super) fn drop_setid(inode: &mut crate::index::Inode, caller: &Ctx) -> bool {
     let before = inode.perm;
     inode.perm &= !0o4000;
-    if inode.perm & 0o010 != 0 || inode.gid != writer_gid {
+    let group_exec = inode.perm & 0o010 != 0;
+    if inode.perm & 0o2000 != 0
+        && (group_exec || !(caller.privileged() || caller.in_group(inode.gid)))
+    {
         inode.perm &= !0o2000;
     }
     inode.perm != before

@@ -39,11 +39,29 @@ pub const MAX_FILE_SIZE: u64 = 1 << 60;
 pub struct Ctx {
     pub uid: u32,
     pub gid: u32,
+    /// The calling process, for its supplementary groups; 0 when unknown.
+    pub pid: u32,
 }
 
 impl Ctx {
     pub fn root() -> Ctx {
-        Ctx { uid: 0, gid: 0 }
+        Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        }
+    }
+
+    /// Root stands in for CAP_FSETID and CAP_FOWNER, which a FUSE request does not carry.
+    pub fn privileged(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// In group `gid` as primary group, or as a supplementary one (read from /proc:
+    /// a FUSE request carries only the primary group).
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid
+            || (self.pid != 0 && crate::util::supplementary_groups(self.pid).contains(&gid))
     }
 }
 
@@ -105,6 +123,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// Who asks; None for objfs itself (treated as privileged).
+    pub caller: Option<Ctx>,
 }
 
 #[derive(Debug, Clone)]
@@ -816,6 +836,14 @@ impl Volume {
         }
         if let Some(gid) = set.gid {
             inode.gid = gid;
+        }
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping set-ID bits on chown
+        // and truncate to us (an explicit mode wins: chmod never drops them).
+        let caller = set.caller.unwrap_or_else(Ctx::root);
+        let chown = set.uid.is_some() || set.gid.is_some();
+        let unprivileged_truncate = set.size.is_some() && !caller.privileged();
+        if set.mode.is_none() && inode.kind != Kind::Dir && (chown || unprivileged_truncate) {
+            data::drop_setid(inode, &caller);
         }
         let resolve = |t: SetTime| match t {
             SetTime::Now => now,

@@ -225,6 +225,7 @@ fn setgid_directories_pass_their_group_on() {
     let user = Ctx {
         uid: 1000,
         gid: 1000,
+        pid: 0,
     };
     let f = v.create(user, d, b"f", 0o644).unwrap().0;
     assert_eq!((f.uid, f.gid), (1000, 42));
