@@ -154,7 +154,7 @@ impl BlockCache {
         let mut stored = self.pool.take();
         self.store.get_into(&id.key(), &mut stored)?;
         let plain = match block::decode(id, stored) {
-            Ok(p) => Arc::new(p),
+            Ok(p) => Arc::new(self.fit(p)),
             Err(e) => {
                 log::error!("{e}");
                 return Err(e.into());
@@ -219,6 +219,17 @@ impl BlockCache {
         if let Some(b) = popped {
             self.pool.give(b);
         }
+    }
+
+    /// A small block in a big (pooled, fully resident) buffer would hold far more
+    /// memory than the cache counts: copy it out and keep the buffer.
+    fn fit(&self, plain: Vec<u8>) -> Vec<u8> {
+        if plain.len() >= plain.capacity() / 2 {
+            return plain;
+        }
+        let small = plain.clone();
+        self.pool.give(Arc::new(plain));
+        small
     }
 
     /// An empty buffer with room for at least `capacity` bytes, reused if one is free.
@@ -291,5 +302,24 @@ mod tests {
             .map(Vec::capacity)
             .sum();
         assert!(pooled <= POOL_BYTES && pooled > POOL_BYTES - POOLED_MIN * 2);
+    }
+
+    #[test]
+    fn a_small_block_never_pins_a_big_pooled_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(crate::store::LocalStore::open(dir.path(), true).unwrap());
+        let cache = BlockCache::new(store, 1 << 30);
+        let small = b"ten bytes!";
+        let id = BlockId::of(small);
+        cache.upload_plain(id, small).unwrap();
+        cache
+            .pool
+            .give(Arc::new(Vec::with_capacity(4 * POOLED_MIN)));
+        let got = cache.get(id).unwrap();
+        assert_eq!(&got[..], small);
+        assert!(got.capacity() < POOLED_MIN, "{}", got.capacity());
+        // The big buffer went back to the pool.
+        assert_eq!(cache.buffer(0).capacity(), 4 * POOLED_MIN);
     }
 }

@@ -229,29 +229,38 @@ impl Volume {
         Ok(out)
     }
 
-    /// The current bytes of one slot, for a partial overwrite.
-    fn slot_base(&self, ino: Ino, slot: u64) -> FsResult<Vec<u8>> {
+    /// The current bytes of one slot, for a partial overwrite that will fill it up
+    /// to `hi`.
+    fn slot_base(&self, ino: Ino, slot: u64, hi: usize) -> FsResult<Vec<u8>> {
         let extent = {
             let state = self.state();
             Self::inode(&state, ino)?.extents.get(&slot).cloned()
         };
         Ok(match extent {
-            None => self.block_buffer(),
+            None => self.slot_buffer(hi),
             Some(Extent::Inline(b)) => b,
             Some(Extent::Block { id, len }) => {
                 let b = self.cache.get(id)?;
-                let mut buf = self.block_buffer();
-                buf.extend_from_slice(&b[..(len as usize).min(b.len())]);
+                let valid = &b[..(len as usize).min(b.len())];
+                let mut buf = self.slot_buffer(valid.len().max(hi));
+                buf.extend_from_slice(valid);
                 buf
             }
         })
     }
 
-    /// A buffer for a whole block (plus the stored trailer, so it can be reused for a
-    /// fetch later): a writer filling it piecemeal never reallocates.
-    fn block_buffer(&self) -> Vec<u8> {
-        self.cache
-            .buffer(self.block_size as usize + crate::block::TRAILER_LEN)
+    /// A buffer with room for a whole block plus the stored trailer, so a writer
+    /// filling it piecemeal never reallocates and it can serve a fetch later. A slot
+    /// that will be mostly full reuses a pooled buffer (all its pages are touched
+    /// anyway); a small one gets a fresh allocation, whose untouched pages cost no
+    /// memory (a small file must not pin a whole recycled block).
+    fn slot_buffer(&self, filled: usize) -> Vec<u8> {
+        let capacity = self.block_size as usize + crate::block::TRAILER_LEN;
+        if filled as u64 >= self.block_size / 2 {
+            self.cache.buffer(capacity)
+        } else {
+            Vec::with_capacity(capacity)
+        }
     }
 
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -298,9 +307,9 @@ impl Volume {
             if let std::collections::btree_map::Entry::Vacant(e) = file.dirty.entry(slot) {
                 let whole = lo == 0 && hi as u64 == bs;
                 let base = if whole {
-                    self.block_buffer()
+                    self.slot_buffer(hi)
                 } else {
-                    self.slot_base(ino, slot)?
+                    self.slot_base(ino, slot, hi)?
                 };
                 added += base.len() as i64;
                 e.insert(DirtyBlock {

@@ -7,7 +7,7 @@ use super::superblock::{self, Superblock};
 use super::{Changes, Index, Record, SnapshotBody};
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -205,12 +205,14 @@ pub struct ForkResolution {
 }
 
 /// Two writers at once (possible only on stores without conditional create) leave
-/// two chains from one sequence number on, and `load` refuses the store. This keeps
-/// one chain per fork: the one that went further (its writer went on committing, so
-/// it acknowledged more), on a tie the writer that comes first in `preferred` (the
-/// newest lease holders first), and moves every other segment from the fork on to
-/// `meta/forked/`, kept for inspection rather than deleted. Only under the writer
-/// lease.
+/// two segments with one sequence number, and `load` refuses the store. A writer that
+/// sees this at commit sets its own segment aside (it was never acknowledged), so a
+/// lasting fork needs a crash between the write and that check. This keeps, at each
+/// fork, the chain (followed by `prev` links) that runs longest, since its writer and
+/// whoever mounted after it went on committing; on a tie the one started by the writer
+/// that comes first in `preferred` (the newest lease holders first), then the smaller
+/// key. Every other segment from the fork on is moved to `meta/forked/`, kept for
+/// inspection rather than deleted. Only under the writer lease.
 pub fn resolve_forks(
     store: &dyn ObjectStore,
     preferred: &[String],
@@ -227,22 +229,44 @@ pub fn resolve_forks(
             let Some((&seq, keys)) = by_seq.iter().find(|(_, keys)| keys.len() > 1) else {
                 break;
             };
-            let kept = pick_branch(&by_seq, seq, keys, preferred);
+            let mut prevs = HashMap::new();
+            let mut chains = Vec::new();
+            for key in keys {
+                chains.push(chain_from(store, &by_seq, seq, key, &mut prevs)?);
+            }
+            let rank = |chain: &Vec<String>| {
+                let writer = writer_of(&chain[0]).unwrap_or_default();
+                preferred
+                    .iter()
+                    .position(|p| p == writer)
+                    .unwrap_or(usize::MAX)
+            };
+            let kept = chains
+                .iter()
+                .max_by(|a, b| {
+                    a.len()
+                        .cmp(&b.len())
+                        .then(rank(b).cmp(&rank(a)))
+                        .then(b[0].cmp(&a[0]))
+                })
+                .expect("a fork has keys")
+                .clone();
             let mut moved = Vec::new();
             for key in by_seq.range(seq..).flat_map(|(_, keys)| keys) {
-                if writer_of(key) != Some(kept.as_str()) {
+                if !kept.contains(key) {
                     move_aside(store, key)?;
                     moved.push(key.clone());
                 }
             }
+            let writer = writer_of(&kept[0]).unwrap_or_default().to_string();
             log::warn!(
-                "journal fork at generation {generation} sequence {seq}: kept writer {kept}, set aside {}",
+                "journal fork at generation {generation} sequence {seq}: kept the chain of writer {writer}, set aside {}",
                 moved.join(", ")
             );
             resolved.push(ForkResolution {
                 generation,
                 seq,
-                kept,
+                kept: writer,
                 moved,
             });
         }
@@ -255,39 +279,52 @@ fn writer_of(key: &str) -> Option<&str> {
     rest.splitn(3, '-').nth(2)
 }
 
-/// The writer whose chain from `seq` is longest; ties go to `preferred` order, then
-/// to the smaller name (any fixed rule: the result must not depend on listing order).
-fn pick_branch(
+/// `start` and the segments after it that name their predecessor as `prev`.
+fn chain_from(
+    store: &dyn ObjectStore,
     by_seq: &BTreeMap<u64, Vec<String>>,
     seq: u64,
-    keys: &[String],
-    preferred: &[String],
-) -> String {
-    let run = |writer: &str| {
-        by_seq
-            .range(seq..)
-            .zip(seq..)
-            .take_while(|((s, keys), expected)| {
-                *s == expected && keys.iter().any(|k| writer_of(k) == Some(writer))
-            })
-            .count()
+    start: &str,
+    prevs: &mut HashMap<String, Option<String>>,
+) -> Result<Vec<String>, IndexError> {
+    let mut chain = vec![start.to_string()];
+    for s in seq + 1.. {
+        let Some(keys) = by_seq.get(&s) else {
+            break;
+        };
+        let mut next = None;
+        for key in keys {
+            if prev_of(store, key, prevs)?.as_deref() == chain.last().map(String::as_str) {
+                next = Some(key.clone());
+                break;
+            }
+        }
+        match next {
+            Some(k) => chain.push(k),
+            None => break,
+        }
+    }
+    Ok(chain)
+}
+
+/// A segment's `prev`, read once; an unreadable segment continues no chain.
+fn prev_of(
+    store: &dyn ObjectStore,
+    key: &str,
+    prevs: &mut HashMap<String, Option<String>>,
+) -> Result<Option<String>, IndexError> {
+    if let Some(p) = prevs.get(key) {
+        return Ok(p.clone());
+    }
+    let prev = match store.get(key) {
+        Ok(bytes) => codec::decode::<Segment>(&codec::SEGMENT, &bytes)
+            .ok()
+            .and_then(|s| s.prev),
+        Err(StoreError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
     };
-    let rank = |writer: &str| {
-        preferred
-            .iter()
-            .position(|p| p == writer)
-            .unwrap_or(usize::MAX)
-    };
-    keys.iter()
-        .filter_map(|k| writer_of(k))
-        .max_by(|a, b| {
-            run(a)
-                .cmp(&run(b))
-                .then(rank(b).cmp(&rank(a)))
-                .then(b.cmp(a))
-        })
-        .expect("a fork has keys")
-        .to_string()
+    prevs.insert(key.to_string(), prev.clone());
+    Ok(prev)
 }
 
 /// Copies a segment under `meta/forked/`, then deletes the original.
@@ -511,6 +548,11 @@ impl Journal {
             self.generation
         ))?;
         if same_seq.len() > 1 {
+            // Not acknowledged, so it goes: whichever writer listed first without
+            // seeing ours keeps a clean chain. Failing that, fsck --repair decides.
+            if let Err(e) = move_aside(&*self.store, &key) {
+                log::warn!("setting aside {key} after a fork: {e}");
+            }
             return Err(fork(self.generation, seq, &same_seq));
         }
         self.seq = seq;
@@ -660,8 +702,17 @@ mod tests {
         assert!(r.journal.needs_fresh_snapshot());
     }
 
+    /// What a writer that crashed between writing its segment and checking for a fork
+    /// leaves: its segment beside `key`, same sequence number, same predecessor.
+    fn crashed_twin(store: &Arc<dyn ObjectStore>, key: &str, writer: &str) -> String {
+        let (generation, seq, _) = parse_segment_key(key).unwrap();
+        let twin = segment_key(generation, seq, writer);
+        store.put(&twin, &store.get(key).unwrap()).unwrap();
+        twin
+    }
+
     #[test]
-    fn fork_refuses_to_load() {
+    fn a_writer_that_sees_a_fork_sets_its_unacknowledged_segment_aside() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         mkfs(&*store, 4096).unwrap();
         let mut a = load(store.clone(), "aaaa").unwrap();
@@ -669,10 +720,20 @@ mod tests {
         add_file(&mut a.index, "a");
         a.journal.commit(&a.index.take_changes()).unwrap();
         add_file(&mut b.index, "b");
-        assert!(matches!(
-            b.journal.commit(&b.index.take_changes()),
-            Err(IndexError::Fork { .. })
-        ));
+        match b.journal.commit(&b.index.take_changes()) {
+            Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
+            other => panic!("expected a fork, got {other:?}"),
+        }
+        // Only the acknowledged chain is left; the other is kept aside.
+        let l = load(store.clone(), "c").unwrap();
+        assert_eq!(names(&l.index), ["a"]);
+        assert_eq!(store.list(FORKED_PREFIX).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn fork_refuses_to_load() {
+        let (store, l) = with_segments(&["a"], "aaaa");
+        crashed_twin(&store, l.journal.last_key.as_ref().unwrap(), "bbbb");
         match load(store, "c") {
             Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
             other => panic!("expected a fork, got {:?}", other.map(|l| l.report)),
@@ -681,48 +742,65 @@ mod tests {
 
     #[test]
     fn resolving_a_fork_keeps_the_chain_that_went_on_and_sets_the_other_aside() {
-        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        mkfs(&*store, 4096).unwrap();
-        let mut a = load(store.clone(), "aaaa").unwrap();
-        let mut b = load(store.clone(), "bbbb").unwrap();
-        // b commits first and, seeing no fork yet, goes on; a then forks and stops.
-        add_file(&mut b.index, "b1");
-        b.journal.commit(&b.index.take_changes()).unwrap();
-        add_file(&mut a.index, "a1");
-        assert!(a.journal.commit(&a.index.take_changes()).is_err());
-        add_file(&mut b.index, "b2");
-        b.journal.commit(&b.index.take_changes()).unwrap();
+        // v commits 1-2; w takes over and commits 3-4, then x mounts after w and
+        // commits 5-6; v's late segment 3 (it crashed before checking) is the fork.
+        let (store, v) = with_segments(&["v1", "v2"], "vvvv");
+        let mut w = load(store.clone(), "wwww").unwrap();
+        for name in ["w3", "w4"] {
+            add_file(&mut w.index, name);
+            w.journal.commit(&w.index.take_changes()).unwrap();
+        }
+        let mut x = load(store.clone(), "xxxx").unwrap();
+        for name in ["x5", "x6"] {
+            add_file(&mut x.index, name);
+            x.journal.commit(&x.index.take_changes()).unwrap();
+        }
+        let mut late = v;
+        add_file(&mut late.index, "v3");
+        let v3 = segment_key(0, 3, "vvvv");
+        let seg = Segment {
+            generation: 0,
+            seq: 3,
+            writer: "vvvv".into(),
+            prev: late.journal.last_key.clone(),
+            next_ino: 100,
+            records: late.index.take_changes().records,
+        };
+        store
+            .put(&v3, &codec::encode(&codec::SEGMENT, &seg))
+            .unwrap();
+        assert!(matches!(
+            load(store.clone(), "c"),
+            Err(IndexError::Fork { .. })
+        ));
         // Even the newest lease holder loses the tie-break to a longer chain.
-        let done = resolve_forks(&*store, &["aaaa".into()]).unwrap();
+        let done = resolve_forks(&*store, &["vvvv".into()]).unwrap();
         assert_eq!(done.len(), 1);
-        assert_eq!((done[0].seq, done[0].kept.as_str()), (1, "bbbb"));
-        assert_eq!(done[0].moved, vec![segment_key(0, 1, "aaaa")]);
+        assert_eq!((done[0].seq, done[0].kept.as_str()), (3, "wwww"));
+        assert_eq!(done[0].moved, vec![v3]);
         let l = load(store.clone(), "c").unwrap();
-        assert_eq!(names(&l.index), ["b1", "b2"]);
-        assert!(l.report.clean());
+        assert_eq!(names(&l.index), ["v1", "v2", "w3", "w4", "x5", "x6"]);
+        assert!(l.report.clean(), "{:?}", l.report.warnings);
         // Set aside, not deleted; and nothing left to do.
         let aside = store.list(FORKED_PREFIX).unwrap();
         assert_eq!(
             aside,
-            vec![format!("{FORKED_PREFIX}journal-{:020}-{:020}-aaaa", 0, 1)]
+            vec![format!("{FORKED_PREFIX}journal-{:020}-{:020}-vvvv", 0, 3)]
         );
         assert!(resolve_forks(&*store, &[]).unwrap().is_empty());
     }
 
     #[test]
     fn a_tied_fork_goes_to_the_newest_lease_holder() {
-        for (preferred, kept, name) in [("aaaa", "aaaa", "a"), ("bbbb", "bbbb", "b")] {
-            let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-            mkfs(&*store, 4096).unwrap();
-            let mut a = load(store.clone(), "aaaa").unwrap();
-            let mut b = load(store.clone(), "bbbb").unwrap();
-            add_file(&mut a.index, "a");
-            a.journal.commit(&a.index.take_changes()).unwrap();
-            add_file(&mut b.index, "b");
-            assert!(b.journal.commit(&b.index.take_changes()).is_err());
+        for (preferred, kept) in [("aaaa", "aaaa"), ("bbbb", "bbbb")] {
+            let (store, l) = with_segments(&["a"], "aaaa");
+            crashed_twin(&store, l.journal.last_key.as_ref().unwrap(), "bbbb");
             let done = resolve_forks(&*store, &[preferred.into(), "zzzz".into()]).unwrap();
             assert_eq!(done[0].kept, kept);
-            assert_eq!(names(&load(store, "c").unwrap().index), [name]);
+            let left = store.list(JOURNAL_PREFIX).unwrap();
+            assert_eq!(left.len(), 1);
+            assert!(left[0].ends_with(kept), "{left:?}");
+            assert_eq!(names(&load(store, "c").unwrap().index), ["a"]);
         }
     }
 
