@@ -34,10 +34,14 @@ impl Node {
         while pos < end {
             let (i, at) = (pos / CHUNK, pos % CHUNK);
             let n = (CHUNK - at).min(end - pos);
-            match self.chunks.get(i) {
-                Some(c) if c.len() >= at + n => out.extend_from_slice(&c[at..at + n]),
-                _ => out.resize(out.len() + n, 0),
-            }
+            // Bytes a chunk holds, then zeros (a hole or an extended size).
+            let held = self
+                .chunks
+                .get(i)
+                .map_or(&[][..], |c| &c[at.min(c.len())..]);
+            let copied = held.len().min(n);
+            out.extend_from_slice(&held[..copied]);
+            out.resize(out.len() + n - copied, 0);
             pos += n;
         }
         out
@@ -186,7 +190,9 @@ impl Filesystem for FloorFs {
             let size = size as usize;
             let kept = size.div_ceil(CHUNK);
             n.chunks.truncate(kept);
-            if let Some(last) = n.chunks.last_mut() {
+            if n.chunks.len() == kept
+                && let Some(last) = n.chunks.last_mut()
+            {
                 last.truncate(size - (kept - 1) * CHUNK);
             }
             n.attr.size = size as u64;

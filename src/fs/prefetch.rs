@@ -7,7 +7,7 @@ use crate::cache::BlockCache;
 use crate::index::Ino;
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Blocks fetched ahead of a reader at most.
 pub const MAX_WINDOW: u64 = 16;
@@ -80,7 +80,7 @@ impl Readahead {
 
 /// Long-lived background fetchers fed by a bounded queue. (A thread per batch cost
 /// two thread creations, and their stack mappings, per MiB read.) Started on first
-/// use; they exit when the `Prefetcher` is dropped.
+/// use; they exit once the `Prefetcher` or the cache is dropped.
 #[derive(Default)]
 pub struct Prefetcher {
     queue: Mutex<Option<SyncSender<BlockId>>>,
@@ -110,7 +110,7 @@ fn start_workers(cache: &Arc<BlockCache>) -> Option<SyncSender<BlockId>> {
     let rx = Arc::new(Mutex::new(rx));
     let mut started = 0;
     for i in 0..WORKERS {
-        let (cache, rx) = (cache.clone(), rx.clone());
+        let (cache, rx) = (Arc::downgrade(cache), rx.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("objfs-prefetch-{i}"))
             .spawn(move || fetch_loop(&cache, &rx));
@@ -122,10 +122,11 @@ fn start_workers(cache: &Arc<BlockCache>) -> Option<SyncSender<BlockId>> {
     (started > 0).then_some(tx)
 }
 
-fn fetch_loop(cache: &BlockCache, rx: &Mutex<Receiver<BlockId>>) {
+fn fetch_loop(cache: &Weak<BlockCache>, rx: &Mutex<Receiver<BlockId>>) {
     loop {
         let next = rx.lock().unwrap().recv();
-        let Ok(id) = next else {
+        // Nothing queued is fetched for a volume that is gone.
+        let (Ok(id), Some(cache)) = (next, cache.upgrade()) else {
             return;
         };
         if cache.cached(&id).is_none() {
