@@ -628,8 +628,11 @@ fn daemon_alive(pid: u32) -> bool {
     let state = stat
         .rsplit_once(") ")
         .and_then(|(_, rest)| rest.chars().next());
+    // A reused pid runs another program; the daemon runs this one, whatever the
+    // binary is called.
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    !matches!(state, Some('Z') | Some('X') | None) && comm.trim() == "objfs"
+    let ours = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    !matches!(state, Some('Z') | Some('X') | None) && comm.trim() == ours.trim()
 }
 
 pub fn umount(mountpoint: &Path, timeout: Duration) -> CliResult<()> {

@@ -224,3 +224,64 @@ fn help_names_the_log_file() {
         objfs_ok(&[cmd, "--help"]);
     }
 }
+
+/// Any process still serving `mnt`, whatever its binary is called.
+fn anything_serving(mnt: &std::path::Path) -> bool {
+    let needle = mnt.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z'))
+            && args.contains(&b"mount".as_slice())
+            && args.contains(&needle.as_bytes())
+    })
+}
+
+#[test]
+fn umount_waits_for_the_final_flush_even_under_another_binary_name() {
+    let f = Fixture::new();
+    let renamed = f.tmp.path().join("objfs-1.0-renamed");
+    std::fs::copy(BIN, &renamed).unwrap();
+    let bin = renamed.to_str().unwrap();
+    let (store, mnt, log) = (f.store_str(), f.mnt_str(), f.log.to_str().unwrap());
+    // Nothing is committed in the background: everything waits for the unmount.
+    let out = run_with_timeout(
+        60,
+        bin,
+        &[
+            "mount",
+            store,
+            mnt,
+            "--log-file",
+            log,
+            "--commit-interval",
+            "3600",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bash(&format!(
+        "cd '{mnt}' && for d in $(seq 20); do mkdir d$d; for i in $(seq 100); do head -c 6000 /dev/urandom > d$d/f$i; done; done"
+    ));
+    let out = run_with_timeout(120, bin, &["umount", mnt]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !anything_serving(&f.mnt),
+        "umount returned before the daemon exited"
+    );
+    assert!(objfs_ok(&["fsck", store]).contains("clean"));
+    f.mount();
+    let n = bash(&format!("find '{mnt}' -type f | wc -l"));
+    assert_eq!(n.trim(), "2000");
+}

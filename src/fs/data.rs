@@ -249,17 +249,18 @@ impl Volume {
         })
     }
 
-    /// A buffer with room for a whole block plus the stored trailer, so a writer
-    /// filling it piecemeal never reallocates and it can serve a fetch later. A slot
-    /// that will be mostly full reuses a pooled buffer (all its pages are touched
-    /// anyway); a small one gets a fresh allocation, whose untouched pages cost no
-    /// memory (a small file must not pin a whole recycled block).
+    /// A buffer for a slot about to hold `filled` bytes. A mostly full one reuses a
+    /// pooled whole-block buffer (room for the stored trailer too, so it can serve a
+    /// fetch later; all its pages get touched anyway). A small one starts small and
+    /// grows by doubling: a small file must neither pin a whole recycled block nor
+    /// cost a mapping of its own (thousands of dirty small files would each hold one,
+    /// against the kernel's limit on mappings).
     fn slot_buffer(&self, filled: usize) -> Vec<u8> {
-        let capacity = self.block_size as usize + crate::block::TRAILER_LEN;
         if filled as u64 >= self.block_size / 2 {
-            self.cache.buffer(capacity)
+            self.cache
+                .buffer(self.block_size as usize + crate::block::TRAILER_LEN)
         } else {
-            Vec::with_capacity(capacity)
+            Vec::with_capacity(filled.next_power_of_two())
         }
     }
 
