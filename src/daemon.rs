@@ -317,6 +317,11 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
         lease_ttl: Duration::from_secs(settings.lease_ttl_secs),
         mountpoint: mountpoint.display().to_string(),
         snapshot_segments: settings.snapshot_every,
+        prefetch_workers: if target.location.is_remote() {
+            crate::fs::REMOTE_PREFETCH_WORKERS
+        } else {
+            crate::fs::LOCAL_PREFETCH_WORKERS
+        },
         ..VolumeConfig::default()
     };
     let describe = store.describe();

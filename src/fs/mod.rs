@@ -5,6 +5,7 @@ mod data;
 mod error;
 mod persist;
 mod prefetch;
+pub use prefetch::{LOCAL_PREFETCH_WORKERS, REMOTE_PREFETCH_WORKERS};
 mod repair;
 mod upload;
 
@@ -179,6 +180,8 @@ pub struct VolumeConfig {
     pub mountpoint: String,
     /// `fsck --repair`: keep one chain of a forked journal instead of refusing it.
     pub resolve_forks: bool,
+    /// Background fetchers for sequential readers.
+    pub prefetch_workers: usize,
 }
 
 /// Room for what the budget does not itemize: FUSE buffers, read replies, the index,
@@ -228,6 +231,7 @@ impl Default for VolumeConfig {
             lease_ttl: Duration::from_secs(30),
             mountpoint: String::new(),
             resolve_forks: false,
+            prefetch_workers: prefetch::LOCAL_PREFETCH_WORKERS,
         }
     }
 }
@@ -341,7 +345,7 @@ impl Volume {
         let volume = Volume {
             cache: Arc::new(Self::block_cache(&store, &config, &sb.uuid)),
             readahead: Arc::new(prefetch::Readahead::default()),
-            prefetcher: prefetch::Prefetcher::default(),
+            prefetcher: prefetch::Prefetcher::new(config.prefetch_workers),
             uploader: upload::Uploader::default(),
             store,
             superblock: loaded.superblock,

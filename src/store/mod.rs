@@ -162,6 +162,12 @@ impl StoreLocation {
     pub fn is_unbounded(&self) -> bool {
         matches!(self, StoreLocation::S3(_))
     }
+
+    /// Whether each read waits on a network round trip (so more of them in flight pay
+    /// off) rather than on this machine's disk and CPU.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, StoreLocation::S3(_))
+    }
 }
 
 #[cfg(test)]
