@@ -121,12 +121,9 @@ fn sigkill_at_random_moments_loses_nothing_fsynced() {
             .unwrap();
         // Kill somewhere between 0.1 and 1.5 s in, varying by round.
         std::thread::sleep(Duration::from_millis(100 + (round * 337) % 1400));
-        let pids = daemon_pids(&f.mnt);
-        assert_eq!(pids.len(), 1);
-        unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+        f.kill_daemon();
         let _ = writer.kill();
         let _ = writer.wait();
-        assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
         // The next mount clears the dead mount and takes over the dead daemon's lease.
         f.mount();
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -144,27 +141,14 @@ fn second_writer_is_refused_with_the_holder_named() {
     let f = Fixture::mounted();
     let other = f.tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    let out = objfs(&[
-        "mount",
-        f.store_str(),
-        other.to_str().unwrap(),
-        "--log-file",
-        f.log.to_str().unwrap(),
-    ]);
+    let out = f.try_mount_at(&other, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mounted read-write by writer"), "{err}");
     assert!(err.contains("expires in"), "{err}");
     assert!(!is_mountpoint(&other));
     // A read-only mount beside the writer is fine.
-    let out = objfs(&[
-        "mount",
-        f.store_str(),
-        other.to_str().unwrap(),
-        "--read-only",
-        "--log-file",
-        f.log.to_str().unwrap(),
-    ]);
+    let out = f.try_mount_at(&other, &["--read-only"]);
     assert!(
         out.status.success(),
         "{}",
@@ -229,9 +213,7 @@ fn a_forked_journal_is_refused_then_fsck_repair_keeps_one_writer_and_mounts() {
         f.mnt_str()
     ));
     // A dead writer leaves its journal segments unsnapshotted.
-    let pids = daemon_pids(&f.mnt);
-    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
+    f.kill_daemon();
     bash(&format!("umount -l '{}'", f.mnt_str()));
     // What a second writer on a store without conditional create leaves: another
     // segment with the same sequence number.

@@ -109,11 +109,7 @@ fn torn_journal_segment_stops_replay_with_a_warning() {
         f.mnt_str()
     ));
     // Kill the daemon so the journal is not compacted into a snapshot at unmount.
-    let pids = daemon_pids(&f.mnt);
-    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
-    assert!(wait_until(std::time::Duration::from_secs(10), || {
-        daemon_pids(&f.mnt).is_empty()
-    }));
+    f.kill_daemon();
     let last = meta_keys(&f, "journal-").pop().unwrap();
     let b = std::fs::read(&last).unwrap();
     std::fs::write(&last, &b[..b.len() - 3]).unwrap();

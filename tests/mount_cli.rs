@@ -165,9 +165,7 @@ fn killed_daemon_leaves_a_dead_mount_that_is_cleaned_up() {
         "printf durable > {0}/kept && sync {0}/kept && python3 -c \"import os; fd=os.open('{0}/kept', os.O_RDONLY); os.fsync(fd)\"",
         f.mnt_str()
     ));
-    let pids = daemon_pids(&f.mnt);
-    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
+    f.kill_daemon();
     // The mount is dead ("Transport endpoint is not connected"); statfs always asks
     // the daemon, while stat may be answered from the attribute cache.
     let out = run_with_timeout(30, "stat", &["-f", f.mnt_str()]);
@@ -183,9 +181,7 @@ fn killed_daemon_leaves_a_dead_mount_that_is_cleaned_up() {
     f.mount();
     assert_eq!(std::fs::read(f.path("kept")).unwrap(), b"durable");
     // And a mount over a dead mount just works.
-    let pids = daemon_pids(&f.mnt);
-    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
+    f.kill_daemon();
     f.mount();
     assert_eq!(std::fs::read(f.path("kept")).unwrap(), b"durable");
 }
@@ -225,22 +221,6 @@ fn help_names_the_log_file() {
     }
 }
 
-/// Any process still serving `mnt`, whatever its binary is called.
-fn anything_serving(mnt: &std::path::Path) -> bool {
-    let needle = mnt.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        let pid = e.file_name().to_string_lossy().into_owned();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        !stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, r)| r.starts_with('Z'))
-            && args.contains(&b"mount".as_slice())
-            && args.contains(&needle.as_bytes())
-    })
-}
-
 #[test]
 fn umount_waits_for_the_final_flush_even_under_another_binary_name() {
     let f = Fixture::new();
@@ -276,9 +256,10 @@ fn umount_waits_for_the_final_flush_even_under_another_binary_name() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let left = processes_serving(&f.mnt);
     assert!(
-        !anything_serving(&f.mnt),
-        "umount returned before the daemon exited"
+        left.is_empty(),
+        "umount returned before the daemon exited: {left:?}"
     );
     assert!(objfs_ok(&["fsck", store]).contains("clean"));
     f.mount();

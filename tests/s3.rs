@@ -58,18 +58,10 @@ fn crash_recovery_and_the_writer_lease() {
     // A second writer is refused, naming the holder.
     let other = f.tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    let out = f.objfs(&[
-        "mount",
-        f.store_str(),
-        other.to_str().unwrap(),
-        "--log-file",
-        f.log.to_str().unwrap(),
-    ]);
+    let out = f.try_mount_at(&other, &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mounted read-write by"));
-    let pids = daemon_pids(&f.mnt);
-    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(10), || daemon_pids(&f.mnt).is_empty()));
+    f.kill_daemon();
     f.mount();
     bash(&format!(
         "md5sum < {}/a | cmp - {}/sum",

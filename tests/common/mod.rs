@@ -70,8 +70,17 @@ pub fn is_mountpoint(dir: &Path) -> bool {
 
 /// Pid of the daemon serving `dir`, found by its command line.
 pub fn daemon_pids(dir: &Path) -> Vec<u32> {
+    processes_serving(dir)
+        .into_iter()
+        .filter(|(_, comm)| comm == "objfs")
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Live processes whose command line is a mount of `dir`, with their names.
+pub fn processes_serving(dir: &Path) -> Vec<(u32, String)> {
     let needle = dir.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -88,15 +97,11 @@ pub fn daemon_pids(dir: &Path) -> Vec<u32> {
         let zombie = stat
             .rsplit_once(") ")
             .is_some_and(|(_, r)| r.starts_with('Z'));
-        if comm.trim() == "objfs"
-            && !zombie
-            && args.iter().any(|a| a == "mount")
-            && args.contains(&needle)
-        {
-            pids.push(pid);
+        if !zombie && args.iter().any(|a| a == "mount") && args.contains(&needle) {
+            found.push((pid, comm.trim().to_string()));
         }
     }
-    pids
+    found
 }
 
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -198,6 +203,19 @@ impl Fixture {
         self.objfs(&refs)
     }
 
+    /// A second mount of the same store at `dir`, with `extra` options.
+    pub fn try_mount_at(&self, dir: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "mount",
+            self.spec.as_str(),
+            dir.to_str().unwrap(),
+            "--log-file",
+            self.log.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.objfs(&args)
+    }
+
     pub fn mount(&self) {
         let out = self.try_mount();
         assert!(
@@ -223,6 +241,19 @@ impl Fixture {
     pub fn remount(&self) {
         self.umount();
         self.mount();
+    }
+
+    /// A crash: SIGKILLs the one daemon serving the mount and waits until it is gone,
+    /// leaving a dead mount behind.
+    pub fn kill_daemon(&self) {
+        let pids = daemon_pids(&self.mnt);
+        assert_eq!(pids.len(), 1, "daemons serving {}", self.mnt.display());
+        unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+        assert!(
+            wait_until(Duration::from_secs(10), || daemon_pids(&self.mnt)
+                .is_empty()),
+            "the killed daemon did not go away"
+        );
     }
 
     pub fn log_text(&self) -> String {
