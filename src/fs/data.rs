@@ -410,9 +410,6 @@ impl Volume {
         Ok(())
     }
 
-    /// fallocate(2): plain allocation extends the size (space is not reserved: the
-    /// store grows on demand), KEEP_SIZE is a no-op, PUNCH_HOLE and ZERO_RANGE zero a
-    /// range (whole blocks become holes). Other modes are EOPNOTSUPP.
     /// Drops set-ID bits as a change by `caller` must (see `drop_setid`); returns
     /// whether the mode changed.
     pub fn drop_setid_for(&self, ino: Ino, caller: &Ctx) -> FsResult<bool> {
@@ -429,6 +426,9 @@ impl Volume {
         Ok(changed)
     }
 
+    /// fallocate(2): plain allocation extends the size (space is not reserved: the
+    /// store grows on demand), KEEP_SIZE is a no-op, PUNCH_HOLE and ZERO_RANGE zero a
+    /// range (whole blocks become holes). Other modes are EOPNOTSUPP.
     pub fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         self.writable()?;
         if length == 0 {

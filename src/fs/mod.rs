@@ -256,7 +256,7 @@ enum Handle {
 pub struct Volume {
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
-    readahead: Arc<prefetch::Readahead>,
+    readahead: prefetch::Readahead,
     prefetcher: prefetch::Prefetcher,
     uploader: upload::Uploader,
     superblock: Superblock,
@@ -344,7 +344,7 @@ impl Volume {
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
             cache: Arc::new(Self::block_cache(&store, &config, &sb.uuid)),
-            readahead: Arc::new(prefetch::Readahead::default()),
+            readahead: prefetch::Readahead::default(),
             prefetcher: prefetch::Prefetcher::new(config.prefetch_workers),
             uploader: upload::Uploader::default(),
             store,

@@ -6,7 +6,7 @@ use crate::block::BlockId;
 use crate::cache::BlockCache;
 use crate::index::Ino;
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, Weak};
 
 /// Blocks fetched ahead of a reader at most.
@@ -109,7 +109,7 @@ impl Prefetcher {
             return;
         };
         for id in ids {
-            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(id) {
+            if tx.try_send(id).is_err() {
                 return;
             }
         }

@@ -235,10 +235,10 @@ pub fn resolve_forks(
                 chains.push(chain_from(store, &by_seq, seq, key, &mut prevs)?);
             }
             let rank = |chain: &Vec<String>| {
-                let writer = writer_of(&chain[0]).unwrap_or_default();
+                let writer = writer_of(&chain[0]);
                 preferred
                     .iter()
-                    .position(|p| p == writer)
+                    .position(|p| *p == writer)
                     .unwrap_or(usize::MAX)
             };
             let kept = chains
@@ -258,7 +258,7 @@ pub fn resolve_forks(
                     moved.push(key.clone());
                 }
             }
-            let writer = writer_of(&kept[0]).unwrap_or_default().to_string();
+            let writer = writer_of(&kept[0]);
             log::warn!(
                 "journal fork at generation {generation} sequence {seq}: kept the chain of writer {writer}, set aside {}",
                 moved.join(", ")
@@ -274,9 +274,8 @@ pub fn resolve_forks(
     Ok(resolved)
 }
 
-fn writer_of(key: &str) -> Option<&str> {
-    let rest = key.strip_prefix(JOURNAL_PREFIX)?;
-    rest.splitn(3, '-').nth(2)
+fn writer_of(key: &str) -> String {
+    parse_segment_key(key).map(|p| p.2).unwrap_or_default()
 }
 
 /// `start` and the segments after it that name their predecessor as `prev`.
