@@ -282,13 +282,12 @@ type Started = (
     Option<crate::fs::Background>,
 );
 
-/// Keeps the daemon's RSS close to what it uses. By default glibc serves 1 MiB block
-/// buffers from per-thread heaps once one has been freed (its mmap threshold adapts
-/// upwards), and memory freed in the middle of a heap stays resident: writing 4 GiB
-/// with `--memory-limit 256M` peaked at 270-330 MiB RSS. With a fixed threshold big
-/// buffers are mapped and unmapped exactly (185 MiB); the cache's buffer pool makes up
-/// for the page faults that would cost. Fewer arenas keep small objects together.
-/// Must run before any thread starts.
+/// Keeps the daemon's RSS close to what it uses. Buffers of 256 KiB and more are
+/// mappings of their own (`alloc::PageAlignedLarge`), unmapped exactly when freed; a
+/// fixed mmap threshold keeps glibc from adapting it upwards for the sizes below that,
+/// and fewer arenas keep small objects together. (glibc's defaults let writing 4 GiB
+/// with `--memory-limit 256M` peak at 270-330 MiB RSS; the cache's buffer pool makes up
+/// for the page faults that exact unmapping costs.) Must run before any thread starts.
 fn tune_malloc() {
     // SAFETY: mallopt only sets allocator parameters; no thread is running yet.
     unsafe {

@@ -4,6 +4,7 @@
 //! plain Rust API) -> `index` (metadata, journal, snapshots) -> `cache` (block cache)
 //! -> `block` (content-addressed codec) -> `store` (object stores).
 
+pub mod alloc;
 pub mod block;
 pub mod cache;
 pub mod cli;
@@ -15,3 +16,8 @@ pub mod lease;
 pub mod store;
 pub mod tools;
 pub mod util;
+
+// Unit tests run on the daemon's allocator too (the binary sets it in main.rs).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: alloc::PageAlignedLarge = alloc::PageAlignedLarge;

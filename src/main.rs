@@ -5,6 +5,9 @@ use objfs::store::StoreLocation;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[global_allocator]
+static ALLOC: objfs::alloc::PageAlignedLarge = objfs::alloc::PageAlignedLarge;
+
 fn mkfs(spec: &str, block_size: &str, opts: &objfs::store::StoreOptions) -> Result<(), String> {
     let size = objfs::util::parse_size(block_size).map_err(|e| format!("--block-size: {e}"))?;
     let size = superblock::validate_block_size(size).map_err(|e| format!("--block-size: {e}"))?;

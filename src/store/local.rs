@@ -1,9 +1,10 @@
 use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
+use crate::alloc;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -16,6 +17,8 @@ pub struct LocalStore {
     /// Unsynced puts completed so far, and how many of them a sync has covered.
     unsynced_puts: AtomicU64,
     synced_puts: AtomicU64,
+    /// Block reads use O_DIRECT until the filesystem refuses it.
+    direct_reads: AtomicBool,
 }
 
 impl LocalStore {
@@ -37,6 +40,7 @@ impl LocalStore {
             nonce: u64::from(std::process::id()) << 32 ^ crate::util::random_u64(),
             unsynced_puts: AtomicU64::new(0),
             synced_puts: AtomicU64::new(0),
+            direct_reads: AtomicBool::new(true),
         })
     }
 
@@ -152,6 +156,69 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+enum Direct {
+    Read,
+    /// Read this one through the page cache: it is small, or the buffer is not
+    /// page-aligned (not our allocator's).
+    Buffered,
+    /// The filesystem under the store does not take O_DIRECT reads.
+    Unsupported(std::io::Error),
+}
+
+/// Reads a whole object with O_DIRECT into `buf`, straight from the disk: no copy out
+/// of the page cache, and no second cached copy of data that the block cache and the
+/// mount's own page cache hold already. Offsets and lengths stay multiples of a page,
+/// which covers any logical block size up to 4 KiB.
+fn read_direct(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<Direct> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Direct::Unsupported(e)),
+        other => other?,
+    };
+    let len = f.metadata()?.len() as usize;
+    let want = len.div_ceil(alloc::PAGE) * alloc::PAGE;
+    buf.clear();
+    buf.reserve_exact(want);
+    if !alloc::is_page_aligned(buf.as_ptr()) || want < alloc::LARGE {
+        return Ok(Direct::Buffered);
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let mut filled = 0usize;
+    while filled < want {
+        // SAFETY: the range [filled, want) lies within buf's capacity, and the kernel
+        // writes at most want - filled bytes there.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                buf.as_mut_ptr().add(filled).cast(),
+                want - filled,
+                filled as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EINVAL) if filled == 0 => return Ok(Direct::Unsupported(e)),
+                _ => return Err(e),
+            }
+        }
+        let n = n as usize;
+        filled += n;
+        // A short read is the end of the file.
+        if n == 0 || !filled.is_multiple_of(alloc::PAGE) {
+            break;
+        }
+    }
+    // SAFETY: the kernel initialized the first `filled` bytes.
+    unsafe { buf.set_len(filled) };
+    Ok(Direct::Read)
+}
+
 impl ObjectStore for LocalStore {
     fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
         let path = self.path_of(key)?;
@@ -161,6 +228,16 @@ impl ObjectStore for LocalStore {
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> StoreResult<()> {
         let path = self.path_of(key)?;
         let read = |buf: &mut Vec<u8>| -> std::io::Result<()> {
+            if self.direct_reads.load(Ordering::Relaxed) {
+                match read_direct(&path, buf)? {
+                    Direct::Read => return Ok(()),
+                    Direct::Buffered => {}
+                    Direct::Unsupported(e) => {
+                        self.direct_reads.store(false, Ordering::Relaxed);
+                        log::info!("{}: no O_DIRECT reads ({e})", self.root.display());
+                    }
+                }
+            }
             let mut f = File::open(&path)?;
             let len = f.metadata()?.len() as usize;
             buf.clear();
@@ -294,6 +371,41 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&dir.path().join("s"), true).unwrap();
         super::super::contract::check(&store);
+    }
+
+    #[test]
+    fn big_objects_are_read_with_o_direct_whatever_their_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let mut buf = Vec::new();
+        for len in [
+            alloc::LARGE + 4,
+            alloc::LARGE + alloc::PAGE,
+            1 << 20,
+            3 << 20,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            store.put("blocks/x", &data).unwrap();
+            let path = dir.path().join("blocks/x");
+            assert!(matches!(
+                read_direct(&path, &mut buf).unwrap(),
+                Direct::Read
+            ));
+            assert!(buf == data, "{len} bytes read back differ");
+            buf.clear();
+            store.get_into("blocks/x", &mut buf).unwrap();
+            assert!(buf == data);
+        }
+        // Small objects, and buffers grown from small ones, go through the page cache.
+        store.put("small", b"tiny").unwrap();
+        let mut small = Vec::new();
+        assert!(matches!(
+            read_direct(&dir.path().join("small"), &mut small).unwrap(),
+            Direct::Buffered
+        ));
+        store.get_into("small", &mut small).unwrap();
+        assert_eq!(small, b"tiny");
+        assert!(store.direct_reads.load(Ordering::Relaxed));
     }
 
     #[test]
