@@ -12,6 +12,7 @@ fi
 need=()
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v getfattr >/dev/null 2>&1 || need+=(attr)
+command -v setfacl >/dev/null 2>&1 || need+=(acl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v git >/dev/null 2>&1 || need+=(git)

@@ -107,7 +107,13 @@ fn ctx(req: &Request) -> Ctx {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask: 0,
     }
+}
+
+/// The caller of a create, mkdir or mknod, with the umask the kernel passes along.
+fn creator(req: &Request, umask: u32) -> Ctx {
+    Ctx { umask, ..ctx(req) }
 }
 
 fn file_type(kind: Kind) -> FileType {
@@ -187,6 +193,12 @@ impl Filesystem for FuseAdapter {
                 // for security.capability before every write.
                 | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         );
+        // The kernel enforces and caches ACLs, and leaves the umask to us (a default
+        // ACL replaces it).
+        let acl_flags = fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK;
+        if config.add_capabilities(acl_flags).is_ok() {
+            self.volume.enable_posix_acls();
+        }
         Ok(())
     }
 
@@ -247,13 +259,13 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let r = self
             .volume
-            .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev);
+            .mknod(creator(req, umask), parent.0, name.as_bytes(), mode, rdev);
         self.entry(reply, r);
     }
 
@@ -263,10 +275,12 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.volume.mkdir(ctx(req), parent.0, name.as_bytes(), mode);
+        let r = self
+            .volume
+            .mkdir(creator(req, umask), parent.0, name.as_bytes(), mode);
         self.entry(reply, r);
     }
 
@@ -543,7 +557,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -559,7 +573,8 @@ impl Filesystem for FuseAdapter {
         };
         empty(
             reply,
-            self.volume.setxattr(ino.0, name.as_bytes(), value, mode),
+            self.volume
+                .setxattr(&ctx(req), ino.0, name.as_bytes(), value, mode),
         );
     }
 
@@ -603,13 +618,13 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
         match self
             .volume
-            .create(ctx(req), parent.0, name.as_bytes(), mode)
+            .create(creator(req, umask), parent.0, name.as_bytes(), mode)
         {
             Ok((a, fh)) => reply.created(
                 &self.ttl,

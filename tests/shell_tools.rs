@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::path::Path;
 
 fn tree_listing(root: &str) -> String {
     // Type, mode, size, mtime (ns), link target and link count of everything, sorted.
@@ -233,4 +234,79 @@ fn writes_truncates_and_chowns_drop_set_id_bits_as_on_a_native_disk() {
         f.mnt_str()
     ));
     assert_eq!(kept, on_native);
+}
+
+#[test]
+fn posix_acls_are_enforced_inherited_and_kept_in_step_with_modes_as_on_a_native_disk() {
+    let f = Fixture::mounted();
+    let native = f.tmp.path().join("native");
+    std::fs::create_dir(&native).unwrap();
+    bash(&format!(
+        "chmod 755 '{}' '{}'",
+        f.tmp.path().display(),
+        f.mnt_str()
+    ));
+    // Users 1234 and 1235 exist only as numbers: 1234 is named in the ACLs, 1235 not.
+    let script = |dir: &str| {
+        format!(
+            "cd '{dir}' && umask 022 && mkdir shared && \
+             setfacl -m u:1234:rwx,g:50:r-x shared && \
+             setfacl -d -m u:1234:rwx,g:50:rwx,o::--- shared && \
+             touch shared/file && mkdir shared/sub && mkdir -m 700 shared/private && \
+             mknod shared/fifo p && ln -s file shared/link && \
+             (umask 077; touch shared/masked; touch plain077) && \
+             getfacl -cp shared/file shared/sub shared/private shared/fifo shared/masked && \
+             getfacl -cpd shared/sub && stat -c '%n %A' shared/* plain077 && \
+             chmod 640 shared/file && getfacl -cp shared/file && \
+             setfacl -m m::rwx shared/file && stat -c '%n %A' shared/file && \
+             setfacl -b shared/file && getfacl -cp shared/file && stat -c '%n %A' shared/file && \
+             touch plain && setfacl -m u::rw,g::r,o::r plain && \
+             (getfattr -m - -d plain | grep -c posix_acl || true) && \
+             setfacl -k shared && touch shared/after && stat -c '%n %A' shared/after && \
+             echo hi > shared/enf && chmod 600 shared/enf && setfacl -m u:1234:rw shared/enf && \
+             (setpriv --reuid 1234 --regid 1234 --clear-groups sh -c 'echo ok >> shared/enf' \
+                && echo 1234 may write) && \
+             (setpriv --reuid 1235 --regid 1235 --clear-groups cat shared/enf 2>/dev/null \
+                || echo 1235 may not read) && cat shared/enf && \
+             touch sg && chown 1234:7 sg && chmod 2770 sg && \
+             setpriv --reuid 1234 --regid 1234 --clear-groups setfacl -m u:99:r sg && \
+             stat -c '%n %A' sg && \
+             (setfacl -d -m u:1:r plain 2>&1 || true) | sed 's/^setfacl: //'"
+        )
+    };
+    let on_native = bash(&script(native.to_str().unwrap()));
+    let on_objfs = bash(&script(f.mnt_str()));
+    assert_eq!(on_objfs, on_native);
+    for expected in [
+        "user:1234:rwx\t#effective:rw-\n",
+        "default:group:staff:rwx\n",
+        "shared/private drwx------\n",
+        "1234 may write\n",
+        "1235 may not read\n",
+        "sg -rwxrwx---\n",
+        "Only directories can have default ACLs",
+    ] {
+        assert!(on_native.contains(expected), "{expected:?} in {on_native}");
+    }
+    // cp -a carries ACLs in, and the store keeps them across a remount.
+    bash(&format!(
+        "cp -a '{}/shared' '{}/copied'",
+        native.display(),
+        f.mnt_str()
+    ));
+    let acls = |dir: &Path, tree: &str| {
+        bash(&format!(
+            "cd '{}/{tree}' && find . -mindepth 1 -not -type l | sort | \
+             while read -r p; do getfacl -p \"$p\"; done",
+            dir.display()
+        ))
+    };
+    let mnt = f.mnt.clone();
+    let copied = acls(&mnt, "copied");
+    assert_eq!(copied, acls(&native, "shared"));
+    assert!(copied.contains("# file: ./sub\n"), "{copied}");
+    let shared = acls(&mnt, "shared");
+    f.remount();
+    assert_eq!(acls(&mnt, "copied"), copied);
+    assert_eq!(acls(&mnt, "shared"), shared);
 }

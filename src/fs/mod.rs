@@ -1,6 +1,7 @@
 //! The fs core: POSIX semantics on top of the index and the block cache, as a plain
 //! Rust API (`Volume`) that tests drive without FUSE. The FUSE adapter only translates.
 
+pub mod acl;
 mod data;
 mod error;
 mod persist;
@@ -42,6 +43,8 @@ pub struct Ctx {
     pub gid: u32,
     /// The calling process, for its supplementary groups; 0 when unknown.
     pub pid: u32,
+    /// The caller's umask, for the mode of a node it creates.
+    pub umask: u32,
 }
 
 impl Ctx {
@@ -50,6 +53,7 @@ impl Ctx {
             uid: 0,
             gid: 0,
             pid: 0,
+            umask: 0,
         }
     }
 
@@ -282,6 +286,8 @@ pub struct Volume {
     lease: Mutex<Option<Lease>>,
     /// Set when this writer lost its lease or saw a second writer: no more writes.
     fenced: AtomicBool,
+    /// POSIX ACLs are stored and kept in step with modes (the kernel enforces them).
+    posix_acls: AtomicBool,
 }
 
 /// What a new node is made of.
@@ -368,6 +374,7 @@ impl Volume {
             load_fixes,
             lease: Mutex::new(lease),
             fenced: AtomicBool::new(false),
+            posix_acls: AtomicBool::new(false),
         };
         if !volume.config.read_only {
             volume.after_recovery()?;
@@ -540,7 +547,23 @@ impl Volume {
         if state.index.lookup(parent, name).is_some() {
             return Err(FsError::Exists);
         }
+        let mut xattrs = std::collections::BTreeMap::new();
         let mut perm = (mode & 0o7777) as u16;
+        match self.inherited_acl(dir, kind) {
+            Some(mut acl) => {
+                let bits = acl.create_masq(mode);
+                perm = (mode & 0o7000 | bits) as u16;
+                if !acl.is_minimal() {
+                    xattrs.insert(acl::ACCESS.to_vec(), acl.encode());
+                }
+                if kind == Kind::Dir {
+                    xattrs.insert(acl::DEFAULT.to_vec(), dir.xattrs[acl::DEFAULT].clone());
+                }
+            }
+            // Without a default ACL to inherit, the umask applies.
+            None if kind != Kind::Symlink => perm &= !(ctx.umask & 0o777) as u16,
+            None => {}
+        }
         // A setgid directory hands its group (and, to subdirectories, the bit) down.
         let gid = if dir.perm & 0o2000 != 0 {
             if kind == Kind::Dir {
@@ -554,6 +577,7 @@ impl Volume {
         let mut inode = Inode::new(ino, kind, perm, ctx.uid, gid);
         inode.rdev = rdev;
         inode.target = target.to_vec();
+        inode.xattrs = xattrs;
         if kind == Kind::Dir {
             inode.nlink = 2;
             inode.parent = parent;
@@ -566,6 +590,22 @@ impl Volume {
             Self::inode_mut(&mut state, parent)?.nlink += 1;
         }
         Ok(attr)
+    }
+
+    /// The default ACL a node made in `dir` inherits, if ACLs are on and it has one.
+    fn inherited_acl(&self, dir: &Inode, kind: Kind) -> Option<acl::Acl> {
+        if kind == Kind::Symlink || !self.posix_acls.load(Ordering::Relaxed) {
+            return None;
+        }
+        dir.xattrs
+            .get(acl::DEFAULT)
+            .and_then(|b| acl::Acl::parse(b))
+    }
+
+    /// Turns on POSIX ACLs: once the kernel enforces them (FUSE_POSIX_ACL), they are
+    /// stored, inherited and kept in step with the mode.
+    pub fn enable_posix_acls(&self) {
+        self.posix_acls.store(true, Ordering::Relaxed);
     }
 
     pub fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
@@ -834,6 +874,7 @@ impl Volume {
         let now = Timestamp::now();
         if let Some(mode) = set.mode {
             inode.perm = (mode & 0o7777) as u16;
+            acl_chmod(inode, mode);
         }
         if let Some(uid) = set.uid {
             inode.uid = uid;
@@ -1026,9 +1067,16 @@ impl Volume {
         })
     }
 
-    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrSet) -> FsResult<()> {
+    pub fn setxattr(
+        &self,
+        caller: &Ctx,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrSet,
+    ) -> FsResult<()> {
         self.writable()?;
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         if value.len() > XATTR_VALUE_MAX {
             return Err(FsError::TooBig);
         }
@@ -1040,13 +1088,17 @@ impl Volume {
             XattrSet::Replace if !exists => return Err(FsError::NoAttr),
             _ => {}
         }
-        inode.xattrs.insert(name.to_vec(), value.to_vec());
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            set_acl(inode, caller, name, value)?;
+        } else {
+            inode.xattrs.insert(name.to_vec(), value.to_vec());
+        }
         inode.ctime = Timestamp::now();
         Ok(())
     }
 
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         let state = self.state();
         let inode = Self::inode(&state, ino)?;
         inode.xattrs.get(name).cloned().ok_or(FsError::NoAttr)
@@ -1066,11 +1118,37 @@ impl Volume {
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         self.writable()?;
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         let mut state = self.state();
         let inode = Self::inode_mut(&mut state, ino)?;
         inode.xattrs.remove(name).ok_or(FsError::NoAttr)?;
         inode.ctime = Timestamp::now();
+        Ok(())
+    }
+
+    fn check_xattr_name(&self, name: &[u8]) -> FsResult<()> {
+        if name.is_empty() {
+            return Err(FsError::Invalid);
+        }
+        if name.len() > XATTR_NAME_MAX {
+            return Err(FsError::Range);
+        }
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            // Stored only while the kernel enforces them: ACLs kept but not applied
+            // would grant or deny other than they say.
+            return match self.posix_acls.load(Ordering::Relaxed) {
+                true => Ok(()),
+                false => Err(FsError::NotSupported),
+            };
+        }
+        // Other system.* names are the kernel's own (or another filesystem's).
+        const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
+        if !NAMESPACES
+            .iter()
+            .any(|ns| name.starts_with(ns) && name.len() > ns.len())
+        {
+            return Err(FsError::NotSupported);
+        }
         Ok(())
     }
 
@@ -1111,23 +1189,45 @@ pub struct Usage {
     pub blocks: u64,
 }
 
-fn check_xattr_name(name: &[u8]) -> FsResult<()> {
-    if name.is_empty() {
-        return Err(FsError::Invalid);
-    }
-    if name.len() > XATTR_NAME_MAX {
-        return Err(FsError::Range);
-    }
-    // system.* (POSIX ACLs among them) is refused: storing ACLs without applying
-    // them would leave modes wrong after `cp -a`, which falls back to chmod on EOPNOTSUPP.
-    const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
-    if !NAMESPACES
-        .iter()
-        .any(|ns| name.starts_with(ns) && name.len() > ns.len())
-    {
+/// Stores an ACL and keeps the mode in step, as ext4 does: an access ACL sets the
+/// mode's permission bits (and drops set-group-ID if the caller could not have set it
+/// with chmod), and one that the mode already says in full is not stored at all.
+fn set_acl(inode: &mut Inode, caller: &Ctx, name: &[u8], value: &[u8]) -> FsResult<()> {
+    let parsed = acl::Acl::parse(value).ok_or(FsError::Invalid)?;
+    if inode.kind == Kind::Symlink {
         return Err(FsError::NotSupported);
     }
+    if name == acl::DEFAULT {
+        if inode.kind != Kind::Dir {
+            return Err(FsError::Access);
+        }
+        inode.xattrs.insert(name.to_vec(), parsed.encode());
+        return Ok(());
+    }
+    let mut perm = u32::from(inode.perm) & 0o7000 | parsed.mode_bits();
+    if !(caller.privileged() || caller.in_group(inode.gid)) {
+        perm &= !0o2000;
+    }
+    inode.perm = perm as u16;
+    if parsed.is_minimal() {
+        inode.xattrs.remove(name);
+    } else {
+        inode.xattrs.insert(name.to_vec(), parsed.encode());
+    }
     Ok(())
+}
+
+/// A chmod moves the access ACL's owner, group-class and other entries with it.
+fn acl_chmod(inode: &mut Inode, mode: u32) {
+    let Some(mut a) = inode
+        .xattrs
+        .get(acl::ACCESS)
+        .and_then(|b| acl::Acl::parse(b))
+    else {
+        return;
+    };
+    a.chmod(mode);
+    inode.xattrs.insert(acl::ACCESS.to_vec(), a.encode());
 }
 
 #[cfg(test)]

@@ -181,33 +181,145 @@ fn xattrs() {
     let v = open(&new_store());
     let f = file(&v, ROOT_INO, "f");
     assert_eq!(v.getxattr(f, b"user.a"), Err(FsError::NoAttr));
-    v.setxattr(f, b"user.a", b"1", XattrSet::Create).unwrap();
+    v.setxattr(&root(), f, b"user.a", b"1", XattrSet::Create)
+        .unwrap();
     assert_eq!(
-        v.setxattr(f, b"user.a", b"2", XattrSet::Create),
+        v.setxattr(&root(), f, b"user.a", b"2", XattrSet::Create),
         Err(FsError::Exists)
     );
     assert_eq!(
-        v.setxattr(f, b"user.b", b"2", XattrSet::Replace),
+        v.setxattr(&root(), f, b"user.b", b"2", XattrSet::Replace),
         Err(FsError::NoAttr)
     );
-    v.setxattr(f, b"user.a", b"3", XattrSet::Replace).unwrap();
-    v.setxattr(f, b"trusted.t", b"", XattrSet::Any).unwrap();
+    v.setxattr(&root(), f, b"user.a", b"3", XattrSet::Replace)
+        .unwrap();
+    v.setxattr(&root(), f, b"trusted.t", b"", XattrSet::Any)
+        .unwrap();
     assert_eq!(v.getxattr(f, b"user.a").unwrap(), b"3");
     assert_eq!(v.listxattr(f).unwrap(), b"trusted.t\0user.a\0");
     assert_eq!(
-        v.setxattr(f, b"user.big", &vec![0; 65537], XattrSet::Any),
+        v.setxattr(&root(), f, b"user.big", &vec![0; 65537], XattrSet::Any),
         Err(FsError::TooBig)
     );
     assert_eq!(
-        v.setxattr(f, b"bogus", b"", XattrSet::Any),
+        v.setxattr(&root(), f, b"bogus", b"", XattrSet::Any),
         Err(FsError::NotSupported)
     );
     assert_eq!(
-        v.setxattr(f, b"system.posix_acl_access", b"", XattrSet::Any),
+        v.setxattr(&root(), f, b"system.posix_acl_access", b"", XattrSet::Any),
         Err(FsError::NotSupported)
     );
     v.removexattr(f, b"user.a").unwrap();
     assert_eq!(v.removexattr(f, b"user.a"), Err(FsError::NoAttr));
+}
+
+/// An ACL xattr value from (tag, perm, id) entries.
+fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn posix_acls_set_the_mode_are_inherited_and_follow_chmod() {
+    let store = new_store();
+    let v = open(&store);
+    v.enable_posix_acls();
+    let d = v.mkdir(root(), ROOT_INO, b"d", 0o755).unwrap().ino;
+    // user::rwx user:1000:rwx group::r-x mask::rwx other::---
+    let named = acl_value(&[
+        (1, 7, 0),
+        (2, 7, 1000),
+        (4, 5, 0),
+        (0x10, 7, 0),
+        (0x20, 0, 0),
+    ]);
+    v.setxattr(&root(), d, acl::DEFAULT, &named, XattrSet::Any)
+        .unwrap();
+    let umask_022 = Ctx {
+        umask: 0o022,
+        ..root()
+    };
+    // The default ACL replaces the umask and is masked by the requested mode.
+    let (f, fh) = v.create(umask_022, d, b"f", 0o640).unwrap();
+    v.release(fh).unwrap();
+    assert_eq!(f.perm, 0o640);
+    let access = v.getxattr(f.ino, acl::ACCESS).unwrap();
+    assert_eq!(
+        access,
+        acl_value(&[
+            (1, 6, 0),
+            (2, 7, 1000),
+            (4, 5, 0),
+            (0x10, 4, 0),
+            (0x20, 0, 0)
+        ])
+    );
+    let sub = v.mkdir(umask_022, d, b"sub", 0o777).unwrap();
+    assert_eq!(sub.perm, 0o770);
+    assert_eq!(v.getxattr(sub.ino, acl::DEFAULT).unwrap(), named);
+    // Outside it, the umask applies and nothing is inherited.
+    let (g, fh) = v.create(umask_022, ROOT_INO, b"g", 0o666).unwrap();
+    v.release(fh).unwrap();
+    assert_eq!(g.perm, 0o644);
+    assert_eq!(v.getxattr(g.ino, acl::ACCESS), Err(FsError::NoAttr));
+    // chmod moves the mask (the group class), not the owning group's entry.
+    let chmod = |_ino: Ino, mode| SetAttr {
+        mode: Some(mode),
+        ..Default::default()
+    };
+    v.setattr(f.ino, chmod(f.ino, 0o704)).unwrap();
+    assert_eq!(
+        v.getxattr(f.ino, acl::ACCESS).unwrap(),
+        acl_value(&[
+            (1, 7, 0),
+            (2, 7, 1000),
+            (4, 5, 0),
+            (0x10, 0, 0),
+            (0x20, 4, 0)
+        ])
+    );
+    // Setting an access ACL sets the mode; a minimal one is just the mode.
+    v.setxattr(&root(), g.ino, acl::ACCESS, &named, XattrSet::Any)
+        .unwrap();
+    assert_eq!(v.getattr(g.ino).unwrap().perm, 0o770);
+    let minimal = acl_value(&[(1, 6, 0), (4, 4, 0), (0x20, 0, 0)]);
+    v.setxattr(&root(), g.ino, acl::ACCESS, &minimal, XattrSet::Any)
+        .unwrap();
+    assert_eq!(v.getattr(g.ino).unwrap().perm, 0o640);
+    assert_eq!(v.getxattr(g.ino, acl::ACCESS), Err(FsError::NoAttr));
+    // A caller outside the file's group loses set-group-ID by setting an ACL.
+    v.setattr(g.ino, chmod(g.ino, 0o2770)).unwrap();
+    let outsider = Ctx {
+        uid: 1000,
+        gid: 1000,
+        ..root()
+    };
+    v.setxattr(&outsider, g.ino, acl::ACCESS, &named, XattrSet::Any)
+        .unwrap();
+    assert_eq!(v.getattr(g.ino).unwrap().perm, 0o770);
+    // Bad values and misplaced default ACLs are refused.
+    for (ino, name, value, err) in [
+        (g.ino, acl::ACCESS, b"junk".to_vec(), FsError::Invalid),
+        (g.ino, acl::ACCESS, named[..20].to_vec(), FsError::Invalid),
+        (g.ino, acl::DEFAULT, named.clone(), FsError::Access),
+    ] {
+        assert_eq!(
+            v.setxattr(&root(), ino, name, &value, XattrSet::Any),
+            Err(err)
+        );
+    }
+    // All of it is in the store.
+    v.shutdown().unwrap();
+    drop(v);
+    let v = open(&store);
+    v.enable_posix_acls();
+    assert_eq!(v.getxattr(f.ino, acl::ACCESS).unwrap().len(), 44);
+    assert_eq!(v.getattr(g.ino).unwrap().perm, 0o770);
 }
 
 #[test]
@@ -225,7 +337,7 @@ fn setgid_directories_pass_their_group_on() {
     let user = Ctx {
         uid: 1000,
         gid: 1000,
-        pid: 0,
+        ..Ctx::root()
     };
     let f = v.create(user, d, b"f", 0o644).unwrap().0;
     assert_eq!((f.uid, f.gid), (1000, 42));
