@@ -316,6 +316,7 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
         lease_ttl: Duration::from_secs(settings.lease_ttl_secs),
         mountpoint: mountpoint.display().to_string(),
         snapshot_segments: settings.snapshot_every,
+        posix_acls: settings.posix_acls,
         prefetch_workers: if target.location.is_remote() {
             crate::fs::REMOTE_PREFETCH_WORKERS
         } else {

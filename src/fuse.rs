@@ -196,7 +196,7 @@ impl Filesystem for FuseAdapter {
         // The kernel enforces and caches ACLs, and leaves the umask to us (a default
         // ACL replaces it).
         let acl_flags = fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK;
-        if config.add_capabilities(acl_flags).is_ok() {
+        if self.volume.config().posix_acls && config.add_capabilities(acl_flags).is_ok() {
             self.volume.enable_posix_acls();
         }
         Ok(())

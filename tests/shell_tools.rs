@@ -309,4 +309,18 @@ fn posix_acls_are_enforced_inherited_and_kept_in_step_with_modes_as_on_a_native_
     f.remount();
     assert_eq!(acls(&mnt, "copied"), copied);
     assert_eq!(acls(&mnt, "shared"), shared);
+    // -o noacl: no ACLs in or out.
+    f.umount();
+    let out = f.try_mount_at(&mnt, &["-o", "noacl"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = bash(&format!(
+        "cd '{}' && (setfacl -m u:5:r copied/file 2>&1 || true) && getfacl -cp copied/sub",
+        f.mnt_str()
+    ));
+    assert!(refused.contains("Operation not supported"), "{refused}");
+    assert!(!refused.contains("user:1234"), "{refused}");
 }

@@ -186,6 +186,8 @@ pub struct VolumeConfig {
     pub resolve_forks: bool,
     /// Background fetchers for sequential readers.
     pub prefetch_workers: usize,
+    /// Offer POSIX ACLs to the kernel (`--no-acl` turns them off).
+    pub posix_acls: bool,
 }
 
 /// Room for what the budget does not itemize: FUSE buffers, read replies, the index,
@@ -236,6 +238,7 @@ impl Default for VolumeConfig {
             mountpoint: String::new(),
             resolve_forks: false,
             prefetch_workers: prefetch::LOCAL_PREFETCH_WORKERS,
+            posix_acls: true,
         }
     }
 }
