@@ -140,6 +140,9 @@ impl Filesystem for FloorFs {
                 | fuser::InitFlags::FUSE_PARALLEL_DIROPS
                 | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         );
+        // As objfs: the kernel caches ACLs (none here) and leaves the umask to us.
+        let _ = config
+            .add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK);
         Ok(())
     }
 
@@ -209,10 +212,10 @@ impl Filesystem for FloorFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        let attr = self.add(parent.0, name, FileType::Directory, mode, req);
+        let attr = self.add(parent.0, name, FileType::Directory, mode & !umask, req);
         reply.entry(&TTL, &attr, Generation(0));
     }
 
@@ -222,11 +225,11 @@ impl Filesystem for FloorFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let attr = self.add(parent.0, name, FileType::RegularFile, mode, req);
+        let attr = self.add(parent.0, name, FileType::RegularFile, mode & !umask, req);
         let flags = FopenFlags::FOPEN_KEEP_CACHE;
         reply.created(&TTL, &attr, Generation(0), FileHandle(0), flags);
     }
