@@ -13,6 +13,7 @@ use fuser::{
 };
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -140,9 +141,6 @@ impl Filesystem for FloorFs {
                 | fuser::InitFlags::FUSE_PARALLEL_DIROPS
                 | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         );
-        // As objfs: the kernel caches ACLs (none here) and leaves the umask to us.
-        let _ = config
-            .add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK);
         Ok(())
     }
 
@@ -355,15 +353,14 @@ impl Filesystem for FloorFs {
         reply.ok();
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::ENODATA);
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, name: &OsStr, _size: u32, reply: ReplyXattr) {
+        // As objfs without --acl: system.* (POSIX ACLs) is unsupported, which `ls -l`
+        // and `cp -a` remember for the whole mount.
+        if name.as_bytes().starts_with(b"system.") {
+            reply.error(Errno::EOPNOTSUPP);
+        } else {
+            reply.error(Errno::ENODATA);
+        }
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {

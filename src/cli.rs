@@ -151,10 +151,11 @@ pub struct MountArgs {
     /// Let other users access the mount (default when mounted by root).
     #[arg(long)]
     pub allow_other: bool,
-    /// No POSIX ACLs: setfacl fails, and `cp -a` out of the mount makes one round trip
-    /// less per file (it reads back the mode when it finds no ACL).
+    /// POSIX ACLs (setfacl, getfacl, cp -a), enforced by the kernel. Off by default:
+    /// with them, `ls -l` and `cp -a` make one more round trip per file, since a file
+    /// without an ACL answers "none" where otherwise the whole mount says "unsupported".
     #[arg(long)]
-    pub no_acl: bool,
+    pub acl: bool,
     /// Comma-separated options: ro, rw, allow_other, acl, noacl, default_permissions, and any
     /// long option as key=value (cache_size=64M,commit_interval=2).
     #[arg(short = 'o', value_name = "OPTS")]
@@ -264,7 +265,7 @@ impl MountArgs {
             },
             log_file: a.log_file.clone(),
             allow_other: a.allow_other || is_root,
-            posix_acls: !a.no_acl,
+            posix_acls: a.acl,
             store: a.store_args.options()?,
         })
     }
@@ -281,8 +282,8 @@ impl MountArgs {
             "ro" | "read_only" => self.read_only = true,
             "rw" => self.read_only = false,
             "allow_other" => self.allow_other = true,
-            "acl" => self.no_acl = false,
-            "noacl" | "no_acl" => self.no_acl = true,
+            "acl" => self.acl = true,
+            "noacl" => self.acl = false,
             // Always on: the kernel checks permissions.
             "default_permissions" => {}
             // Words mount(8) and fstab pass along that mean nothing to objfs.
@@ -346,6 +347,10 @@ mod tests {
         assert_eq!(s.commit_interval_secs, 2);
         let s = parse(&["--cache-size", "2g"]).unwrap();
         assert_eq!(s.cache_size, 2 << 30);
+        assert!(!s.posix_acls);
+        assert!(parse(&["--acl"]).unwrap().posix_acls);
+        assert!(parse(&["-o", "acl"]).unwrap().posix_acls);
+        assert!(!parse(&["--acl", "-o", "noacl"]).unwrap().posix_acls);
     }
 
     #[test]

@@ -238,7 +238,9 @@ fn writes_truncates_and_chowns_drop_set_id_bits_as_on_a_native_disk() {
 
 #[test]
 fn posix_acls_are_enforced_inherited_and_kept_in_step_with_modes_as_on_a_native_disk() {
-    let f = Fixture::mounted();
+    let mut f = Fixture::new();
+    f.extra = vec!["--acl".into()];
+    f.mount();
     let native = f.tmp.path().join("native");
     std::fs::create_dir(&native).unwrap();
     bash(&format!(
@@ -309,9 +311,9 @@ fn posix_acls_are_enforced_inherited_and_kept_in_step_with_modes_as_on_a_native_
     f.remount();
     assert_eq!(acls(&mnt, "copied"), copied);
     assert_eq!(acls(&mnt, "shared"), shared);
-    // -o noacl: no ACLs in or out.
+    // Without --acl (the default): no ACLs in or out.
     f.umount();
-    let out = f.try_mount_at(&mnt, &["-o", "noacl"]);
+    let out = f.try_mount_at(&mnt, &[]);
     assert!(
         out.status.success(),
         "{}",

@@ -186,7 +186,7 @@ pub struct VolumeConfig {
     pub resolve_forks: bool,
     /// Background fetchers for sequential readers.
     pub prefetch_workers: usize,
-    /// Offer POSIX ACLs to the kernel (`--no-acl` turns them off).
+    /// Offer POSIX ACLs to the kernel (`--acl`).
     pub posix_acls: bool,
 }
 
@@ -238,7 +238,7 @@ impl Default for VolumeConfig {
             mountpoint: String::new(),
             resolve_forks: false,
             prefetch_workers: prefetch::LOCAL_PREFETCH_WORKERS,
-            posix_acls: true,
+            posix_acls: false,
         }
     }
 }
