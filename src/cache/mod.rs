@@ -32,27 +32,55 @@ const POOLED_MIN: usize = 64 << 10;
 
 #[derive(Default)]
 struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Free>,
+}
+
+#[derive(Default)]
+struct Free {
+    buffers: Vec<Vec<u8>>,
+    /// Blocks given back while a reader still held them (a reply being sent): their
+    /// buffers are taken once the last reader lets go.
+    held: Vec<Block>,
+}
+
+impl Free {
+    fn bytes(&self) -> usize {
+        let held: usize = self.held.iter().map(|b| b.capacity()).sum();
+        held + self.buffers.iter().map(Vec::capacity).sum::<usize>()
+    }
 }
 
 impl BufferPool {
     fn take(&self) -> Vec<u8> {
-        self.free.lock().unwrap().pop().unwrap_or_default()
+        let mut free = self.free.lock().unwrap();
+        if let Some(buf) = free.buffers.pop() {
+            return buf;
+        }
+        let released = free.held.iter().position(|b| Arc::strong_count(b) == 1);
+        match released.map(|i| Arc::try_unwrap(free.held.swap_remove(i))) {
+            Some(Ok(mut buf)) => {
+                buf.clear();
+                buf
+            }
+            _ => Vec::new(),
+        }
     }
 
-    /// Keeps the block's buffer if no one else holds the block.
+    /// Keeps the block's buffer for reuse, now or once no one else holds the block.
     fn give(&self, block: Block) {
-        let Ok(mut buf) = Arc::try_unwrap(block) else {
-            return;
-        };
-        if buf.capacity() < POOLED_MIN {
+        if block.capacity() < POOLED_MIN {
             return;
         }
-        buf.clear();
         let mut free = self.free.lock().unwrap();
-        let pooled: usize = free.iter().map(Vec::capacity).sum();
-        if pooled + buf.capacity() <= POOL_BYTES {
-            free.push(buf);
+        if free.bytes() + block.capacity() > POOL_BYTES {
+            return;
+        }
+        match Arc::try_unwrap(block) {
+            Ok(mut buf) => {
+                buf.clear();
+                free.buffers.push(buf);
+            }
+            Err(block) => free.held.push(block),
         }
     }
 }
@@ -287,20 +315,20 @@ mod tests {
         assert!(reused.is_empty() && reused.capacity() >= POOLED_MIN);
         reused.resize(POOLED_MIN, 9);
         assert!(held.iter().all(|&b| b == 1), "a held block was handed out");
-        // Nothing else was pooled: the next buffer is new.
-        assert_eq!(cache.pool.free.lock().unwrap().len(), 0);
+        // The held one waits: the next buffer is new, and so on while it is held.
+        assert_eq!(cache.buffer(0).capacity(), 0);
+        assert_eq!(cache.pool.free.lock().unwrap().held.len(), 1);
+        // Once the reader lets go, its buffer is the next one handed out.
+        let held_ptr = held.as_ptr();
+        drop(held);
+        let recycled = cache.buffer(0);
+        assert_eq!(recycled.as_ptr(), held_ptr);
+        assert!(recycled.is_empty());
         // The pool is bounded in bytes.
         for _ in 0..(POOL_BYTES / POOLED_MIN + 8) {
             cache.pool.give(Arc::new(Vec::with_capacity(POOLED_MIN)));
         }
-        let pooled: usize = cache
-            .pool
-            .free
-            .lock()
-            .unwrap()
-            .iter()
-            .map(Vec::capacity)
-            .sum();
+        let pooled = cache.pool.free.lock().unwrap().bytes();
         assert!(pooled <= POOL_BYTES && pooled > POOL_BYTES - POOLED_MIN * 2);
     }
 

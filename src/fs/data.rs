@@ -94,7 +94,7 @@ impl Volume {
         let bs = self.block_size;
         let fd = self.file_data(ino, false);
         let guard = fd.as_ref().map(|f| f.lock().unwrap());
-        let (start, end, plan, ahead) = {
+        let (start, end, plan, ahead, streaming) = {
             let mut state = self.state();
             let inode = Self::inode(&state, ino)?;
             match inode.kind {
@@ -128,9 +128,9 @@ impl Volume {
                 plan.push((slot, piece));
             }
             let dirty = |slot: &u64| guard.as_ref().is_some_and(|g| g.dirty.contains_key(slot));
-            let ahead: Vec<BlockId> = self
-                .readahead
-                .on_read(ino, offset, end, bs)
+            let read_plan = self.readahead.on_read(ino, offset, end, bs);
+            let ahead: Vec<BlockId> = read_plan
+                .prefetch
                 .filter(|slot| !dirty(slot))
                 .filter_map(|slot| match inode.extents.get(&slot) {
                     Some(Extent::Block { id, .. }) => Some(*id),
@@ -138,7 +138,7 @@ impl Volume {
                 })
                 .collect();
             self.touch_atime(&mut state, ino);
-            (offset, end, plan, ahead)
+            (offset, end, plan, ahead, read_plan.streaming)
         };
         drop(guard);
         self.prefetch(ahead);
@@ -146,6 +146,9 @@ impl Volume {
             Piece::Block { id, .. } => Some(*id),
             _ => None,
         }))?;
+        if streaming {
+            self.drop_behind(&plan, start, end);
+        }
         if let [(slot, Piece::Block { id, len })] = plan.as_slice() {
             let block = &blocks[id];
             let valid = (*len as usize).min(block.len()) as u64;
@@ -173,6 +176,26 @@ impl Volume {
             }
         }
         Ok(ReadData::Owned(out))
+    }
+
+    /// A stream that has read a whole block will not read it again, and the kernel's
+    /// page cache keeps what it read: the block leaves the memory cache, so a long
+    /// sequential read neither pushes out everything else nor needs a fresh buffer per
+    /// block (its buffer is reused once the reply is sent). Not on a read-only mount,
+    /// whose page cache is dropped at every open.
+    fn drop_behind(&self, plan: &[(u64, Piece)], start: u64, end: u64) {
+        if self.config.read_only {
+            return;
+        }
+        let bs = self.block_size;
+        for (slot, piece) in plan {
+            if let Piece::Block { id, len } = piece
+                && start <= slot * bs
+                && end >= slot * bs + len
+            {
+                self.cache.forget(id);
+            }
+        }
     }
 
     /// Fetches blocks into the cache in the background.

@@ -36,15 +36,22 @@ struct Stream {
     fetched_until: u64,
 }
 
+/// What a read means for the blocks around it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReadPlan {
+    /// Block slots to fetch in the background.
+    pub prefetch: std::ops::Range<u64>,
+    /// The read continues a sequential stream (not merely the first read at 0).
+    pub streaming: bool,
+}
+
 impl Readahead {
-    /// Records a read of [offset, end) and returns the block slots to prefetch.
-    pub fn on_read(
-        &self,
-        ino: Ino,
-        offset: u64,
-        end: u64,
-        block_size: u64,
-    ) -> std::ops::Range<u64> {
+    /// Records a read of [offset, end) and returns what to prefetch.
+    pub fn on_read(&self, ino: Ino, offset: u64, end: u64, block_size: u64) -> ReadPlan {
+        let prefetch = |range| ReadPlan {
+            prefetch: range,
+            streaming: false,
+        };
         let mut streams = self.streams.lock().unwrap();
         if streams.len() > 4096 {
             streams.clear();
@@ -63,18 +70,23 @@ impl Readahead {
             s.window = 0;
             s.fetched_until = 0;
             s.next = end;
-            return 0..0;
+            return prefetch(0..0);
         }
         s.next = if near { s.next.max(end) } else { end };
         let last_slot = s.next.saturating_sub(1) / block_size;
         s.window = (s.window * 2).clamp(2, MAX_WINDOW);
         let from = (last_slot + 1).max(s.fetched_until);
         let to = last_slot + 1 + s.window;
-        if from >= to {
-            return 0..0;
+        let range = if from >= to {
+            0..0
+        } else {
+            s.fetched_until = to;
+            from..to
+        };
+        ReadPlan {
+            prefetch: range,
+            streaming: near,
         }
-        s.fetched_until = to;
-        from..to
     }
 
     pub fn forget(&self, ino: Ino) {
@@ -154,14 +166,19 @@ mod tests {
     fn sequential_reads_grow_the_window_random_reads_reset_it() {
         let r = Readahead::default();
         let bs = 100;
-        assert_eq!(r.on_read(1, 0, 50, bs), 1..3);
-        assert_eq!(r.on_read(1, 50, 100, bs), 3..5);
-        assert_eq!(r.on_read(1, 100, 200, bs), 5..10);
-        assert_eq!(r.on_read(1, 5000, 5100, bs), 0..0);
-        assert_eq!(r.on_read(1, 5100, 5200, bs), 52..54);
+        let on_read = |ino, offset, end| r.on_read(ino, offset, end, bs).prefetch;
+        assert_eq!(on_read(1, 0, 50), 1..3);
+        assert_eq!(on_read(1, 50, 100), 3..5);
+        assert_eq!(on_read(1, 100, 200), 5..10);
+        assert_eq!(on_read(1, 5000, 5100), 0..0);
+        assert_eq!(on_read(1, 5100, 5200), 52..54);
         // Slightly out of order still counts.
-        assert_eq!(r.on_read(1, 5300, 5400, bs), 54..58);
-        assert_eq!(r.on_read(1, 5200, 5300, bs), 58..62);
-        assert_eq!(r.on_read(2, 300, 400, bs), 0..0);
+        assert_eq!(on_read(1, 5300, 5400), 54..58);
+        assert_eq!(on_read(1, 5200, 5300), 58..62);
+        assert_eq!(on_read(2, 300, 400), 0..0);
+        // Only a read that continues a stream is streaming, not the first one at 0.
+        assert!(!r.on_read(3, 0, 100, bs).streaming);
+        assert!(r.on_read(3, 100, 200, bs).streaming);
+        assert!(!r.on_read(3, 9000, 9100, bs).streaming);
     }
 }
