@@ -317,6 +317,7 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
         mountpoint: mountpoint.display().to_string(),
         snapshot_segments: settings.snapshot_every,
         posix_acls: settings.posix_acls,
+        writeback_cache: settings.writeback_cache,
         prefetch_workers: if target.location.is_remote() {
             crate::fs::REMOTE_PREFETCH_WORKERS
         } else {

@@ -196,6 +196,9 @@ impl Filesystem for FuseAdapter {
         // The kernel enforces and caches ACLs, and leaves the umask to us (a default
         // ACL replaces it).
         let acl_flags = fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK;
+        if self.volume.config().writeback_cache && !self.volume.config().read_only {
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
+        }
         if self.volume.config().posix_acls && config.add_capabilities(acl_flags).is_ok() {
             self.volume.enable_posix_acls();
         }

@@ -104,11 +104,16 @@ fn sigkill_at_random_moments_loses_nothing_fsynced() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
-    let f = Fixture::new();
+    let mut f = Fixture::new();
     let script = f.tmp.path().join("writer.py");
     std::fs::write(&script, WRITER).unwrap();
     let mut checked = 0;
     for round in 1..=rounds {
+        // Every other round through the kernel's writeback cache.
+        f.extra = match round % 2 {
+            0 => vec!["--writeback-cache".into()],
+            _ => Vec::new(),
+        };
         f.mount();
         let log = f.tmp.path().join(format!("round{round}.log"));
         let mut writer = std::process::Command::new("python3")

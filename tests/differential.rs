@@ -686,7 +686,16 @@ fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>)
             ],
             None,
         ),
-        2 => (&["--commit-interval", "1", "--upload-threads", "1"], None),
+        2 => (
+            &[
+                "--commit-interval",
+                "1",
+                "--upload-threads",
+                "1",
+                "--writeback-cache",
+            ],
+            None,
+        ),
         _ => (&[], Some("64K")),
     }
 }

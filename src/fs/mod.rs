@@ -188,6 +188,8 @@ pub struct VolumeConfig {
     pub prefetch_workers: usize,
     /// Offer POSIX ACLs to the kernel (`--acl`).
     pub posix_acls: bool,
+    /// Let the kernel gather writes in its page cache (`--writeback-cache`).
+    pub writeback_cache: bool,
 }
 
 /// Room for what the budget does not itemize: FUSE buffers, read replies, the index,
@@ -239,6 +241,7 @@ impl Default for VolumeConfig {
             resolve_forks: false,
             prefetch_workers: prefetch::LOCAL_PREFETCH_WORKERS,
             posix_acls: false,
+            writeback_cache: false,
         }
     }
 }
