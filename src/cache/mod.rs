@@ -8,7 +8,7 @@ pub use disk::DiskCache;
 use crate::block::{self, BlockError, BlockId};
 use crate::store::{ObjectStore, StoreError};
 use lru::LruCache;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,13 @@ impl BufferPool {
 struct Lru {
     map: LruCache<BlockId, Block>,
     bytes: u64,
+    /// Blocks a sequential stream has read whole and dropped (newest last). A fetch
+    /// that finishes after that (a prefetch the reader overtook) does not put one back.
+    behind: VecDeque<BlockId>,
 }
+
+/// Blocks remembered in `Lru::behind`.
+const BEHIND: usize = 128;
 
 /// One fetch in progress; others asking for the same block wait for it.
 #[derive(Default)]
@@ -114,6 +120,7 @@ impl BlockCache {
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
                 bytes: 0,
+                behind: VecDeque::new(),
             }),
             capacity,
             inflight: Mutex::new(HashMap::new()),
@@ -215,6 +222,9 @@ impl BlockCache {
         let mut evicted = Vec::new();
         {
             let mut lru = self.lru.lock().unwrap();
+            if lru.behind.contains(&id) {
+                return;
+            }
             if let Some(old) = lru.map.put(id, plain) {
                 lru.bytes -= old.len() as u64;
                 evicted.push(old);
@@ -236,8 +246,29 @@ impl BlockCache {
     }
 
     pub fn forget(&self, id: &BlockId) {
+        self.remove(id, false);
+    }
+
+    /// Drops a block a sequential stream has read whole and will not read again, and
+    /// keeps late fetches of it out (see `Lru::behind`).
+    pub fn drop_behind(&self, id: &BlockId) {
+        self.remove(id, true);
+    }
+
+    /// Whether a stream left the block behind lately.
+    pub fn left_behind(&self, id: &BlockId) -> bool {
+        self.lru.lock().unwrap().behind.contains(id)
+    }
+
+    fn remove(&self, id: &BlockId, behind: bool) {
         let popped = {
             let mut lru = self.lru.lock().unwrap();
+            if behind && !lru.behind.contains(id) {
+                if lru.behind.len() >= BEHIND {
+                    lru.behind.pop_front();
+                }
+                lru.behind.push_back(*id);
+            }
             let popped = lru.map.pop(id);
             if let Some(b) = &popped {
                 lru.bytes -= b.len() as u64;

@@ -193,7 +193,7 @@ impl Volume {
                 && start <= slot * bs
                 && end >= slot * bs + len
             {
-                self.cache.forget(id);
+                self.cache.drop_behind(id);
             }
         }
     }
