@@ -152,7 +152,12 @@ fn sigterm_flushes_and_the_store_remounts() {
 fn plain_umount_also_flushes() {
     let f = Fixture::mounted();
     std::fs::write(f.path("a"), vec![3u8; 3 << 20]).unwrap();
-    sh("umount", &[f.mnt_str()]);
+    let out = retry_while_busy(|| run_with_timeout(60, "umount", &[f.mnt_str()]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Right away: a daemon still flushing is waited for, not reported as a second writer.
     f.mount();
     assert_eq!(std::fs::read(f.path("a")).unwrap(), vec![3u8; 3 << 20]);

@@ -29,6 +29,8 @@ pub type Block = Arc<Vec<u8>>;
 const POOL_BYTES: usize = 16 << 20;
 /// Smaller buffers are not worth keeping.
 const POOLED_MIN: usize = 64 << 10;
+/// Shared blocks waiting for their readers to let go (see `Free::held`).
+const HELD_MAX: usize = 32;
 
 #[derive(Default)]
 struct BufferPool {
@@ -80,7 +82,13 @@ impl BufferPool {
                 buf.clear();
                 free.buffers.push(buf);
             }
-            Err(block) => free.held.push(block),
+            Err(block) => {
+                // One held for long (a reader that keeps it) ages out.
+                if free.held.len() >= HELD_MAX {
+                    free.held.remove(0);
+                }
+                free.held.push(block);
+            }
         }
     }
 }
@@ -95,6 +103,13 @@ struct Lru {
 
 /// Blocks remembered in `Lru::behind`.
 const BEHIND: usize = 128;
+
+/// Who fetches a block: a reader that needs it now, or a prefetch worker ahead of one.
+#[derive(Clone, Copy)]
+enum Fetcher {
+    Reader,
+    Ahead,
+}
 
 /// One fetch in progress; others asking for the same block wait for it.
 #[derive(Default)]
@@ -142,6 +157,18 @@ impl BlockCache {
     /// The block's plain bytes, from memory or fetched from the store and verified.
     /// Concurrent requests for the same block share one fetch.
     pub fn get(&self, id: BlockId) -> Result<Block, CacheError> {
+        self.get_for(id, Fetcher::Reader)
+    }
+
+    /// Fetches a block ahead of a reader. One a stream has already left behind (the
+    /// reader overtook this request) is neither fetched again nor put back.
+    pub fn prefetch(&self, id: BlockId) {
+        if self.cached(&id).is_none() && !self.lru.lock().unwrap().behind.contains(&id) {
+            let _ = self.get_for(id, Fetcher::Ahead);
+        }
+    }
+
+    fn get_for(&self, id: BlockId, fetcher: Fetcher) -> Result<Block, CacheError> {
         if let Some(b) = self.cached(&id) {
             return Ok(b);
         }
@@ -166,9 +193,9 @@ impl BlockCache {
             }
             drop(done);
             // The shared fetch failed: try once more ourselves for our own error.
-            return self.fetch(id);
+            return self.fetch(id, fetcher);
         }
-        let result = self.fetch(id);
+        let result = self.fetch(id, fetcher);
         *flight.done.lock().unwrap() = Some(result.as_ref().ok().cloned());
         flight.cv.notify_all();
         self.inflight.lock().unwrap().remove(&id);
@@ -180,10 +207,10 @@ impl BlockCache {
         self.lru.lock().unwrap().map.get(id).cloned()
     }
 
-    fn fetch(&self, id: BlockId) -> Result<Block, CacheError> {
+    fn fetch(&self, id: BlockId, fetcher: Fetcher) -> Result<Block, CacheError> {
         if let Some(plain) = self.disk.as_ref().and_then(|d| d.get(&id)) {
             let plain = Arc::new(plain);
-            self.insert(id, plain.clone());
+            self.insert_fetched(id, plain.clone(), fetcher);
             return Ok(plain);
         }
         let mut stored = self.pool.take();
@@ -195,7 +222,7 @@ impl BlockCache {
                 return Err(e.into());
             }
         };
-        self.insert(id, plain.clone());
+        self.insert_fetched(id, plain.clone(), fetcher);
         if let Some(d) = &self.disk {
             d.put(&id, &plain);
         }
@@ -215,6 +242,12 @@ impl BlockCache {
     }
 
     pub fn insert(&self, id: BlockId, plain: Block) {
+        self.insert_fetched(id, plain, Fetcher::Reader);
+    }
+
+    /// A reader (or writer) wanting the block again takes it off the left-behind list;
+    /// a late prefetch does not put it back.
+    fn insert_fetched(&self, id: BlockId, plain: Block, fetcher: Fetcher) {
         let len = plain.len() as u64;
         if len > self.capacity {
             return;
@@ -222,12 +255,18 @@ impl BlockCache {
         let mut evicted = Vec::new();
         {
             let mut lru = self.lru.lock().unwrap();
-            if lru.behind.contains(&id) {
-                return;
+            if let Some(i) = lru.behind.iter().position(|b| *b == id) {
+                match fetcher {
+                    Fetcher::Ahead => return,
+                    Fetcher::Reader => drop(lru.behind.remove(i)),
+                }
             }
-            if let Some(old) = lru.map.put(id, plain) {
+            if let Some(old) = lru.map.put(id, plain.clone()) {
                 lru.bytes -= old.len() as u64;
-                evicted.push(old);
+                // The very same block put again is still cached: not for the pool.
+                if !Arc::ptr_eq(&old, &plain) {
+                    evicted.push(old);
+                }
             }
             lru.bytes += len;
             while lru.bytes > self.capacity {
@@ -253,11 +292,6 @@ impl BlockCache {
     /// keeps late fetches of it out (see `Lru::behind`).
     pub fn drop_behind(&self, id: &BlockId) {
         self.remove(id, true);
-    }
-
-    /// Whether a stream left the block behind lately.
-    pub fn left_behind(&self, id: &BlockId) -> bool {
-        self.lru.lock().unwrap().behind.contains(id)
     }
 
     fn remove(&self, id: &BlockId, behind: bool) {

@@ -49,8 +49,13 @@ impl Acl {
     }
 
     /// The rules of the kernel's posix_acl_valid: one owner, owning-group and other
-    /// entry each, a mask whenever there are named entries, no id named twice.
+    /// entry each, a mask whenever there are named entries, entries in tag order and
+    /// named ones by increasing id (so no id twice).
     fn is_valid(&self) -> bool {
+        let ordered = self
+            .0
+            .windows(2)
+            .all(|w| (w[0].tag, w[0].id) < (w[1].tag, w[1].id) || w[0].tag < w[1].tag);
         let count = |tag| self.0.iter().filter(|e| e.tag == tag).count();
         let named = count(USER) + count(GROUP);
         let mut ids: Vec<(u16, u32)> = self
@@ -69,6 +74,7 @@ impl Acl {
             && count(MASK) <= 1
             && (named == 0 || count(MASK) == 1)
             && ids.len() == named
+            && ordered
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -182,6 +188,15 @@ mod tests {
                 (OTHER, 0, 0),
             ]),
             acl(&[(USER_OBJ, 8, 0), (GROUP_OBJ, 5, 0), (OTHER, 0, 0)]),
+            acl(&[(GROUP_OBJ, 5, 0), (USER_OBJ, 7, 0), (OTHER, 0, 0)]),
+            acl(&[
+                (USER_OBJ, 7, 0),
+                (USER, 5, 9),
+                (USER, 4, 3),
+                (GROUP_OBJ, 5, 0),
+                (MASK, 7, 0),
+                (OTHER, 0, 0),
+            ]),
         ] {
             assert!(Acl::parse(&bad).is_none(), "{bad:?}");
         }
@@ -213,8 +228,8 @@ mod tests {
     fn inheriting_masks_the_default_acl_with_the_requested_mode() {
         let mut d = Acl::parse(&acl(&[
             (USER_OBJ, 7, 0),
-            (GROUP, 7, 50),
             (GROUP_OBJ, 7, 0),
+            (GROUP, 7, 50),
             (MASK, 7, 0),
             (OTHER, 5, 0),
         ]))

@@ -94,7 +94,7 @@ impl Volume {
         let bs = self.block_size;
         let fd = self.file_data(ino, false);
         let guard = fd.as_ref().map(|f| f.lock().unwrap());
-        let (start, end, plan, ahead, streaming) = {
+        let (start, end, plan, ahead, behind) = {
             let mut state = self.state();
             let inode = Self::inode(&state, ino)?;
             match inode.kind {
@@ -138,7 +138,11 @@ impl Volume {
                 })
                 .collect();
             self.touch_atime(&mut state, ino);
-            (offset, end, plan, ahead, read_plan.streaming)
+            let behind = match read_plan.streaming {
+                true => self.left_behind(&state, &plan, (offset, end)),
+                false => Vec::new(),
+            };
+            (offset, end, plan, ahead, behind)
         };
         drop(guard);
         self.prefetch(ahead);
@@ -146,8 +150,8 @@ impl Volume {
             Piece::Block { id, .. } => Some(*id),
             _ => None,
         }))?;
-        if streaming {
-            self.drop_behind(&plan, start, end);
+        for id in &behind {
+            self.cache.drop_behind(id);
         }
         if let [(slot, Piece::Block { id, len })] = plan.as_slice() {
             let block = &blocks[id];
@@ -179,23 +183,33 @@ impl Volume {
     }
 
     /// A stream that has read a whole block will not read it again, and the kernel's
-    /// page cache keeps what it read: the block leaves the memory cache, so a long
+    /// page cache keeps what it read: the block can leave the memory cache, so a long
     /// sequential read neither pushes out everything else nor needs a fresh buffer per
-    /// block (its buffer is reused once the reply is sent). Not on a read-only mount,
-    /// whose page cache is dropped at every open.
-    fn drop_behind(&self, plan: &[(u64, Piece)], start: u64, end: u64) {
+    /// block (its buffer is reused once the reply is sent). Not a block other extents
+    /// share (dedup: a file of zeros is one block, read again and again), and not on a
+    /// read-only mount, whose page cache is dropped at every open.
+    fn left_behind(
+        &self,
+        state: &super::State,
+        plan: &[(u64, Piece)],
+        (start, end): (u64, u64),
+    ) -> Vec<BlockId> {
         if self.config.read_only {
-            return;
+            return Vec::new();
         }
         let bs = self.block_size;
-        for (slot, piece) in plan {
-            if let Piece::Block { id, len } = piece
-                && start <= slot * bs
-                && end >= slot * bs + len
-            {
-                self.cache.drop_behind(id);
-            }
-        }
+        plan.iter()
+            .filter_map(|(slot, piece)| match piece {
+                Piece::Block { id, len }
+                    if start <= slot * bs
+                        && end >= slot * bs + len
+                        && state.index.ledger().refs(id) == 1 =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Fetches blocks into the cache in the background.

@@ -1115,7 +1115,12 @@ impl Volume {
         let state = self.state();
         let inode = Self::inode(&state, ino)?;
         let mut out = Vec::new();
+        let acls = self.posix_acls.load(Ordering::Relaxed);
         for name in inode.xattrs.keys() {
+            // ACLs kept from a mount with --acl are not there for this one.
+            if !acls && (name == acl::ACCESS || name == acl::DEFAULT) {
+                continue;
+            }
             out.extend_from_slice(name);
             out.push(0);
         }
@@ -1127,7 +1132,11 @@ impl Volume {
         self.check_xattr_name(name)?;
         let mut state = self.state();
         let inode = Self::inode_mut(&mut state, ino)?;
-        inode.xattrs.remove(name).ok_or(FsError::NoAttr)?;
+        let removed = inode.xattrs.remove(name).is_some();
+        // No stored ACL is the minimal one, which is there to remove (as on ext4).
+        if !removed && name != acl::ACCESS && name != acl::DEFAULT {
+            return Err(FsError::NoAttr);
+        }
         inode.ctime = Timestamp::now();
         Ok(())
     }

@@ -152,10 +152,7 @@ fn fetch_loop(cache: &Weak<BlockCache>, rx: &Mutex<Receiver<BlockId>>) {
         let (Ok(id), Some(cache)) = (next, cache.upgrade()) else {
             return;
         };
-        // A stream that got to the block first has read it and left it behind.
-        if cache.cached(&id).is_none() && !cache.left_behind(&id) {
-            let _ = cache.get(id);
-        }
+        cache.prefetch(id);
     }
 }
 

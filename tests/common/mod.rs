@@ -40,6 +40,22 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs an unmount again while it fails with "busy". Tests run in parallel threads of
+/// one process: a child another thread forks inherits every open descriptor until it
+/// execs, so a file this thread has just closed can keep its mount busy for a moment.
+pub fn retry_while_busy(mut unmount: impl FnMut() -> Output) -> Output {
+    let mut out = unmount();
+    for _ in 0..20 {
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        out = unmount();
+    }
+    out
+}
+
 /// A shell snippet that must succeed.
 pub fn bash(script: &str) -> String {
     sh("bash", &["-euo", "pipefail", "-c", script])
@@ -228,7 +244,7 @@ impl Fixture {
     }
 
     pub fn umount(&self) {
-        let out = objfs(&["umount", self.mnt.to_str().unwrap()]);
+        let out = retry_while_busy(|| objfs(&["umount", self.mnt.to_str().unwrap()]));
         assert!(
             out.status.success(),
             "umount failed: {}\nlog:\n{}",
