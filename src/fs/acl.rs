@@ -116,22 +116,20 @@ impl Acl {
 
     /// A chmod: the owner, group-class and other entries take the mode's bits.
     pub fn chmod(&mut self, mode: u32) {
-        let class = self.group_class();
-        for e in &mut self.0 {
-            let bits = match e.tag {
-                USER_OBJ => mode >> 6,
-                OTHER => mode,
-                t if t == class => mode >> 3,
-                _ => continue,
-            };
-            e.perm = (bits & 7) as u16;
-        }
+        self.apply_mode(mode, |_, bits| bits);
     }
 
     /// A directory's default ACL made into the access ACL of a node created in it
     /// with `mode`: the owner, group-class and other entries keep only what the mode
     /// grants (the kernel's posix_acl_create_masq). Returns the new node's rwx bits.
     pub fn create_masq(&mut self, mode: u32) -> u32 {
+        self.apply_mode(mode, |perm, bits| perm & bits);
+        self.mode_bits()
+    }
+
+    /// Sets the owner, group-class and other entries to `f(entry's perm, the mode's
+    /// bits for it)`; named entries are left alone.
+    fn apply_mode(&mut self, mode: u32, f: impl Fn(u16, u16) -> u16) {
         let class = self.group_class();
         for e in &mut self.0 {
             let bits = match e.tag {
@@ -140,9 +138,8 @@ impl Acl {
                 t if t == class => mode >> 3,
                 _ => continue,
             };
-            e.perm &= (bits & 7) as u16;
+            e.perm = f(e.perm, (bits & 7) as u16);
         }
-        self.mode_bits()
     }
 }
 
