@@ -20,7 +20,8 @@ fn is_large(size: usize, align: usize) -> bool {
     size >= LARGE && align <= PAGE
 }
 
-fn mapped_len(size: usize) -> usize {
+/// `size` rounded up to whole pages.
+pub fn page_round(size: usize) -> usize {
     size.div_ceil(PAGE) * PAGE
 }
 
@@ -29,7 +30,7 @@ unsafe fn map(size: usize) -> *mut u8 {
     let p = unsafe {
         libc::mmap(
             ptr::null_mut(),
-            mapped_len(size),
+            page_round(size),
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
@@ -66,8 +67,8 @@ unsafe impl GlobalAlloc for PageAlignedLarge {
 
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
         if is_large(layout.size(), layout.align()) {
-            // SAFETY: p is a mapping of mapped_len(size) bytes made by map().
-            unsafe { libc::munmap(p.cast(), mapped_len(layout.size())) };
+            // SAFETY: p is a mapping of page_round(size) bytes made by map().
+            unsafe { libc::munmap(p.cast(), page_round(layout.size())) };
         } else {
             unsafe { System.dealloc(p, layout) }
         }
@@ -79,13 +80,13 @@ unsafe impl GlobalAlloc for PageAlignedLarge {
         match (was_large, now_large) {
             (false, false) => unsafe { System.realloc(p, layout, new_size) },
             (true, true) => {
-                // SAFETY: p is a mapping of mapped_len(old size) bytes; mremap moves
+                // SAFETY: p is a mapping of page_round(old size) bytes; mremap moves
                 // it whole if it cannot grow in place (no copy of the pages).
                 let q = unsafe {
                     libc::mremap(
                         p.cast(),
-                        mapped_len(layout.size()),
-                        mapped_len(new_size),
+                        page_round(layout.size()),
+                        page_round(new_size),
                         libc::MREMAP_MAYMOVE,
                     )
                 };

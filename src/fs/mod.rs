@@ -1094,7 +1094,7 @@ impl Volume {
             XattrSet::Replace if !exists => return Err(FsError::NoAttr),
             _ => {}
         }
-        if name == acl::ACCESS || name == acl::DEFAULT {
+        if acl::is_acl_name(name) {
             set_acl(inode, caller, name, value)?;
         } else {
             inode.xattrs.insert(name.to_vec(), value.to_vec());
@@ -1118,7 +1118,7 @@ impl Volume {
         let acls = self.posix_acls.load(Ordering::Relaxed);
         for name in inode.xattrs.keys() {
             // ACLs kept from a mount with --acl are not there for this one.
-            if !acls && (name == acl::ACCESS || name == acl::DEFAULT) {
+            if !acls && acl::is_acl_name(name) {
                 continue;
             }
             out.extend_from_slice(name);
@@ -1134,7 +1134,7 @@ impl Volume {
         let inode = Self::inode_mut(&mut state, ino)?;
         let removed = inode.xattrs.remove(name).is_some();
         // No stored ACL is the minimal one, which is there to remove (as on ext4).
-        if !removed && name != acl::ACCESS && name != acl::DEFAULT {
+        if !removed && !acl::is_acl_name(name) {
             return Err(FsError::NoAttr);
         }
         inode.ctime = Timestamp::now();
@@ -1148,7 +1148,7 @@ impl Volume {
         if name.len() > XATTR_NAME_MAX {
             return Err(FsError::Range);
         }
-        if name == acl::ACCESS || name == acl::DEFAULT {
+        if acl::is_acl_name(name) {
             // Stored only while the kernel enforces them: ACLs kept but not applied
             // would grant or deny other than they say.
             return match self.posix_acls.load(Ordering::Relaxed) {

@@ -48,10 +48,6 @@ pub struct ReadPlan {
 impl Readahead {
     /// Records a read of [offset, end) and returns what to prefetch.
     pub fn on_read(&self, ino: Ino, offset: u64, end: u64, block_size: u64) -> ReadPlan {
-        let prefetch = |range| ReadPlan {
-            prefetch: range,
-            streaming: false,
-        };
         let mut streams = self.streams.lock().unwrap();
         if streams.len() > 4096 {
             streams.clear();
@@ -70,7 +66,10 @@ impl Readahead {
             s.window = 0;
             s.fetched_until = 0;
             s.next = end;
-            return prefetch(0..0);
+            return ReadPlan {
+                prefetch: 0..0,
+                streaming: false,
+            };
         }
         s.next = if near { s.next.max(end) } else { end };
         let last_slot = s.next.saturating_sub(1) / block_size;

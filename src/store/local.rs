@@ -189,7 +189,8 @@ fn set_direct(f: &File, on: bool) -> std::io::Result<()> {
 /// multiples of a page, which covers any logical block size up to 4 KiB. Unless it
 /// returns `Read`, `f` is back in buffered mode at offset 0 and `buf` is empty.
 fn read_direct(f: &File, len: usize, buf: &mut Vec<u8>) -> std::io::Result<Direct> {
-    let want = len.div_ceil(alloc::PAGE) * alloc::PAGE;
+    buf.clear();
+    let want = alloc::page_round(len);
     if want < alloc::LARGE {
         return Ok(Direct::Buffered);
     }
@@ -244,9 +245,8 @@ fn read_whole_direct(
             return Ok(Direct::Buffered);
         }
     }
-    // SAFETY: the kernel initialized the first `filled` bytes (at least `len`).
-    unsafe { buf.set_len(filled.min(want)) };
-    buf.truncate(len);
+    // SAFETY: the kernel initialized the first `filled` bytes, at least `len`.
+    unsafe { buf.set_len(len) };
     Ok(Direct::Read)
 }
 
