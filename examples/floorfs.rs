@@ -354,9 +354,10 @@ impl Filesystem for FloorFs {
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, name: &OsStr, _size: u32, reply: ReplyXattr) {
-        // As objfs without --acl: system.* (POSIX ACLs) is unsupported, which `ls -l`
-        // and `cp -a` remember for the whole mount.
-        if name.as_bytes().starts_with(b"system.") {
+        // As objfs without --acl: system.* (POSIX ACLs) and SELinux labels are
+        // unsupported, which `ls -l` remembers for the whole mount.
+        let name = name.as_bytes();
+        if name.starts_with(b"system.") || name == b"security.selinux" {
             reply.error(Errno::EOPNOTSUPP);
         } else {
             reply.error(Errno::ENODATA);

@@ -326,3 +326,35 @@ fn posix_acls_are_enforced_inherited_and_kept_in_step_with_modes_as_on_a_native_
     assert!(refused.contains("Operation not supported"), "{refused}");
     assert!(!refused.contains("user:1234"), "{refused}");
 }
+
+#[test]
+fn selinux_labels_are_unsupported_so_ls_l_asks_once_per_mount() {
+    let mut f = Fixture::new();
+    f.env = vec![("RUST_LOG".to_string(), "fuser=debug".to_string())];
+    f.mount();
+    let m = f.mnt_str();
+    let out = bash(&format!(
+        "cd {m} && seq 1 50 | xargs touch && \
+         setfattr -n security.objfs-test -v 1 1 && getfattr --only-values -n security.objfs-test 1 && echo; \
+         (getfattr -n security.selinux 1 2>&1 || true); (setfattr -n security.selinux -v x 1 2>&1 || true)"
+    ));
+    assert_eq!(
+        out.matches("Operation not supported").count(),
+        2,
+        "getfattr and setfattr of security.selinux: {out}"
+    );
+    assert!(out.starts_with("1\n"), "other security.* names work: {out}");
+    let listing = bash(&format!("ls -l {m}"));
+    let modes: Vec<&str> = listing
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(modes.len(), 50, "{listing}");
+    assert!(modes.iter().all(|mode| mode.len() == 10), "{listing}");
+    f.umount();
+    // ls remembers "not supported" for the device: one request for the whole
+    // listing, where "no such attribute" would have cost one per file.
+    let asked = f.log_text().matches("name \"security.selinux\"").count();
+    assert!(asked <= 3, "security.selinux asked {asked} times");
+}

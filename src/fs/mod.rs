@@ -32,6 +32,8 @@ pub const SYMLINK_MAX: usize = 4095;
 /// Hard links per file, as ext4.
 pub const LINK_MAX: u32 = 65000;
 pub const XATTR_NAME_MAX: usize = 255;
+/// The SELinux label's attribute name (see `Volume::check_xattr_name`).
+const SELINUX_LABEL: &[u8] = b"security.selinux";
 pub const XATTR_VALUE_MAX: usize = 65536;
 /// Largest file offset objfs accepts (8 EiB would overflow block arithmetic).
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
@@ -1118,7 +1120,7 @@ impl Volume {
         let acls = self.posix_acls.load(Ordering::Relaxed);
         for name in inode.xattrs.keys() {
             // ACLs kept from a mount with --acl are not there for this one.
-            if !acls && acl::is_acl_name(name) {
+            if (!acls && acl::is_acl_name(name)) || name == SELINUX_LABEL {
                 continue;
             }
             out.extend_from_slice(name);
@@ -1141,6 +1143,12 @@ impl Volume {
         Ok(())
     }
 
+    /// Which names may be stored. `security.selinux` may not: objfs keeps no SELinux
+    /// labels. Where SELinux runs, the kernel answers for that name itself (FUSE mounts
+    /// are labelled by policy), so it reaches us only where SELinux is off, from tools
+    /// like `ls -l` asking every file for its label. "Not supported" is what a
+    /// filesystem without labels answers, and `ls` then stops asking for the rest of
+    /// the mount, where "no such attribute" would cost one round trip per file.
     fn check_xattr_name(&self, name: &[u8]) -> FsResult<()> {
         if name.is_empty() {
             return Err(FsError::Invalid);
@@ -1155,6 +1163,9 @@ impl Volume {
                 true => Ok(()),
                 false => Err(FsError::NotSupported),
             };
+        }
+        if name == SELINUX_LABEL {
+            return Err(FsError::NotSupported);
         }
         // Other system.* names are the kernel's own (or another filesystem's).
         const NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];

@@ -214,6 +214,29 @@ fn xattrs() {
 }
 
 #[test]
+fn selinux_labels_are_not_supported_but_other_security_names_are() {
+    let v = open(&new_store());
+    let f = file(&v, ROOT_INO, "f");
+    let label = b"security.selinux";
+    assert_eq!(v.getxattr(f, label), Err(FsError::NotSupported));
+    assert_eq!(
+        v.setxattr(
+            &root(),
+            f,
+            label,
+            b"system_u:object_r:tmp_t:s0",
+            XattrSet::Any
+        ),
+        Err(FsError::NotSupported)
+    );
+    assert_eq!(v.removexattr(f, label), Err(FsError::NotSupported));
+    v.setxattr(&root(), f, b"security.capability", b"caps", XattrSet::Any)
+        .unwrap();
+    assert_eq!(v.getxattr(f, b"security.capability").unwrap(), b"caps");
+    assert_eq!(v.listxattr(f).unwrap(), b"security.capability\0");
+}
+
+#[test]
 fn a_sequential_stream_leaves_the_blocks_it_read_out_of_the_memory_cache() {
     let store = new_store();
     let blocks = 64u64;
