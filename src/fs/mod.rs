@@ -32,9 +32,9 @@ pub const SYMLINK_MAX: usize = 4095;
 /// Hard links per file, as ext4.
 pub const LINK_MAX: u32 = 65000;
 pub const XATTR_NAME_MAX: usize = 255;
+pub const XATTR_VALUE_MAX: usize = 65536;
 /// The SELinux label's attribute name (see `Volume::check_xattr_name`).
 const SELINUX_LABEL: &[u8] = b"security.selinux";
-pub const XATTR_VALUE_MAX: usize = 65536;
 /// Largest file offset objfs accepts (8 EiB would overflow block arithmetic).
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
 
