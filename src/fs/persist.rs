@@ -143,12 +143,13 @@ impl Volume {
 
     fn snapshot_locked(&self, journal: &mut crate::index::journal::Journal) -> FsResult<()> {
         self.check_lease()?;
-        let (changes, body) = {
+        let (changes, view) = {
             let mut state = self.state();
             let changes = state.index.take_changes();
-            let body = state.index.snapshot_body(journal.next_generation());
-            (changes, body)
+            let view = state.index.snapshot_view(journal.next_generation());
+            (changes, view)
         };
+        let body = view.body();
         if let Err(e) = self.store.sync() {
             self.state().index.restore(changes);
             return Err(e.into());

@@ -9,6 +9,7 @@ pub mod superblock;
 use crate::block::BlockId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
@@ -156,6 +157,48 @@ pub struct SnapshotBody {
 /// One directory's entries as stored: (name, inode), sorted by name.
 pub type DirTable = Vec<(Vec<u8>, Ino)>;
 
+/// The index at one moment, sharing its inodes and directories with it.
+pub struct SnapshotView {
+    generation: u64,
+    next_ino: u64,
+    inodes: Vec<Arc<Inode>>,
+    dirs: Vec<(Ino, Arc<Entries>)>,
+    durable_size: HashMap<Ino, u64>,
+}
+
+impl SnapshotView {
+    pub fn body(self) -> SnapshotBody {
+        let mut inodes: Vec<Inode> = self
+            .inodes
+            .iter()
+            .map(|i| persistable(i, &self.durable_size))
+            .collect();
+        inodes.sort_by_key(|i| i.ino);
+        let mut dirs: Vec<(Ino, DirTable)> = self
+            .dirs
+            .iter()
+            .map(|(d, e)| (*d, e.iter().map(|(n, i)| (n.clone(), *i)).collect()))
+            .collect();
+        dirs.sort_by_key(|(d, _)| *d);
+        SnapshotBody {
+            generation: self.generation,
+            next_ino: self.next_ino,
+            inodes,
+            dirs,
+        }
+    }
+}
+
+/// The inode as it may be persisted now: a file with unflushed data is journaled
+/// with its last durable size, so a crash never exposes a tail of zeros.
+fn persistable(inode: &Inode, durable_size: &HashMap<Ino, u64>) -> Inode {
+    let mut out = inode.clone();
+    if let Some(&durable) = durable_size.get(&inode.ino) {
+        out.size = out.size.min(durable);
+    }
+    out
+}
+
 /// Per-block bookkeeping that decides when a block may be deleted from the store.
 #[derive(Default)]
 pub struct Ledger {
@@ -191,10 +234,17 @@ pub enum UploadStart {
     Busy,
 }
 
+/// One directory's entries, by name.
+pub type Entries = BTreeMap<Vec<u8>, Ino>;
+
+/// Inodes and directories are shared copy-on-write (`Arc::make_mut`), so a snapshot
+/// can take the whole index under the state lock in the time of a pointer copy each,
+/// and encode it after the lock is gone (cloning 100k inodes under the lock held every
+/// operation up for ~60 ms).
 #[derive(Default)]
 pub struct Index {
-    inodes: HashMap<Ino, Inode>,
-    dirs: HashMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+    inodes: HashMap<Ino, Arc<Inode>>,
+    dirs: HashMap<Ino, Arc<Entries>>,
     next_ino: u64,
     block_size: u64,
     dirty_inodes: HashSet<Ino>,
@@ -233,8 +283,8 @@ impl Index {
         let mut root = Inode::new(ROOT_INO, Kind::Dir, 0o755, uid, gid);
         root.nlink = 2;
         root.parent = ROOT_INO;
-        index.inodes.insert(ROOT_INO, root);
-        index.dirs.insert(ROOT_INO, BTreeMap::new());
+        index.inodes.insert(ROOT_INO, Arc::new(root));
+        index.dirs.insert(ROOT_INO, Arc::default());
         index
     }
 
@@ -245,10 +295,12 @@ impl Index {
             ..Default::default()
         };
         for inode in body.inodes {
-            index.inodes.insert(inode.ino, inode);
+            index.inodes.insert(inode.ino, Arc::new(inode));
         }
         for (dir, entries) in body.dirs {
-            index.dirs.insert(dir, entries.into_iter().collect());
+            index
+                .dirs
+                .insert(dir, Arc::new(entries.into_iter().collect()));
         }
         index
     }
@@ -265,18 +317,18 @@ impl Index {
                     self.dirs.entry(inode.ino).or_default();
                 }
                 self.next_ino = self.next_ino.max(inode.ino + 1);
-                self.inodes.insert(inode.ino, inode);
+                self.inodes.insert(inode.ino, Arc::new(inode));
             }
             Record::DelInode(ino) => {
                 self.inodes.remove(&ino);
                 self.dirs.remove(&ino);
             }
             Record::PutEntry { dir, name, ino } => {
-                self.dirs.entry(dir).or_default().insert(name, ino);
+                Arc::make_mut(self.dirs.entry(dir).or_default()).insert(name, ino);
             }
             Record::DelEntry { dir, name } => {
                 if let Some(d) = self.dirs.get_mut(&dir) {
-                    d.remove(&name);
+                    Arc::make_mut(d).remove(&name);
                 }
             }
         }
@@ -292,7 +344,7 @@ impl Index {
     pub fn finish_load(&mut self) -> Vec<Ino> {
         let bs = self.block_size;
         for inode in self.inodes.values_mut() {
-            inode.clip_extents(bs);
+            Arc::make_mut(inode).clip_extents(bs);
         }
         let mut linked: HashSet<Ino> = HashSet::from([ROOT_INO]);
         for entries in self.dirs.values() {
@@ -331,12 +383,12 @@ impl Index {
     }
 
     pub fn get(&self, ino: Ino) -> Option<&Inode> {
-        self.inodes.get(&ino)
+        self.inodes.get(&ino).map(|i| &**i)
     }
 
     /// Mutable access; the inode is journaled at the next commit.
     pub fn get_mut(&mut self, ino: Ino) -> Option<&mut Inode> {
-        let inode = self.inodes.get_mut(&ino)?;
+        let inode = Arc::make_mut(self.inodes.get_mut(&ino)?);
         self.dirty_inodes.insert(ino);
         Some(inode)
     }
@@ -357,12 +409,12 @@ impl Index {
                 self.ledger.add(id);
             }
         }
-        self.inodes.insert(ino, inode);
+        self.inodes.insert(ino, Arc::new(inode));
         self.dirty_inodes.insert(ino);
     }
 
     pub fn remove_inode(&mut self, ino: Ino) -> Option<Inode> {
-        let inode = self.inodes.remove(&ino)?;
+        let inode = Arc::unwrap_or_clone(self.inodes.remove(&ino)?);
         self.dirs.remove(&ino);
         self.durable_size.remove(&ino);
         for e in inode.extents.values() {
@@ -384,17 +436,17 @@ impl Index {
         self.dirs.get(&dir)?.get(name).copied()
     }
 
-    pub fn entries(&self, dir: Ino) -> Option<&BTreeMap<Vec<u8>, Ino>> {
-        self.dirs.get(&dir)
+    pub fn entries(&self, dir: Ino) -> Option<&Entries> {
+        self.dirs.get(&dir).map(|d| &**d)
     }
 
     pub fn insert_entry(&mut self, dir: Ino, name: &[u8], ino: Ino) {
-        self.dirs.entry(dir).or_default().insert(name.to_vec(), ino);
+        Arc::make_mut(self.dirs.entry(dir).or_default()).insert(name.to_vec(), ino);
         self.dirty_entries.insert((dir, name.to_vec()));
     }
 
     pub fn remove_entry(&mut self, dir: Ino, name: &[u8]) -> Option<Ino> {
-        let ino = self.dirs.get_mut(&dir)?.remove(name)?;
+        let ino = Arc::make_mut(self.dirs.get_mut(&dir)?).remove(name)?;
         self.dirty_entries.insert((dir, name.to_vec()));
         Some(ino)
     }
@@ -404,7 +456,7 @@ impl Index {
         if let Some(id) = extent.block_id() {
             self.ledger.add(id);
         }
-        let Some(inode) = self.inodes.get_mut(&ino) else {
+        let Some(inode) = self.inodes.get_mut(&ino).map(Arc::make_mut) else {
             // The file is gone; the new reference is dropped at once.
             self.release_extent(&extent);
             return;
@@ -417,9 +469,10 @@ impl Index {
 
     /// Makes a block slot a hole.
     pub fn remove_extent(&mut self, ino: Ino, slot: u64) {
-        let Some(inode) = self.inodes.get_mut(&ino) else {
+        if !self.get(ino).is_some_and(|i| i.extents.contains_key(&slot)) {
             return;
-        };
+        }
+        let inode = self.get_mut(ino).expect("checked above");
         if let Some(old) = inode.extents.remove(&slot) {
             self.dirty_inodes.insert(ino);
             self.release_extent(&old);
@@ -429,7 +482,7 @@ impl Index {
     /// Sets a file's size, dropping content past it.
     pub fn set_size(&mut self, ino: Ino, size: u64) {
         let bs = self.block_size;
-        let Some(inode) = self.inodes.get_mut(&ino) else {
+        let Some(inode) = self.inodes.get_mut(&ino).map(Arc::make_mut) else {
             return;
         };
         let old = inode.size;
@@ -509,14 +562,8 @@ impl Index {
         !self.dirty_inodes.is_empty() || !self.dirty_entries.is_empty()
     }
 
-    /// The inode as it may be persisted now: a file with unflushed data is journaled
-    /// with its last durable size, so a crash never exposes a tail of zeros.
     fn persistable(&self, inode: &Inode) -> Inode {
-        let mut out = inode.clone();
-        if let Some(&durable) = self.durable_size.get(&inode.ino) {
-            out.size = out.size.min(durable);
-        }
-        out
+        persistable(inode, &self.durable_size)
     }
 
     /// Takes every change since the last commit as journal records.
@@ -569,21 +616,20 @@ impl Index {
         self.unreferenced.extend(changes.unreferenced);
     }
 
-    pub fn snapshot_body(&self, generation: u64) -> SnapshotBody {
-        let mut inodes: Vec<Inode> = self.inodes.values().map(|i| self.persistable(i)).collect();
-        inodes.sort_by_key(|i| i.ino);
-        let mut dirs: Vec<(Ino, DirTable)> = self
-            .dirs
-            .iter()
-            .map(|(d, e)| (*d, e.iter().map(|(n, i)| (n.clone(), *i)).collect()))
-            .collect();
-        dirs.sort_by_key(|(d, _)| *d);
-        SnapshotBody {
+    /// The whole index as it is now, cheaply (shared inodes and directories, see
+    /// `Index`); `SnapshotView::body` makes the snapshot of it without the index.
+    pub fn snapshot_view(&self, generation: u64) -> SnapshotView {
+        SnapshotView {
             generation,
             next_ino: self.next_ino,
-            inodes,
-            dirs,
+            inodes: self.inodes.values().cloned().collect(),
+            dirs: self.dirs.iter().map(|(d, e)| (*d, e.clone())).collect(),
+            durable_size: self.durable_size.clone(),
         }
+    }
+
+    pub fn snapshot_body(&self, generation: u64) -> SnapshotBody {
+        self.snapshot_view(generation).body()
     }
 
     pub fn inode_count(&self) -> usize {
@@ -591,7 +637,7 @@ impl Index {
     }
 
     pub fn inodes(&self) -> impl Iterator<Item = &Inode> {
-        self.inodes.values()
+        self.inodes.values().map(|i| &**i)
     }
 
     pub fn next_ino(&self) -> u64 {
@@ -633,6 +679,41 @@ mod tests {
         assert_eq!(replayed.get(b), None);
         assert_eq!(replayed.lookup(ROOT_INO, b"b"), None);
         assert_eq!(replayed.next_ino(), index.next_ino());
+    }
+
+    #[test]
+    fn a_snapshot_view_keeps_the_index_as_it_was_while_the_index_changes() {
+        let mut index = Index::new_filesystem(4096, 0, 0);
+        let a = file(&mut index, b"a");
+        let b = file(&mut index, b"b");
+        let dir = index.alloc_ino();
+        index.insert_inode(Inode::new(dir, Kind::Dir, 0o755, 0, 0));
+        index.insert_entry(ROOT_INO, b"d", dir);
+        index.insert_entry(dir, b"b2", b);
+        index.get_mut(a).unwrap().size = 10;
+        index.set_extent(a, 0, Extent::Inline(b"0123456789".to_vec()));
+        let encoded = |body: &SnapshotBody| codec::encode(&codec::SNAPSHOT, body);
+        let before = encoded(&index.snapshot_body(1));
+        let view = index.snapshot_view(1);
+
+        index.get_mut(a).unwrap().perm = 0o600;
+        index.set_extent(a, 0, Extent::Inline(b"changed".to_vec()));
+        index.set_size(a, 3);
+        index.remove_extent(a, 0);
+        index.insert_entry(dir, b"new", a);
+        index.remove_entry(ROOT_INO, b"b");
+        index.remove_entry(dir, b"b2");
+        index.remove_inode(b);
+        let c = file(&mut index, b"c");
+        assert_ne!(encoded(&index.snapshot_body(1)), before);
+
+        assert_eq!(encoded(&view.body()), before);
+        // And the index itself has every change.
+        assert_eq!(index.get(a).unwrap().perm, 0o600);
+        assert!(index.get(a).unwrap().extents.is_empty());
+        assert_eq!(index.lookup(dir, b"new"), Some(a));
+        assert_eq!(index.get(b), None);
+        assert_eq!(index.lookup(ROOT_INO, b"c"), Some(c));
     }
 
     #[test]
