@@ -109,10 +109,13 @@ fn sigkill_at_random_moments_loses_nothing_fsynced() {
     std::fs::write(&script, WRITER).unwrap();
     let mut checked = 0;
     for round in 1..=rounds {
-        // Every other round through the kernel's writeback cache.
+        // Every other round through the kernel's writeback cache; the others take a
+        // snapshot every other commit, while the writer goes on.
         f.extra = match round % 2 {
             0 => vec!["--writeback-cache".into()],
-            _ => Vec::new(),
+            _ => ["--snapshot-every", "2", "--commit-interval", "1"]
+                .map(String::from)
+                .to_vec(),
         };
         f.mount();
         let log = f.tmp.path().join(format!("round{round}.log"));

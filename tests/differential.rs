@@ -670,8 +670,9 @@ struct Session {
 }
 
 /// How objfs is set up for a seed (`seed % 4`): defaults; tiny dirty limit and cache
-/// (every write flushes, partial overwrites read stored blocks back); frequent commits
-/// with serial uploads; 64 KiB blocks.
+/// (every write flushes, partial overwrites read stored blocks back) with frequent
+/// commits and a snapshot every other one (taken while operations go on); frequent
+/// commits with serial uploads; 64 KiB blocks.
 fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>) {
     match variant % 4 {
         0 => (&[], None),
@@ -683,6 +684,8 @@ fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>)
                 "1M",
                 "--commit-interval",
                 "1",
+                "--snapshot-every",
+                "2",
             ],
             None,
         ),
