@@ -525,6 +525,33 @@ fn readdir_offsets_survive_changes() {
 }
 
 #[test]
+fn a_listing_of_many_chunks_has_every_entry_in_order_with_its_kind() {
+    let v = open(&new_store());
+    let mut expected = Vec::new();
+    for i in 0..10_000 {
+        let name = format!("e{i:05}");
+        let ino = match i % 3 {
+            0 => v.mkdir(root(), ROOT_INO, name.as_bytes(), 0o755).unwrap().ino,
+            _ => file(&v, ROOT_INO, &name),
+        };
+        let kind = if i % 3 == 0 { Kind::Dir } else { Kind::File };
+        expected.push((name.into_bytes(), ino, kind));
+    }
+    let fh = v.opendir(ROOT_INO).unwrap();
+    let mut listed = Vec::new();
+    let mut offset = 0;
+    loop {
+        let batch = v.readdir(ROOT_INO, fh, offset, 777).unwrap();
+        let Some((last, _)) = batch.last() else { break };
+        offset = *last;
+        listed.extend(batch.into_iter().map(|(_, e)| (e.name, e.ino, e.kind)));
+    }
+    assert_eq!(listed[0], (b".".to_vec(), ROOT_INO, Kind::Dir));
+    assert_eq!(listed[1], (b"..".to_vec(), ROOT_INO, Kind::Dir));
+    assert_eq!(listed[2..], expected[..]);
+}
+
+#[test]
 fn read_only_volume_refuses_changes() {
     let store = new_store();
     let v = Volume::load(
