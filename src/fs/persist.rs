@@ -374,7 +374,10 @@ impl Volume {
                 let loaded = crate::index::journal::load(self.store.clone(), "reader")?;
                 let mut state = self.state();
                 changed.all = state.index.inodes().map(|i| i.ino).collect();
-                state.index = loaded.index;
+                let old = std::mem::replace(&mut state.index, loaded.index);
+                drop(state);
+                // Freeing a large index takes a while: not under the state lock.
+                drop(old);
                 *journal = loaded.journal;
                 log::info!("reloaded from snapshot generation {}", journal.generation());
             }
