@@ -531,7 +531,11 @@ fn a_listing_of_many_chunks_has_every_entry_in_order_with_its_kind() {
     for i in 0..10_000 {
         let name = format!("e{i:05}");
         let ino = match i % 3 {
-            0 => v.mkdir(root(), ROOT_INO, name.as_bytes(), 0o755).unwrap().ino,
+            0 => {
+                v.mkdir(root(), ROOT_INO, name.as_bytes(), 0o755)
+                    .unwrap()
+                    .ino
+            }
             _ => file(&v, ROOT_INO, &name),
         };
         let kind = if i % 3 == 0 { Kind::Dir } else { Kind::File };
