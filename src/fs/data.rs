@@ -235,7 +235,9 @@ impl Volume {
         }
     }
 
-    /// Fetches distinct blocks, several at a time when there are several.
+    /// Fetches distinct blocks: cached ones at once, missing ones several at a time
+    /// (this thread takes the first, a scoped thread each of the others; where no
+    /// thread can be had, this one fetches it too).
     fn fetch_all(
         &self,
         ids: impl Iterator<Item = BlockId>,
@@ -244,21 +246,40 @@ impl Volume {
         ids.sort_unstable();
         ids.dedup();
         let mut out = std::collections::HashMap::new();
-        if ids.len() <= 1 {
-            for id in ids {
-                out.insert(id, self.cache.get(id)?);
+        let mut missing = Vec::new();
+        for id in ids {
+            match self.cache.cached(&id) {
+                Some(block) => {
+                    out.insert(id, block);
+                }
+                None => missing.push(id),
             }
-            return Ok(out);
         }
+        let Some((&first, others)) = missing.split_first() else {
+            return Ok(out);
+        };
         let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = ids
+            let spawned: Vec<_> = others
                 .iter()
-                .map(|&id| s.spawn(move || (id, self.cache.get(id))))
+                .map(|&id| {
+                    let thread = std::thread::Builder::new()
+                        .spawn_scoped(s, move || self.cache.get(id))
+                        .ok();
+                    (id, thread)
+                })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("fetch thread"))
-                .collect()
+            let mut results = vec![(first, self.cache.get(first).map_err(FsError::from))];
+            for (id, thread) in spawned {
+                let result = match thread {
+                    Some(t) => match t.join() {
+                        Ok(r) => r.map_err(FsError::from),
+                        Err(_) => Err(FsError::Io(format!("fetching block {id:?} failed"))),
+                    },
+                    None => self.cache.get(id).map_err(FsError::from),
+                };
+                results.push((id, result));
+            }
+            results
         });
         for (id, r) in results {
             out.insert(id, r?);

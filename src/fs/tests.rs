@@ -490,6 +490,35 @@ fn corrupt_block_is_eio_not_wrong_bytes() {
 }
 
 #[test]
+fn a_read_across_cached_and_missing_blocks_gets_each_and_fails_on_a_corrupt_one() {
+    let store = new_store();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "f");
+    let data: Vec<u8> = (0..6 * BS as usize)
+        .map(|i| (i / 4096 * 31 + i % 7) as u8)
+        .collect();
+    v.write(f, 0, &data).unwrap();
+    v.shutdown().unwrap();
+    // Corrupt the block holding bytes of slot 4 (its first payload byte).
+    let slot4 = BlockId::of(&data[4 * 4096..5 * 4096]).key();
+    let mut bytes = store.get(&slot4).unwrap();
+    bytes[0] ^= 0xff;
+    store.put(&slot4, &bytes).unwrap();
+    let v = open(&store);
+    let bs = BS as u64;
+    assert_eq!(v.read(f, bs, 10).unwrap(), &data[4096..4106]); // slot 1 now cached
+    // Slots 0-3: one cached, three missing (fetched in parallel), unaligned ends.
+    let (lo, hi) = (100, 4 * 4096 - 100);
+    assert_eq!(
+        v.read(f, lo, (hi - lo) as u32).unwrap(),
+        &data[lo as usize..hi as usize]
+    );
+    assert!(matches!(v.read(f, 0, 6 * BS), Err(FsError::Io(_))));
+    assert!(matches!(v.read(f, 3 * bs + 5, 2 * BS), Err(FsError::Io(_))));
+    assert_eq!(v.read(f, 5 * bs, BS).unwrap(), &data[5 * 4096..]);
+}
+
+#[test]
 fn identical_blocks_are_stored_once_and_freed_when_unused() {
     let store = new_store();
     let v = open(&store);
