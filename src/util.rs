@@ -106,9 +106,57 @@ pub fn supplementary_groups(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Runs `work` on every item at once: the first on this thread, each other on a
+/// scoped thread of its own, or on this thread too where no thread can be had. An
+/// item whose thread panicked yields `failed(item)`. Results are in item order.
+pub fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    work: impl Fn(&T) -> R + Sync,
+    failed: impl Fn(&T) -> R,
+) -> Vec<R> {
+    let Some((first, others)) = items.split_first() else {
+        return Vec::new();
+    };
+    let work = &work;
+    std::thread::scope(|s| {
+        let threads: Vec<_> = others
+            .iter()
+            .map(|item| {
+                std::thread::Builder::new()
+                    .spawn_scoped(s, move || work(item))
+                    .ok()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        out.push(work(first));
+        for (item, thread) in others.iter().zip(threads) {
+            out.push(match thread {
+                Some(t) => t.join().unwrap_or_else(|_| failed(item)),
+                None => work(item),
+            });
+        }
+        out
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_parallel_keeps_item_order_and_reports_a_panic_as_failed() {
+        let items: Vec<u32> = (0..9).collect();
+        let out = in_parallel(
+            &items,
+            |&i| {
+                assert_ne!(i, 5, "boom");
+                i * 10
+            },
+            |&i| i + 1000,
+        );
+        assert_eq!(out, vec![0, 10, 20, 30, 40, 1005, 60, 70, 80]);
+        assert!(in_parallel(&[] as &[u32], |&i| i, |&i| i).is_empty());
+    }
 
     #[test]
     fn sizes() {

@@ -235,9 +235,8 @@ impl Volume {
         }
     }
 
-    /// Fetches distinct blocks: cached ones at once, missing ones several at a time
-    /// (this thread takes the first, a scoped thread each of the others; where no
-    /// thread can be had, this one fetches it too).
+    /// Fetches distinct blocks: cached ones at once, missing ones all at the same
+    /// time (`util::in_parallel`).
     fn fetch_all(
         &self,
         ids: impl Iterator<Item = BlockId>,
@@ -255,33 +254,12 @@ impl Volume {
                 None => missing.push(id),
             }
         }
-        let Some((&first, others)) = missing.split_first() else {
-            return Ok(out);
-        };
-        let results: Vec<_> = std::thread::scope(|s| {
-            let spawned: Vec<_> = others
-                .iter()
-                .map(|&id| {
-                    let thread = std::thread::Builder::new()
-                        .spawn_scoped(s, move || self.cache.get(id))
-                        .ok();
-                    (id, thread)
-                })
-                .collect();
-            let mut results = vec![(first, self.cache.get(first).map_err(FsError::from))];
-            for (id, thread) in spawned {
-                let result = match thread {
-                    Some(t) => match t.join() {
-                        Ok(r) => r.map_err(FsError::from),
-                        Err(_) => Err(FsError::Io(format!("fetching block {id:?} failed"))),
-                    },
-                    None => self.cache.get(id).map_err(FsError::from),
-                };
-                results.push((id, result));
-            }
-            results
-        });
-        for (id, r) in results {
+        let fetched = crate::util::in_parallel(
+            &missing,
+            |&id| self.cache.get(id).map_err(FsError::from),
+            |id| Err(FsError::Io(format!("fetching block {id:?} failed"))),
+        );
+        for (id, r) in missing.into_iter().zip(fetched) {
             out.insert(id, r?);
         }
         Ok(out)
@@ -648,25 +626,13 @@ impl Volume {
             })
         };
         let threads = self.config.upload_threads.max(1);
-        if sealed.len() <= 1 || threads == 1 {
-            return sealed.iter().map(seal).collect();
-        }
-        let mut results: Vec<Option<FsResult<Extent>>> = (0..sealed.len()).map(|_| None).collect();
-        for (chunk, out) in sealed.chunks(threads).zip(results.chunks_mut(threads)) {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = chunk.iter().map(|b| s.spawn(move || seal(b))).collect();
-                for (h, slot) in handles.into_iter().zip(out.iter_mut()) {
-                    *slot = Some(
-                        h.join()
-                            .unwrap_or_else(|_| Err(FsError::Io("upload thread panicked".into()))),
-                    );
-                }
-            });
+        let mut results = Vec::with_capacity(sealed.len());
+        for chunk in sealed.chunks(threads) {
+            results.extend(crate::util::in_parallel(chunk, seal, |_| {
+                Err(FsError::Io("upload thread panicked".into()))
+            }));
         }
         results
-            .into_iter()
-            .map(|r| r.expect("every block sealed"))
-            .collect()
     }
 
     /// Puts one block in the store unless an identical one is already referenced.
