@@ -108,7 +108,7 @@ pub fn supplementary_groups(pid: u32) -> Vec<u32> {
 
 /// Runs `work` on every item at once: the first on this thread, each other on a
 /// scoped thread of its own, or on this thread too where no thread can be had. An
-/// item whose thread panicked yields `failed(item)`. Results are in item order.
+/// item whose `work` panicked yields `failed(item)`. Results are in item order.
 pub fn in_parallel<T: Sync, R: Send>(
     items: &[T],
     work: impl Fn(&T) -> R + Sync,
@@ -127,12 +127,16 @@ pub fn in_parallel<T: Sync, R: Send>(
                     .ok()
             })
             .collect();
+        let here = |item: &T| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(item)))
+                .unwrap_or_else(|_| failed(item))
+        };
         let mut out = Vec::with_capacity(items.len());
-        out.push(work(first));
+        out.push(here(first));
         for (item, thread) in others.iter().zip(threads) {
             out.push(match thread {
                 Some(t) => t.join().unwrap_or_else(|_| failed(item)),
-                None => work(item),
+                None => here(item),
             });
         }
         out
@@ -149,12 +153,13 @@ mod tests {
         let out = in_parallel(
             &items,
             |&i| {
-                assert_ne!(i, 5, "boom");
+                assert!(i != 0 && i != 5, "boom");
                 i * 10
             },
             |&i| i + 1000,
         );
-        assert_eq!(out, vec![0, 10, 20, 30, 40, 1005, 60, 70, 80]);
+        // 0 ran on this thread, 5 on one of its own: both panics are caught.
+        assert_eq!(out, vec![1000, 10, 20, 30, 40, 1005, 60, 70, 80]);
         assert!(in_parallel(&[] as &[u32], |&i| i, |&i| i).is_empty());
     }
 

@@ -109,10 +109,11 @@ fn sigkill_at_random_moments_loses_nothing_fsynced() {
     std::fs::write(&script, WRITER).unwrap();
     let mut checked = 0;
     for round in 1..=rounds {
-        // Every other round through the kernel's writeback cache; the others take a
-        // snapshot every other commit, while the writer goes on.
-        f.extra = match round % 2 {
-            0 => vec!["--writeback-cache".into()],
+        // Rounds in turn: mount defaults; through the kernel's writeback cache; a
+        // snapshot every other commit, taken while the writer goes on.
+        f.extra = match round % 3 {
+            0 => Vec::new(),
+            1 => vec!["--writeback-cache".into()],
             _ => ["--snapshot-every", "2", "--commit-interval", "1"]
                 .map(String::from)
                 .to_vec(),

@@ -329,8 +329,13 @@ fn posix_acls_are_enforced_inherited_and_kept_in_step_with_modes_as_on_a_native_
 
 #[test]
 fn selinux_labels_are_unsupported_so_ls_l_asks_once_per_mount() {
+    if Path::new("/sys/fs/selinux/enforce").exists() {
+        // There the kernel answers for security.selinux itself, never asking us.
+        eprintln!("skipped: SELinux is on");
+        return;
+    }
     let mut f = Fixture::new();
-    f.env = vec![("RUST_LOG".to_string(), "fuser=debug".to_string())];
+    f.env = vec![("RUST_LOG".to_string(), "info,fuser=debug".to_string())];
     f.mount();
     let m = f.mnt_str();
     let out = bash(&format!(
@@ -353,8 +358,13 @@ fn selinux_labels_are_unsupported_so_ls_l_asks_once_per_mount() {
     assert_eq!(modes.len(), 50, "{listing}");
     assert!(modes.iter().all(|mode| mode.len() == 10), "{listing}");
     f.umount();
-    // ls remembers "not supported" for the device: one request for the whole
-    // listing, where "no such attribute" would have cost one per file.
+    // getfattr and setfattr asked once each; ls remembers "not supported" for the
+    // device: one request for the whole listing, where "no such attribute" would
+    // have cost one per file.
     let asked = f.log_text().matches("name \"security.selinux\"").count();
-    assert!(asked <= 3, "security.selinux asked {asked} times");
+    eprintln!("security.selinux asked {asked} times");
+    assert!(
+        (2..=4).contains(&asked),
+        "security.selinux asked {asked} times"
+    );
 }

@@ -990,17 +990,16 @@ impl Volume {
         }))
     }
 
-    /// The directory's entries as they are now. Under the state lock only a pointer
-    /// to the directory is copied; names are copied without it and kinds looked up
-    /// a chunk at a time, so listing a huge directory never holds every other
-    /// operation up for long (100,000 entries took the lock for 22 ms in one go).
+    /// The directory's entries, in name order. The state lock is taken for 4,096
+    /// entries at a time (copying them), each chunk resuming after the last name of
+    /// the one before, so listing a huge directory never holds every other operation
+    /// up for long (100,000 entries held it for 22 ms in one go) and never makes a
+    /// writer copy the directory. An entry added or removed meanwhile may or may not
+    /// show, as POSIX allows; one present throughout shows exactly once.
     fn list_dir(&self, ino: Ino) -> FsResult<Vec<DirEntry>> {
+        use std::ops::Bound::{Excluded, Unbounded};
         const CHUNK: usize = 4096;
-        let (parent, shared) = {
-            let state = self.state();
-            let dir = Self::dir(&state, ino)?;
-            (dir.parent, state.index.shared_entries(ino))
-        };
+        let parent = Self::dir(&self.state(), ino)?.parent;
         let mut entries = vec![
             DirEntry {
                 name: b".".to_vec(),
@@ -1013,26 +1012,29 @@ impl Volume {
                 kind: Kind::Dir,
             },
         ];
-        let Some(shared) = shared else {
-            return Ok(entries);
-        };
-        let mut named = shared.iter().peekable();
-        while named.peek().is_some() {
-            let chunk: Vec<(Vec<u8>, Ino)> = named
-                .by_ref()
-                .take(CHUNK)
-                .map(|(name, &child)| (name.clone(), child))
-                .collect();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
             let state = self.state();
-            for (name, child) in chunk {
-                // One removed since is left out.
-                if let Some(c) = state.index.get(child) {
-                    entries.push(DirEntry {
-                        name,
-                        ino: child,
-                        kind: c.kind,
-                    });
-                }
+            let Some(dir) = state.index.entries(ino) else {
+                break;
+            };
+            let from = match &after {
+                Some(name) => Excluded(name.as_slice()),
+                None => Unbounded,
+            };
+            let mut names = dir.range::<[u8], _>((from, Unbounded));
+            let chunk: Vec<(&Vec<u8>, &Ino)> = names.by_ref().take(CHUNK).collect();
+            let more = names.next().is_some();
+            after = chunk.last().map(|(name, _)| (*name).clone());
+            entries.extend(chunk.into_iter().filter_map(|(name, &child)| {
+                Some(DirEntry {
+                    name: name.clone(),
+                    ino: child,
+                    kind: state.index.get(child)?.kind,
+                })
+            }));
+            if !more {
+                break;
             }
         }
         Ok(entries)

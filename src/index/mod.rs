@@ -440,12 +440,6 @@ impl Index {
         self.dirs.get(&dir).map(|d| &**d)
     }
 
-    /// The directory's entries as they are now, shared: later changes to the
-    /// directory leave them as they are.
-    pub fn shared_entries(&self, dir: Ino) -> Option<Arc<Entries>> {
-        self.dirs.get(&dir).cloned()
-    }
-
     pub fn insert_entry(&mut self, dir: Ino, name: &[u8], ino: Ino) {
         Arc::make_mut(self.dirs.entry(dir).or_default()).insert(name.to_vec(), ino);
         self.dirty_entries.insert((dir, name.to_vec()));
