@@ -149,14 +149,14 @@ impl Volume {
             let view = state.index.snapshot_view(journal.next_generation());
             (changes, view)
         };
-        let body = view.body();
         if let Err(e) = self.store.sync() {
             self.state().index.restore(changes);
             return Err(e.into());
         }
-        match journal.write_snapshot(&body) {
+        // Encoded straight from the view: the index is not cloned.
+        match journal.write_snapshot(view.generation(), &view) {
             Ok(()) => {
-                log::info!("wrote snapshot generation {}", body.generation);
+                log::info!("wrote snapshot generation {}", view.generation());
                 self.queue_frees(changes.unreferenced);
                 Ok(())
             }

@@ -561,9 +561,13 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes the whole index as the next generation, then removes what it replaces.
-    pub fn write_snapshot(&mut self, body: &SnapshotBody) -> Result<(), IndexError> {
-        let generation = body.generation;
+    /// Writes the whole index (a `SnapshotBody`, or what encodes as one) as the next
+    /// generation, then removes what it replaces.
+    pub fn write_snapshot(
+        &mut self,
+        generation: u64,
+        body: &impl serde::Serialize,
+    ) -> Result<(), IndexError> {
         debug_assert_eq!(generation, self.next_generation());
         let bytes = codec::encode(&codec::SNAPSHOT, body);
         self.store.put(&snapshot_key(generation), &bytes)?;
@@ -673,7 +677,7 @@ mod tests {
 
         // Compaction: a new generation replaces the old objects.
         let body = l.index.snapshot_body(l.journal.next_generation());
-        l.journal.write_snapshot(&body).unwrap();
+        l.journal.write_snapshot(body.generation, &body).unwrap();
         add_file(&mut l.index, "c");
         l.journal.commit(&l.index.take_changes()).unwrap();
         let keys = store.list("meta/").unwrap();
@@ -810,7 +814,7 @@ mod tests {
         let mut l = load(store.clone(), "w").unwrap();
         add_file(&mut l.index, "a");
         let body = l.index.snapshot_body(l.journal.next_generation());
-        l.journal.write_snapshot(&body).unwrap();
+        l.journal.write_snapshot(body.generation, &body).unwrap();
         // Generation 1 is damaged; generation 0 is gone; put an older copy back.
         let damaged = store.get(&snapshot_key(1)).unwrap();
         store.put(&snapshot_key(1), &damaged[..20]).unwrap();

@@ -167,6 +167,10 @@ pub struct SnapshotView {
 }
 
 impl SnapshotView {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn body(self) -> SnapshotBody {
         let mut inodes: Vec<Inode> = self
             .inodes
@@ -186,6 +190,63 @@ impl SnapshotView {
             inodes,
             dirs,
         }
+    }
+}
+
+/// Encodes exactly as the `SnapshotBody` it stands for, without cloning the index:
+/// only inodes whose size must be clamped are copied.
+impl Serialize for SnapshotView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut inodes: Vec<&Inode> = self.inodes.iter().map(|i| &**i).collect();
+        inodes.sort_unstable_by_key(|i| i.ino);
+        let inodes = Clamped {
+            inodes: &inodes,
+            durable_size: &self.durable_size,
+        };
+        let mut dirs: Vec<(Ino, EntriesAsTable<'_>)> = self
+            .dirs
+            .iter()
+            .map(|(d, e)| (*d, EntriesAsTable(e)))
+            .collect();
+        dirs.sort_by_key(|(d, _)| *d);
+        let mut body = s.serialize_struct("SnapshotBody", 4)?;
+        body.serialize_field("generation", &self.generation)?;
+        body.serialize_field("next_ino", &self.next_ino)?;
+        body.serialize_field("inodes", &inodes)?;
+        body.serialize_field("dirs", &dirs)?;
+        body.end()
+    }
+}
+
+/// Inodes encoded as `persistable` would make them, copying only those it changes.
+struct Clamped<'a> {
+    inodes: &'a [&'a Inode],
+    durable_size: &'a HashMap<Ino, u64>,
+}
+
+impl Serialize for Clamped<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use std::borrow::Cow;
+        s.collect_seq(
+            self.inodes
+                .iter()
+                .map(|&i| match self.durable_size.get(&i.ino) {
+                    Some(&durable) if durable < i.size => {
+                        Cow::Owned(persistable(i, self.durable_size))
+                    }
+                    _ => Cow::Borrowed(i),
+                }),
+        )
+    }
+}
+
+/// A directory's entries encoded as a `DirTable`.
+struct EntriesAsTable<'a>(&'a Entries);
+
+impl Serialize for EntriesAsTable<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter())
     }
 }
 
@@ -714,6 +775,41 @@ mod tests {
         assert_eq!(index.lookup(dir, b"new"), Some(a));
         assert_eq!(index.get(b), None);
         assert_eq!(index.lookup(ROOT_INO, b"c"), Some(c));
+    }
+
+    #[test]
+    fn a_snapshot_view_encodes_exactly_as_its_body() {
+        let mut index = Index::new_filesystem(4096, 0, 0);
+        let a = file(&mut index, b"a");
+        let b = file(&mut index, b"b");
+        let dir = index.alloc_ino();
+        index.insert_inode(Inode::new(dir, Kind::Dir, 0o755, 0, 0));
+        index.insert_entry(ROOT_INO, b"d", dir);
+        index.insert_entry(dir, b"b2", b);
+        index.get_mut(a).unwrap().size = 5000;
+        index.set_extent(a, 0, Extent::Inline(vec![1; 4096]));
+        index.set_extent(
+            a,
+            1,
+            Extent::Block {
+                id: BlockId::of(b"z"),
+                len: 904,
+            },
+        );
+        index
+            .get_mut(b)
+            .unwrap()
+            .xattrs
+            .insert(b"user.x".to_vec(), b"1".to_vec());
+        // b has unflushed data: it is stored with its durable size.
+        index.get_mut(b).unwrap().size = 100;
+        index.mark_data_pending(b);
+        index.get_mut(b).unwrap().size = 9000;
+        let view = index.snapshot_view(7);
+        let from_view = codec::encode(&codec::SNAPSHOT, &view);
+        let body = view.body();
+        assert_eq!(body.inodes.iter().find(|i| i.ino == b).unwrap().size, 100);
+        assert_eq!(from_view, codec::encode(&codec::SNAPSHOT, &body));
     }
 
     #[test]
