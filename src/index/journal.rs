@@ -158,7 +158,7 @@ pub fn mkfs(store: &dyn ObjectStore, block_size: u32) -> Result<Superblock, Inde
     let index = Index::new_filesystem(block_size, uid, gid);
     store.put(
         &snapshot_key(0),
-        &codec::encode(&codec::SNAPSHOT, &index.snapshot_body(0)),
+        &codec::encode(&codec::SNAPSHOT, &index.snapshot_view(0)),
     )?;
     match store.put_if_absent(superblock::KEY, &sb.encode()) {
         Ok(()) => Ok(sb),

@@ -171,6 +171,9 @@ impl SnapshotView {
         self.generation
     }
 
+    /// The snapshot as a plain `SnapshotBody`: what the view's `Serialize` must
+    /// encode exactly (tests hold it to that).
+    #[cfg(test)]
     pub fn body(self) -> SnapshotBody {
         let mut inodes: Vec<Inode> = self
             .inodes
@@ -530,11 +533,14 @@ impl Index {
 
     /// Makes a block slot a hole.
     pub fn remove_extent(&mut self, ino: Ino, slot: u64) {
-        if !self.get(ino).is_some_and(|i| i.extents.contains_key(&slot)) {
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        // Only an inode that changes is copied away from a snapshot view.
+        if !inode.extents.contains_key(&slot) {
             return;
         }
-        let inode = self.get_mut(ino).expect("checked above");
-        if let Some(old) = inode.extents.remove(&slot) {
+        if let Some(old) = Arc::make_mut(inode).extents.remove(&slot) {
             self.dirty_inodes.insert(ino);
             self.release_extent(&old);
         }
@@ -678,7 +684,7 @@ impl Index {
     }
 
     /// The whole index as it is now, cheaply (shared inodes and directories, see
-    /// `Index`); `SnapshotView::body` makes the snapshot of it without the index.
+    /// `Index`); it encodes as a `SnapshotBody` without the index.
     pub fn snapshot_view(&self, generation: u64) -> SnapshotView {
         SnapshotView {
             generation,
@@ -689,6 +695,7 @@ impl Index {
         }
     }
 
+    #[cfg(test)]
     pub fn snapshot_body(&self, generation: u64) -> SnapshotBody {
         self.snapshot_view(generation).body()
     }
@@ -742,8 +749,8 @@ mod tests {
         assert_eq!(replayed.next_ino(), index.next_ino());
     }
 
-    #[test]
-    fn a_snapshot_view_keeps_the_index_as_it_was_while_the_index_changes() {
+    /// Files a and b at the root, directory d holding b again as b2.
+    fn two_files_and_a_dir() -> (Index, Ino, Ino, Ino) {
         let mut index = Index::new_filesystem(4096, 0, 0);
         let a = file(&mut index, b"a");
         let b = file(&mut index, b"b");
@@ -751,6 +758,12 @@ mod tests {
         index.insert_inode(Inode::new(dir, Kind::Dir, 0o755, 0, 0));
         index.insert_entry(ROOT_INO, b"d", dir);
         index.insert_entry(dir, b"b2", b);
+        (index, a, b, dir)
+    }
+
+    #[test]
+    fn a_snapshot_view_keeps_the_index_as_it_was_while_the_index_changes() {
+        let (mut index, a, b, dir) = two_files_and_a_dir();
         index.get_mut(a).unwrap().size = 10;
         index.set_extent(a, 0, Extent::Inline(b"0123456789".to_vec()));
         let encoded = |body: &SnapshotBody| codec::encode(&codec::SNAPSHOT, body);
@@ -779,13 +792,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_view_encodes_exactly_as_its_body() {
-        let mut index = Index::new_filesystem(4096, 0, 0);
-        let a = file(&mut index, b"a");
-        let b = file(&mut index, b"b");
-        let dir = index.alloc_ino();
-        index.insert_inode(Inode::new(dir, Kind::Dir, 0o755, 0, 0));
-        index.insert_entry(ROOT_INO, b"d", dir);
-        index.insert_entry(dir, b"b2", b);
+        let (mut index, a, b, _) = two_files_and_a_dir();
         index.get_mut(a).unwrap().size = 5000;
         index.set_extent(a, 0, Extent::Inline(vec![1; 4096]));
         index.set_extent(
