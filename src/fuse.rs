@@ -2,14 +2,14 @@
 //! errno. No filesystem logic lives here.
 
 use crate::fs::{
-    Attr, Ctx, FsError, RenameFlags as CoreRenameFlags, SetAttr, SetTime, Volume, XattrSet,
+    Attr, Ctx, FsError, RenameFlags as CoreRenameFlags, Seek, SetAttr, SetTime, Volume, XattrSet,
 };
 use crate::index::{Kind, Timestamp};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -609,6 +609,62 @@ impl Filesystem for FuseAdapter {
             self.forget_cached_mode(ino);
         }
         empty(reply, result);
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        if !flags.is_empty() {
+            return reply.error(errno(&FsError::Invalid));
+        }
+        let result = self
+            .volume
+            .copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len);
+        match result {
+            Ok(n) => {
+                // Like a write: the kernel leaves dropping set-ID bits to us.
+                if n > 0 && self.volume.drop_setid_for(ino_out.0, &ctx(req)) == Ok(true) {
+                    self.forget_cached_mode(ino_out);
+                }
+                // At most SHARE_MAX bytes per call: fits.
+                reply.written(n as u32);
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let what = match whence {
+            libc::SEEK_DATA => Seek::Data,
+            libc::SEEK_HOLE => Seek::Hole,
+            // The kernel answers the other kinds itself.
+            _ => return reply.error(errno(&FsError::Invalid)),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(errno(&FsError::NoSuchOffset));
+        };
+        match self.volume.seek(ino.0, offset, what) {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

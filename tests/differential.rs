@@ -183,6 +183,15 @@ enum Op {
         offset: u64,
         len: u64,
     },
+    /// copy_file_range from one file (opened read-only) into another (opened
+    /// write-only, created if missing), looping until `len` bytes or the source's end.
+    CopyRange {
+        from: String,
+        to: String,
+        src_off: u64,
+        dst_off: u64,
+        len: u64,
+    },
     /// Unmount and mount objfs again (the native side does nothing).
     Remount,
 }
@@ -217,6 +226,7 @@ impl Op {
             Op::RemoveXattr { .. } => "removexattr",
             Op::UnlinkOpen { .. } => "unlink-open",
             Op::Read { .. } => "read",
+            Op::CopyRange { .. } => "copy-range",
             Op::Remount => "remount",
         }
     }
@@ -224,7 +234,9 @@ impl Op {
     /// The paths an op names (for mtime bookkeeping).
     fn paths(&self) -> Vec<&str> {
         match self {
-            Op::Rename { from, to } | Op::Link { from, to } => vec![from, to],
+            Op::Rename { from, to } | Op::Link { from, to } | Op::CopyRange { from, to, .. } => {
+                vec![from, to]
+            }
             Op::Create { path, .. }
             | Op::WriteAt { path, .. }
             | Op::Append { path, .. }
@@ -405,6 +417,39 @@ fn apply(root: &Path, op: &Op, payload: &[u8], mount: bool) -> Outcome {
             let mut out = Vec::new();
             f.take(*len).read_to_end(&mut out)?;
             Ok(out)
+        })()
+        .map_err(errno_of),
+        Op::CopyRange {
+            from,
+            to,
+            src_off,
+            dst_off,
+            len,
+        } => (|| -> io::Result<Vec<u8>> {
+            let src = OpenOptions::new().read(true).open(p(from))?;
+            let dst = OpenOptions::new().write(true).create(true).open(p(to))?;
+            let (mut so, mut d_o) = (*src_off as i64, *dst_off as i64);
+            let mut done = 0u64;
+            while done < *len {
+                let n = unsafe {
+                    libc::copy_file_range(
+                        src.as_raw_fd(),
+                        &mut so,
+                        dst.as_raw_fd(),
+                        &mut d_o,
+                        (*len - done) as usize,
+                        0,
+                    )
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if n == 0 {
+                    break;
+                }
+                done += n as u64;
+            }
+            Ok(format!("copied {done}").into_bytes())
         })()
         .map_err(errno_of),
         Op::Remount => Ok(Vec::new()),
@@ -1060,7 +1105,7 @@ impl Gen<'_> {
     }
 
     fn op(&mut self) -> Op {
-        const WEIGHTS: [(u32, u32); 17] = [
+        const WEIGHTS: [(u32, u32); 18] = [
             (0, 12), // create
             (1, 14), // write at
             (2, 6),  // append
@@ -1078,6 +1123,7 @@ impl Gen<'_> {
             (14, 3), // unlink while open
             (15, 5), // read
             (16, 1), // remount
+            (17, 5), // copy range
         ];
         let total: u32 = WEIGHTS.iter().map(|w| w.1).sum();
         let mut r = self.rng.gen_range(0..total);
@@ -1260,7 +1306,32 @@ impl Gen<'_> {
                 };
                 Op::Read { path, offset, len }
             }
-            _ => Op::Remount,
+            17 => {
+                let from = self.file(0.9);
+                let to = self.file(0.8);
+                let src_off = self.offset(self.size_of(&from));
+                // Half the time equally aligned, so whole blocks can be shared.
+                let dst_off = if self.rng.gen_bool(0.5) {
+                    let k = self.rng.gen_range(0..=4) * MIB;
+                    (src_off % MIB + k).min(MAX_EXTENT - 1)
+                } else {
+                    self.offset(self.size_of(&to))
+                };
+                let len = match self.rng.gen_range(0..4) {
+                    0 => u64::MAX >> 1,
+                    1 => self.rng.gen_range(MIB..=3 * MIB),
+                    _ => self.data(MAX_EXTENT).len as u64,
+                };
+                Op::CopyRange {
+                    from,
+                    to,
+                    src_off,
+                    dst_off,
+                    len: len.min(MAX_EXTENT - dst_off),
+                }
+            }
+            16 => Op::Remount,
+            _ => unreachable!("weights name ops 0..=17"),
         }
     }
 }

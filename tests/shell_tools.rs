@@ -368,3 +368,87 @@ fn selinux_labels_are_unsupported_so_ls_l_asks_once_per_mount() {
         "security.selinux asked {asked} times"
     );
 }
+
+#[test]
+fn cp_within_the_mount_shares_blocks_and_seek_finds_the_holes() {
+    let mut f = Fixture::new();
+    f.env = vec![("RUST_LOG".to_string(), "info,fuser=debug".to_string())];
+    f.mount();
+    let m = f.mnt_str();
+    // 1 MiB blocks: data in slot 4 and at the end (slot 20), holes elsewhere.
+    bash(&format!(
+        "set -e; cd {m}; head -c 5000000 /dev/urandom > a; \
+         truncate -s 20M sparse; printf end >> sparse; \
+         dd if=/dev/urandom of=sparse bs=1M seek=4 count=1 conv=notrunc status=none; \
+         cp a b; cp sparse sparse2; cmp a b; cmp sparse sparse2"
+    ));
+    let segments = |name: &str| {
+        let py = format!(
+            "import os\n\
+             fd = os.open('{m}/{name}', os.O_RDONLY); out = []; pos = 0\n\
+             while True:\n\
+             \x20   try: d = os.lseek(fd, pos, os.SEEK_DATA)\n\
+             \x20   except OSError: break\n\
+             \x20   h = os.lseek(fd, d, os.SEEK_HOLE); out.append((d, h)); pos = h\n\
+             print(out)"
+        );
+        sh("python3", &["-c", &py])
+    };
+    let mib = 1 << 20;
+    let expect = format!(
+        "[({}, {}), ({}, {})]\n",
+        4 * mib,
+        5 * mib,
+        20 * mib,
+        20 * mib + 3
+    );
+    assert_eq!(segments("sparse"), expect);
+    // The copy kept the holes: its blocks are the original's.
+    assert_eq!(segments("sparse2"), expect);
+    // Unaligned and misaligned ranges, into the middle of an existing file, compared
+    // with the same calls on a native file.
+    let native = f.tmp.path().join("native");
+    std::fs::create_dir(&native).unwrap();
+    let n = native.to_str().unwrap();
+    bash(&format!(
+        "cp {m}/a {n}/a && cp {m}/a {n}/c && cp {m}/a {m}/c"
+    ));
+    let ranges = |d: &str| {
+        format!(
+            "import os\n\
+             s = os.open('{d}/a', os.O_RDONLY); t = os.open('{d}/c', os.O_WRONLY)\n\
+             for (so, do, n) in [(100, 1048676, 3000000), (7, 4000000, 2500000), (0, 0, 10), (4999990, 100, 50)]:\n\
+             \x20   done = 0\n\
+             \x20   while done < n:\n\
+             \x20       k = os.copy_file_range(s, t, n - done, so + done, do + done)\n\
+             \x20       if k == 0: break\n\
+             \x20       done += k\n\
+             \x20   print(done)"
+        )
+    };
+    let on_mount = sh("python3", &["-c", &ranges(m)]);
+    assert_eq!(on_mount, sh("python3", &["-c", &ranges(n)]));
+    assert_eq!(on_mount, "3000000\n2500000\n10\n10\n");
+    f.umount();
+    let log = f.log_text();
+    assert!(
+        log.contains("COPY_FILE_RANGE"),
+        "cp did not reach objfs's copy"
+    );
+    assert!(log.contains("LSEEK"), "SEEK_DATA did not reach objfs");
+    f.mount();
+    for name in ["b", "sparse2", "c"] {
+        let orig = if name == "c" {
+            native.join("c")
+        } else {
+            f.path(if name == "b" { "a" } else { "sparse" })
+        };
+        assert!(
+            std::fs::read(f.path(name)).unwrap() == std::fs::read(orig).unwrap(),
+            "{name} differs after remount"
+        );
+    }
+    f.umount();
+    let out = f.objfs_ok(&["fsck", f.store_str()]);
+    assert!(out.contains("clean"), "{out}");
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 /// One block slot with bytes not yet in the store. `version` changes on every
 /// modification, so a flush only installs what it actually uploaded.
 pub(super) struct DirtyBlock {
-    data: Arc<Vec<u8>>,
+    pub(super) data: Arc<Vec<u8>>,
     pub(super) version: u64,
 }
 
@@ -68,16 +68,18 @@ struct Sealed {
 
 impl Volume {
     fn file_data(&self, ino: Ino, create: bool) -> Option<Arc<Mutex<FileData>>> {
-        let mut files = self.files.lock().unwrap();
         if create {
-            Some(files.entry(ino).or_default().clone())
-        } else {
-            files.get(&ino).cloned()
+            return Some(self.file_data_or_new(ino));
         }
+        self.files.lock().unwrap().get(&ino).cloned()
     }
 
     pub(super) fn file_data_of(&self, ino: Ino) -> Option<Arc<Mutex<FileData>>> {
         self.file_data(ino, false)
+    }
+
+    pub(super) fn file_data_or_new(&self, ino: Ino) -> Arc<Mutex<FileData>> {
+        self.files.lock().unwrap().entry(ino).or_default().clone()
     }
 
     fn next_version(&self) -> u64 {

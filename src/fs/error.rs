@@ -42,6 +42,8 @@ pub enum FsError {
     BadHandle,
     #[error("too many links")]
     TooManyLinks,
+    #[error("no data or hole at or past that offset")]
+    NoSuchOffset,
     #[error("I/O error: {0}")]
     Io(String),
     #[error("{0}")]
@@ -71,6 +73,7 @@ impl FsError {
             FsError::NoSpace => libc::ENOSPC,
             FsError::BadHandle => libc::EBADF,
             FsError::TooManyLinks => libc::EMLINK,
+            FsError::NoSuchOffset => libc::ENXIO,
             FsError::Io(_) => libc::EIO,
             FsError::Lease(_) => libc::EROFS,
             FsError::Config(_) => libc::EINVAL,

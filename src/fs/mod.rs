@@ -2,6 +2,7 @@
 //! Rust API (`Volume`) that tests drive without FUSE. The FUSE adapter only translates.
 
 pub mod acl;
+mod copy;
 mod data;
 mod error;
 mod persist;
@@ -10,6 +11,7 @@ pub use prefetch::{LOCAL_PREFETCH_WORKERS, REMOTE_PREFETCH_WORKERS};
 mod repair;
 mod upload;
 
+pub use copy::Seek;
 pub use data::ReadData;
 pub use error::{FsError, FsResult};
 pub use persist::{Background, Changed};

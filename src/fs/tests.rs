@@ -1,6 +1,7 @@
 //! fs-core tests: POSIX semantics and durability without FUSE.
 
 use super::*;
+use crate::index::Extent;
 use crate::index::journal;
 use crate::store::{FaultyStore, MemoryStore};
 
@@ -964,4 +965,162 @@ fn a_sequential_reader_gets_the_blocks_ahead_fetched_in_the_background() {
     v.read(f, 13 * u64::from(BS), 10).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert!(far.iter().all(|id| v.cache.cached(id).is_none()));
+}
+
+/// Distinct bytes per position, so a misplaced byte cannot go unnoticed.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+fn extent_ids(v: &Volume, ino: Ino) -> Vec<(u64, BlockId)> {
+    v.with_index(|ix| {
+        ix.get(ino)
+            .unwrap()
+            .extents
+            .iter()
+            .filter_map(|(&slot, e)| match e {
+                Extent::Block { id, .. } => Some((slot, *id)),
+                Extent::Inline(_) => None,
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn copy_range_shares_aligned_blocks_and_uploads_nothing() {
+    let store = new_store();
+    let v = open(&store);
+    let a = file(&v, ROOT_INO, "a");
+    let data = pattern(5 * 4096 + 1000, 1);
+    v.write(a, 0, &data).unwrap();
+    v.sync_all().unwrap();
+    let stored = store.list("blocks/").unwrap().len();
+    let b = file(&v, ROOT_INO, "b");
+    assert_eq!(
+        v.copy_range(a, 0, b, 0, 1 << 40).unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(read_all(&v, b), data);
+    // Every slot, the partial last one too, is the source's block.
+    assert_eq!(extent_ids(&v, b), extent_ids(&v, a));
+    assert_eq!(v.dirty_bytes(), 0);
+    v.sync_all().unwrap();
+    assert_eq!(store.list("blocks/").unwrap().len(), stored);
+    // Blocks never change in place: writing the copy leaves the original alone.
+    v.write(b, 4096, b"changed").unwrap();
+    assert_eq!(read_all(&v, a), data);
+    // Nor does deleting the original take the copy's blocks with it.
+    v.unlink(ROOT_INO, b"a").unwrap();
+    v.sync_all().unwrap();
+    v.delete_freed_blocks(Duration::ZERO);
+    let mut model = data.clone();
+    model[4096..4103].copy_from_slice(b"changed");
+    let after = open_ro(&store);
+    assert_eq!(read_all(&after, b), model);
+}
+
+#[test]
+fn copy_range_matches_a_byte_model_at_any_offsets() {
+    let store = new_store();
+    let v = open(&store);
+    let bs = 4096u64;
+    // (source offset, destination offset, length, destination's size before)
+    let cases = [
+        (0, 0, 3 * bs, 0),
+        (100, 100, 3 * bs, 5 * bs + 7), // aligned alike, unaligned edges
+        (100, 4196, 2 * bs + 50, 0),    // shifted by a whole block
+        (5, 77, 3 * bs, 2 * bs),        // misaligned: bytes
+        (bs, 0, bs, 10 * bs),           // inside a bigger destination
+        (0, 9 * bs, 4 * bs, bs),        // past the destination's end: a gap
+        (6 * bs - 10, 6 * bs - 10, 1000, 0), // past the source's end: short
+        (7 * bs, 0, 10, 0),             // at the source's end: nothing
+    ];
+    for (i, &(so, d_o, len, dsize)) in cases.iter().enumerate() {
+        let src = file(&v, ROOT_INO, &format!("s{i}"));
+        let dst = file(&v, ROOT_INO, &format!("d{i}"));
+        let sdata = pattern(6 * bs as usize + 300, i as u32);
+        v.write(src, 0, &sdata).unwrap();
+        // Half the source in the store, half still dirty.
+        if i % 2 == 0 {
+            v.flush_file(src).unwrap();
+        }
+        let mut model = pattern(dsize as usize, 100 + i as u32);
+        v.write(dst, 0, &model).unwrap();
+        let n = v.copy_range(src, so, dst, d_o, len).unwrap();
+        let expect = len.min((sdata.len() as u64).saturating_sub(so));
+        assert_eq!(n, expect, "case {i}");
+        if n > 0 {
+            let end = (d_o + n) as usize;
+            if model.len() < end {
+                model.resize(end, 0);
+            }
+            model[d_o as usize..end].copy_from_slice(&sdata[so as usize..(so + n) as usize]);
+        }
+        assert_eq!(read_all(&v, dst), model, "case {i}");
+        assert_eq!(read_all(&v, src), sdata, "case {i}: the source changed");
+        v.fsync(dst).unwrap();
+        assert_eq!(
+            read_all(&open_ro(&store), dst),
+            model,
+            "case {i} after a reload"
+        );
+    }
+}
+
+#[test]
+fn copy_range_keeps_holes_refuses_overlap_and_copies_within_a_file() {
+    let store = new_store();
+    let v = open(&store);
+    let bs = 4096u64;
+    let a = file(&v, ROOT_INO, "a");
+    v.write(a, 0, &[1u8; 4096]).unwrap();
+    v.write(a, 3 * bs, &[2u8; 4096]).unwrap();
+    let b = file(&v, ROOT_INO, "b");
+    assert_eq!(v.copy_range(a, 0, b, 0, 4 * bs).unwrap(), 4 * bs);
+    assert_eq!(read_all(&v, b), read_all(&v, a));
+    assert_eq!(v.seek(b, 0, Seek::Hole).unwrap(), bs);
+    assert_eq!(v.seek(b, bs, Seek::Data).unwrap(), 3 * bs);
+    // Overlapping ranges of one file are EINVAL, as in Linux; disjoint ones copy.
+    assert_eq!(v.copy_range(a, 0, a, bs, 2 * bs), Err(FsError::Invalid));
+    assert_eq!(v.copy_range(a, 3 * bs, a, 0, bs).unwrap(), bs);
+    assert_eq!(v.read(a, 0, 4096).unwrap(), vec![2u8; 4096]);
+    let dir = v.mkdir(root(), ROOT_INO, b"d", 0o755).unwrap().ino;
+    assert_eq!(v.copy_range(dir, 0, b, 0, 10), Err(FsError::IsDir));
+    assert_eq!(v.copy_range(a, 0, dir, 0, 10), Err(FsError::IsDir));
+}
+
+#[test]
+fn seek_finds_data_and_holes_including_unflushed_data() {
+    let store = new_store();
+    let v = open(&store);
+    let bs = 4096u64;
+    let f = file(&v, ROOT_INO, "f");
+    v.write(f, 2 * bs + 10, b"x").unwrap(); // dirty, in slot 2
+    v.setattr(
+        f,
+        SetAttr {
+            size: Some(8 * bs),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(v.seek(f, 0, Seek::Data).unwrap(), 2 * bs);
+    assert_eq!(v.seek(f, 0, Seek::Hole).unwrap(), 0);
+    assert_eq!(v.seek(f, 2 * bs + 5, Seek::Hole).unwrap(), 3 * bs);
+    v.flush_file(f).unwrap();
+    v.write(f, 5 * bs, &[3u8; 4096]).unwrap();
+    v.flush_file(f).unwrap();
+    assert_eq!(v.seek(f, 2 * bs + 5, Seek::Data).unwrap(), 2 * bs + 5);
+    assert_eq!(v.seek(f, 3 * bs, Seek::Data).unwrap(), 5 * bs);
+    assert_eq!(v.seek(f, 5 * bs, Seek::Hole).unwrap(), 6 * bs);
+    // After the last data there is none; the end of the file is a hole.
+    assert_eq!(v.seek(f, 6 * bs, Seek::Data), Err(FsError::NoSuchOffset));
+    assert_eq!(v.seek(f, 7 * bs, Seek::Hole).unwrap(), 7 * bs);
+    assert_eq!(v.seek(f, 8 * bs, Seek::Hole), Err(FsError::NoSuchOffset));
+    // A dense file's only hole is its end.
+    let g = file(&v, ROOT_INO, "g");
+    v.write(g, 0, &[1u8; 10_000]).unwrap();
+    assert_eq!(v.seek(g, 0, Seek::Hole).unwrap(), 10_000);
 }

@@ -1,0 +1,267 @@
+//! copy_file_range(2) and lseek(2)'s SEEK_DATA / SEEK_HOLE: what the extent map
+//! answers without moving data.
+//!
+//! A copy between equally aligned offsets shares whole blocks: the destination's
+//! slots point at the source's blocks (the store holds each block once), so copying a
+//! file within the filesystem costs index entries, not bytes, on any store. Holes stay
+//! holes. The unaligned edges, blocks not yet in the store and inline extents are
+//! copied as bytes through the ordinary read and write paths.
+
+use super::data::FileData;
+use super::{FsError, FsResult, MAX_FILE_SIZE, State, Volume};
+use crate::index::{Extent, Ino, Kind, Timestamp};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Most bytes one call copies when it must copy bytes, and when it shares blocks;
+/// the caller gets a short count and asks again, as copy_file_range allows.
+const BYTE_COPY_MAX: u64 = 64 << 20;
+const SHARE_MAX: u64 = 1 << 30;
+
+/// Where lseek looks from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seek {
+    Data,
+    Hole,
+}
+
+/// A destination slot to point at what the source's slot holds.
+#[derive(Clone, Copy)]
+struct Share {
+    dst_slot: u64,
+    src_slot: u64,
+    /// The destination keeps this many bytes of the source's slot (the copy ends
+    /// inside the slot at both files' ends).
+    keep: u64,
+}
+
+impl Volume {
+    /// Copies `len` bytes of `src` at `src_off` to `dst` at `dst_off`; returns how
+    /// many it copied (0 at or past the source's end, fewer than asked for a long
+    /// copy: call again).
+    pub fn copy_range(
+        &self,
+        src: Ino,
+        src_off: u64,
+        dst: Ino,
+        dst_off: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        self.writable()?;
+        let src_size = {
+            let state = self.state();
+            Self::regular_file(&state, dst)?;
+            Self::regular_file(&state, src)?.size
+        };
+        if src_off >= src_size || len == 0 {
+            return Ok(0);
+        }
+        let bs = self.block_size;
+        let aligned = src_off % bs == dst_off % bs;
+        let most = if aligned { SHARE_MAX } else { BYTE_COPY_MAX };
+        let len = len.min(src_size - src_off).min(most);
+        let dst_end = dst_off
+            .checked_add(len)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooBig)?;
+        if src == dst && src_off < dst_end && dst_off < src_off + len {
+            return Err(FsError::Invalid);
+        }
+        if !aligned {
+            self.copy_bytes(src, src_off, dst, dst_off, len)?;
+            return Ok(len);
+        }
+        // Destination slots the copy covers whole, and the one it ends in when that
+        // is the end of both files (the source's last block, shared as it is).
+        let first = dst_off.div_ceil(bs);
+        let mut end = dst_end / bs;
+        let at_both_ends = src_off + len == src_size && dst_end >= self.file_size(dst)?;
+        if at_both_ends && !dst_end.is_multiple_of(bs) {
+            end += 1;
+        }
+        if first >= end {
+            self.copy_bytes(src, src_off, dst, dst_off, len)?;
+            return Ok(len);
+        }
+        let to_src = |dst_pos: u64| dst_pos - dst_off + src_off;
+        // The unaligned head and tail first: their writes record the size a crash
+        // falls back to before the shared slots grow the file.
+        let head_end = first * bs;
+        self.copy_bytes(src, src_off, dst, dst_off, head_end - dst_off)?;
+        let tail_start = (end * bs).min(dst_end);
+        self.copy_bytes(
+            src,
+            to_src(tail_start),
+            dst,
+            tail_start,
+            dst_end - tail_start,
+        )?;
+        // Source bytes still in memory go to the store, so whole slots are blocks
+        // that can be shared.
+        self.flush_file(src)?;
+        let shares: Vec<Share> = (first..end)
+            .map(|d| Share {
+                dst_slot: d,
+                src_slot: to_src(d * bs) / bs,
+                keep: (dst_end - d * bs).min(bs),
+            })
+            .collect();
+        for s in self.share_slots(src, dst, &shares, dst_end)? {
+            let at = s.dst_slot * bs;
+            self.copy_bytes(src, to_src(at), dst, at, s.keep)?;
+        }
+        Ok(len)
+    }
+
+    /// Points each destination slot at the source slot's block (or makes it a hole
+    /// where the source has one), dropping whatever the destination held there.
+    /// Returns the slots that must be copied as bytes: inline data, or a block a
+    /// writer dirtied again since the flush.
+    fn share_slots(
+        &self,
+        src: Ino,
+        dst: Ino,
+        shares: &[Share],
+        dst_end: u64,
+    ) -> FsResult<Vec<Share>> {
+        let dst_data = self.file_data_or_new(dst);
+        let src_data = (src != dst).then(|| self.file_data_of(src)).flatten();
+        let (mut dst_file, src_file) = lock_both(&dst_data, src_data.as_ref(), dst < src);
+        let mut state = self.state();
+        let mut leftover = Vec::new();
+        let mut removed = 0u64;
+        for s in shares {
+            let src_dirty = match &src_file {
+                Some(f) => f.dirty.contains_key(&s.src_slot),
+                None => src == dst && dst_file.dirty.contains_key(&s.src_slot),
+            };
+            let extent = Self::inode(&state, src)?.extents.get(&s.src_slot).cloned();
+            let share = match extent {
+                _ if src_dirty => None,
+                Some(Extent::Inline(_)) => None,
+                Some(mut e) => {
+                    e.clip(s.keep);
+                    Some(Some(e))
+                }
+                None => Some(None),
+            };
+            let Some(extent) = share else {
+                leftover.push(*s);
+                continue;
+            };
+            if let Some(b) = dst_file.dirty.remove(&s.dst_slot) {
+                removed += b.data.len() as u64;
+            }
+            match extent {
+                Some(e) => state.index.set_extent(dst, s.dst_slot, e),
+                None => state.index.remove_extent(dst, s.dst_slot),
+            }
+        }
+        self.account_dirty(-(removed as i64));
+        if !leftover.is_empty() {
+            // Until those bytes are written and flushed, a crash keeps the old size
+            // rather than showing zeros where they go.
+            state.index.mark_data_pending(dst);
+        }
+        let now = Timestamp::now();
+        let inode = Self::inode_mut(&mut state, dst)?;
+        inode.size = inode.size.max(dst_end);
+        inode.mtime = now;
+        inode.ctime = now;
+        Ok(leftover)
+    }
+
+    /// Copies bytes through the read and write paths, a block at a time. Stops early
+    /// if the source shrank meanwhile.
+    fn copy_bytes(&self, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64) -> FsResult<()> {
+        let step = self.block_size.max(1 << 20);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(step) as u32;
+            let data = self.read_shared(src, src_off + done, n)?;
+            if data.as_slice().is_empty() {
+                break;
+            }
+            self.write(dst, dst_off + done, data.as_slice())?;
+            done += data.as_slice().len() as u64;
+        }
+        Ok(())
+    }
+
+    /// lseek's SEEK_DATA and SEEK_HOLE, at block granularity: a slot with stored or
+    /// unflushed bytes is data, a missing one a hole, and the end of the file is a
+    /// hole. Past the end: ENXIO.
+    pub fn seek(&self, ino: Ino, offset: u64, what: Seek) -> FsResult<u64> {
+        let fd = self.file_data_of(ino);
+        let file = fd.as_ref().map(|f| f.lock().unwrap());
+        let state = self.state();
+        let inode = Self::regular_file(&state, ino)?;
+        if offset >= inode.size {
+            return Err(FsError::NoSuchOffset);
+        }
+        let bs = self.block_size;
+        let is_data = |slot: u64| {
+            inode.extents.get(&slot).is_some_and(|e| !e.is_empty())
+                || file.as_ref().is_some_and(|f| f.dirty.contains_key(&slot))
+        };
+        let last = inode.size.div_ceil(bs);
+        let mut slot = offset / bs;
+        match what {
+            Seek::Data => {
+                let next_extent = inode
+                    .extents
+                    .range(slot..)
+                    .find(|(_, e)| !e.is_empty())
+                    .map(|(&s, _)| s);
+                let next_dirty = file
+                    .as_ref()
+                    .and_then(|f| f.dirty.range(slot..).next().map(|(&s, _)| s));
+                slot = match (next_extent, next_dirty) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b).unwrap_or(last),
+                };
+                if slot >= last {
+                    return Err(FsError::NoSuchOffset);
+                }
+            }
+            Seek::Hole => {
+                while slot < last && is_data(slot) {
+                    slot += 1;
+                }
+            }
+        }
+        Ok((slot * bs).max(offset).min(inode.size))
+    }
+
+    fn regular_file(state: &State, ino: Ino) -> FsResult<&crate::index::Inode> {
+        let inode = Self::inode(state, ino)?;
+        match inode.kind {
+            Kind::File => Ok(inode),
+            Kind::Dir => Err(FsError::IsDir),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    fn file_size(&self, ino: Ino) -> FsResult<u64> {
+        Ok(Self::inode(&self.state(), ino)?.size)
+    }
+}
+
+/// Locks the destination's and the source's file data in inode order (copies the
+/// other way round must not deadlock).
+fn lock_both<'a>(
+    dst: &'a Arc<Mutex<FileData>>,
+    src: Option<&'a Arc<Mutex<FileData>>>,
+    dst_first: bool,
+) -> (MutexGuard<'a, FileData>, Option<MutexGuard<'a, FileData>>) {
+    match src {
+        None => (dst.lock().unwrap(), None),
+        Some(s) if dst_first => {
+            let d = dst.lock().unwrap();
+            (d, Some(s.lock().unwrap()))
+        }
+        Some(s) => {
+            let s = s.lock().unwrap();
+            (dst.lock().unwrap(), Some(s))
+        }
+    }
+}
