@@ -405,6 +405,26 @@ fn cp_within_the_mount_shares_blocks_and_seek_finds_the_holes() {
     assert_eq!(segments("sparse"), expect);
     // The copy kept the holes: its blocks are the original's.
     assert_eq!(segments("sparse2"), expect);
+    // Once flushed (and the kernel's cached attributes gone: a remount), st_blocks
+    // counts the two blocks with data, so `cp` out of the mount finds the holes
+    // (SEEK_DATA) and keeps them where the native side can.
+    f.remount();
+    let blocks = |p: &str| bash(&format!("stat -c %b {p}")).trim().to_string();
+    assert_eq!(blocks(&format!("{m}/sparse")), (2 * mib / 512).to_string());
+    let out = f.tmp.path().join("sparse-out");
+    let out = out.to_str().unwrap();
+    let probe = f.tmp.path().join("probe");
+    bash(&format!(
+        "truncate -s 10M {} && cp {m}/sparse {out} && cmp {m}/sparse {out}",
+        probe.display()
+    ));
+    if blocks(probe.to_str().unwrap()) == "0" {
+        let kept: u64 = blocks(out).parse().unwrap();
+        assert!(
+            kept < 4 * mib / 512,
+            "cp out wrote the holes: {kept} blocks"
+        );
+    }
     // Unaligned and misaligned ranges, into the middle of an existing file, compared
     // with the same calls on a native file.
     let native = f.tmp.path().join("native");

@@ -93,7 +93,8 @@ pub struct Attr {
 }
 
 impl Attr {
-    fn of(inode: &Inode) -> Attr {
+    /// `allocated`: the bytes `blocks` counts (`Index::allocated`).
+    fn of(inode: &Inode, allocated: u64) -> Attr {
         let size = match inode.kind {
             Kind::Symlink => inode.target.len() as u64,
             Kind::Dir => 4096,
@@ -107,7 +108,10 @@ impl Attr {
             gid: inode.gid,
             nlink: inode.nlink,
             size,
-            blocks: size.div_ceil(512),
+            blocks: match inode.kind {
+                Kind::File => allocated.div_ceil(512),
+                _ => size.div_ceil(512),
+            },
             atime: inode.atime,
             mtime: inode.mtime,
             ctime: inode.ctime,
@@ -496,6 +500,11 @@ impl Volume {
         self.fenced.load(Ordering::Relaxed)
     }
 
+    fn attr(state: &State, ino: Ino) -> FsResult<Attr> {
+        let inode = Self::inode(state, ino)?;
+        Ok(Attr::of(inode, state.index.allocated(inode)))
+    }
+
     fn inode(state: &State, ino: Ino) -> FsResult<&Inode> {
         state.index.get(ino).ok_or(FsError::NotFound)
     }
@@ -522,7 +531,7 @@ impl Volume {
 
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let state = self.state();
-        Ok(Attr::of(Self::inode(&state, ino)?))
+        Self::attr(&state, ino)
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
@@ -536,7 +545,7 @@ impl Volume {
             b".." => dir.parent,
             _ => state.index.lookup(parent, name).ok_or(FsError::NotFound)?,
         };
-        Ok(Attr::of(Self::inode(&state, ino)?))
+        Self::attr(&state, ino)
     }
 
     /// Creates any kind of node; the common part of create, mkdir, mknod and symlink.
@@ -592,7 +601,7 @@ impl Volume {
             inode.nlink = 2;
             inode.parent = parent;
         }
-        let attr = Attr::of(&inode);
+        let attr = Attr::of(&inode, inode.size);
         state.index.insert_inode(inode);
         state.index.insert_entry(parent, name, ino);
         Self::touch_dir(&mut state, parent);
@@ -707,7 +716,7 @@ impl Volume {
         let inode = Self::inode_mut(&mut state, ino)?;
         inode.nlink += 1;
         inode.ctime = Timestamp::now();
-        Ok(Attr::of(inode))
+        Self::attr(&state, ino)
     }
 
     /// Drops one link; the inode goes when no link and no open handle is left.
@@ -911,7 +920,7 @@ impl Volume {
             inode.mtime = resolve(t);
         }
         inode.ctime = now;
-        Ok(Attr::of(inode))
+        Self::attr(&state, ino)
     }
 
     pub fn open(&self, ino: Ino, truncate: bool) -> FsResult<u64> {
@@ -1080,7 +1089,7 @@ impl Volume {
     /// Attributes of several inodes under one lock (readdirplus).
     pub fn attrs(&self, inos: impl Iterator<Item = Ino>) -> Vec<Option<Attr>> {
         let state = self.state();
-        inos.map(|i| state.index.get(i).map(Attr::of)).collect()
+        inos.map(|i| Self::attr(&state, i).ok()).collect()
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {

@@ -1112,15 +1112,46 @@ fn seek_finds_data_and_holes_including_unflushed_data() {
     v.flush_file(f).unwrap();
     v.write(f, 5 * bs, &[3u8; 4096]).unwrap();
     v.flush_file(f).unwrap();
+    // st_blocks: the slots with content, once nothing is waiting to be flushed.
+    assert_eq!(v.getattr(f).unwrap().blocks, 2 * bs / 512);
+    v.write(f, 7 * bs, b"y").unwrap();
+    assert_eq!(
+        v.getattr(f).unwrap().blocks,
+        8 * bs / 512,
+        "unflushed: dense"
+    );
+    v.flush_file(f).unwrap();
+    assert_eq!(v.getattr(f).unwrap().blocks, 3 * bs / 512);
+    v.setattr(
+        f,
+        SetAttr {
+            size: Some(7 * bs),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(v.seek(f, 2 * bs + 5, Seek::Data).unwrap(), 2 * bs + 5);
     assert_eq!(v.seek(f, 3 * bs, Seek::Data).unwrap(), 5 * bs);
     assert_eq!(v.seek(f, 5 * bs, Seek::Hole).unwrap(), 6 * bs);
     // After the last data there is none; the end of the file is a hole.
     assert_eq!(v.seek(f, 6 * bs, Seek::Data), Err(FsError::NoSuchOffset));
-    assert_eq!(v.seek(f, 7 * bs, Seek::Hole).unwrap(), 7 * bs);
-    assert_eq!(v.seek(f, 8 * bs, Seek::Hole), Err(FsError::NoSuchOffset));
+    assert_eq!(v.seek(f, 6 * bs + 1, Seek::Hole).unwrap(), 6 * bs + 1);
+    assert_eq!(v.seek(f, 7 * bs, Seek::Hole), Err(FsError::NoSuchOffset));
     // A dense file's only hole is its end.
     let g = file(&v, ROOT_INO, "g");
     v.write(g, 0, &[1u8; 10_000]).unwrap();
     assert_eq!(v.seek(g, 0, Seek::Hole).unwrap(), 10_000);
+    v.flush_file(g).unwrap();
+    assert_eq!(v.getattr(g).unwrap().blocks, 10_000u64.div_ceil(512));
+    // A file only ever truncated up has no blocks at all.
+    let h = file(&v, ROOT_INO, "h");
+    v.setattr(
+        h,
+        SetAttr {
+            size: Some(1 << 30),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(v.getattr(h).unwrap().blocks, 0);
 }

@@ -576,6 +576,16 @@ impl Index {
         }
     }
 
+    /// The bytes st_blocks counts for a file: its slots with content (a hole takes
+    /// none; the last slot only up to the size), or its whole size while it has data
+    /// not yet in any slot, so a file being written never looks sparser than it is.
+    pub fn allocated(&self, inode: &Inode) -> u64 {
+        if inode.kind != Kind::File || self.durable_size.contains_key(&inode.ino) {
+            return inode.size;
+        }
+        (inode.extents.len() as u64 * self.block_size).min(inode.size)
+    }
+
     pub fn mark_data_flushed(&mut self, ino: Ino) {
         if self.durable_size.remove(&ino).is_some() {
             self.dirty_inodes.insert(ino);
