@@ -427,7 +427,11 @@ fn apply(root: &Path, op: &Op, payload: &[u8], mount: bool) -> Outcome {
             len,
         } => (|| -> io::Result<Vec<u8>> {
             let src = OpenOptions::new().read(true).open(p(from))?;
-            let dst = OpenOptions::new().write(true).create(true).open(p(to))?;
+            let dst = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p(to))?;
             let (mut so, mut d_o) = (*src_off as i64, *dst_off as i64);
             let mut done = 0u64;
             while done < *len {
