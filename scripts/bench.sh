@@ -115,6 +115,14 @@ for r in $(seq "$ROUNDS"); do
         if [ $fs = rclone ]; then rclone_wait_upload "big$r"; fi
     done
 
+    echo "== round $r of $ROUNDS: cp of that file within the same filesystem"
+    for fs in $FSES; do
+        drop_caches
+        run "copy_$fs.$r" "$(dir_of $fs)" cp "big$r" "copy$r"
+        if [ $fs = rclone ]; then rclone_wait_upload "copy$r"; fi
+        rm -f "$(dir_of $fs)/copy$r"
+    done
+
     echo "== round $r of $ROUNDS: cold sequential read ${MB} MiB (after remount, caches dropped)"
     objfs_remount
     rclone_remount_cold
@@ -140,7 +148,7 @@ for r in $(seq "$ROUNDS"); do
         run "cpout_$fs.$r" "$d" cp -a "x$r" "$W/out-$fs-$r"
     done
 done
-for w in write read create ls untar cpout; do
+for w in write copy read create ls untar cpout; do
     for fs in $FSES; do keep_median "${w}_$fs"; done
 done
 
@@ -168,6 +176,7 @@ line() { # label unit key higher-is-better(1/0)
     printf "$fmt" "$1 ($2)" "$n" "$o" "$r" "$f" "$(ratio "$o" "$n")" "$(ratio "$o" "$r")" "$(ratio "$o" "$f")" "$(ratio "$f" "$n")"
 }
 line "seq write ${MB}M, conv=fsync" "MB/s" write 1
+line "cp ${MB}M file within the fs" "s" copy 0
 line "cold seq read ${MB}M" "MB/s" read 1
 line "create ${NFILES} files" "s" create 0
 line "ls -l ${NFILES} files" "s" ls 0
