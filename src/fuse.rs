@@ -667,6 +667,22 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    /// No ioctls: ENOTTY, what a file that is not a terminal answers isatty's TCGETS
+    /// (Python asks at every open), without fuser's warning in the log each time.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(errno(&FsError::NoIoctl));
+    }
+
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         empty(reply, self.volume.getattr(ino.0).map(|_| ()));
     }

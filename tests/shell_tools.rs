@@ -380,7 +380,8 @@ fn cp_within_the_mount_shares_blocks_and_seek_finds_the_holes() {
         "set -e; cd {m}; head -c 5000000 /dev/urandom > a; \
          truncate -s 20M sparse; printf end >> sparse; \
          dd if=/dev/urandom of=sparse bs=1M seek=4 count=1 conv=notrunc status=none; \
-         cp a b; cp sparse sparse2; cmp a b; cmp sparse sparse2"
+         cp a b; cp sparse sparse2; cmp a b; cmp sparse sparse2; \
+         python3 -c \"open('a', 'rb').read(1)\""
     ));
     let segments = |name: &str| {
         let py = format!(
@@ -456,6 +457,12 @@ fn cp_within_the_mount_shares_blocks_and_seek_finds_the_holes() {
         "cp did not reach objfs's copy"
     );
     assert!(log.contains("LSEEK"), "SEEK_DATA did not reach objfs");
+    // Python's open() asks TCGETS (isatty): answered ENOTTY, with no warning logged.
+    assert!(log.contains("IOCTL"), "python's isatty did not reach objfs");
+    assert!(
+        !log.contains("Not Implemented"),
+        "a request fuser had to refuse"
+    );
     f.mount();
     for name in ["b", "sparse2", "c"] {
         let orig = if name == "c" {

@@ -366,13 +366,12 @@ impl Volume {
             }
             let src = (slot_start + lo as u64 - offset) as usize;
             buf[lo..hi].copy_from_slice(&data[src..src + (hi - lo)]);
-            if buf.len() as u64 == bs && self.uploader.running() {
-                full.push(super::upload::Job {
-                    ino,
-                    slot,
-                    version,
-                    data: block.data.clone(),
-                });
+            // A block whose last byte this write reached is one a stream has just
+            // filled: upload it now. A write inside a full block (an overwrite) waits
+            // for the next flush instead, or each small write would upload the whole
+            // block again.
+            if hi as u64 == bs && buf.len() as u64 == bs && self.uploader.running() {
+                full.push(super::upload::Job { ino, slot, version });
             }
         }
         self.account_dirty(added);
@@ -394,10 +393,31 @@ impl Volume {
         drop(file);
         // Outside the file lock: a full queue blocks here until workers catch up.
         self.uploader.submit(full);
-        if many || self.dirty_bytes.load(Ordering::Relaxed) > self.config.dirty_limit {
+        if many {
             self.flush_file(ino)?;
+        } else if self.dirty_bytes() > self.config.dirty_limit {
+            self.relieve_dirty_limit(ino)?;
         }
         Ok((data.len() as u32, mode_changed))
+    }
+
+    /// All files' unwritten data together passed `dirty_limit`: files go to the store,
+    /// this one first, until at most half the limit is left. Flushing only as much
+    /// as gets back under the limit would pass it again a few writes later, and each
+    /// time upload the writer's partial last block anew; flushing down to half makes
+    /// that happen at most once per half a limit written. Another file's failure is
+    /// that file's own (its descriptors hear of it).
+    fn relieve_dirty_limit(&self, ino: Ino) -> FsResult<()> {
+        let low = self.config.dirty_limit / 2;
+        self.flush_file(ino)?;
+        let others: Vec<Ino> = self.files.lock().unwrap().keys().copied().collect();
+        for other in others.into_iter().filter(|&o| o != ino) {
+            if self.dirty_bytes() <= low {
+                break;
+            }
+            let _ = self.flush_file(other);
+        }
+        Ok(())
     }
 
     pub(super) fn account_dirty(&self, delta: i64) {

@@ -44,6 +44,8 @@ pub enum FsError {
     TooManyLinks,
     #[error("no data or hole at or past that offset")]
     NoSuchOffset,
+    #[error("inappropriate ioctl for device")]
+    NoIoctl,
     #[error("I/O error: {0}")]
     Io(String),
     #[error("{0}")]
@@ -74,6 +76,7 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::TooManyLinks => libc::EMLINK,
             FsError::NoSuchOffset => libc::ENXIO,
+            FsError::NoIoctl => libc::ENOTTY,
             FsError::Io(_) => libc::EIO,
             FsError::Lease(_) => libc::EROFS,
             FsError::Config(_) => libc::EINVAL,

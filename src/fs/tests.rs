@@ -1155,3 +1155,80 @@ fn seek_finds_data_and_holes_including_unflushed_data() {
     .unwrap();
     assert_eq!(v.getattr(h).unwrap().blocks, 0);
 }
+
+/// A volume over a put-counting store, with its upload workers running.
+fn counting_volume(config: VolumeConfig) -> (Arc<FaultyStore>, Arc<Volume>, Background) {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let v = Arc::new(Volume::load(store, config).unwrap());
+    let bg = v.start_background();
+    (faulty, v, bg)
+}
+
+#[test]
+fn small_overwrites_inside_full_blocks_wait_for_the_flush() {
+    let config = VolumeConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let (store, v, bg) = counting_volume(config);
+    let bs = u64::from(BS);
+    let f = file(&v, ROOT_INO, "f");
+    v.write(f, 0, &pattern(8 * BS as usize, 1)).unwrap();
+    v.sync_all().unwrap();
+    let before = store.puts();
+    // 200 one-byte writes inside the blocks: none ends a block.
+    for i in 0..200u64 {
+        v.write(f, (i % 8) * bs + 100 + i, b"x").unwrap();
+    }
+    v.uploader.wait_for(f);
+    assert_eq!(store.puts(), before, "an overwrite uploaded its block");
+    // A write that reaches a block's end is a stream filling it: uploaded at once.
+    v.write(f, 3 * bs - 10, &[7u8; 10]).unwrap();
+    v.uploader.wait_for(f);
+    assert_eq!(store.puts(), before + 1);
+    // The flush uploads each changed block once.
+    v.flush_file(f).unwrap();
+    assert_eq!(store.puts(), before + 8);
+    let mut model = pattern(8 * BS as usize, 1);
+    for i in 0..200u64 {
+        model[((i % 8) * bs + 100 + i) as usize] = b'x';
+    }
+    model[3 * BS as usize - 10..3 * BS as usize].fill(7);
+    assert_eq!(read_all(&v, f), model);
+    bg.stop();
+}
+
+#[test]
+fn past_the_dirty_limit_every_file_is_flushed_once_not_the_writer_at_every_write() {
+    let config = VolumeConfig {
+        commit_interval: Duration::from_secs(3600),
+        dirty_limit: 48 << 10,
+        ..Default::default()
+    };
+    let (store, v, bg) = counting_volume(config);
+    // Small files below a block each: only a flush takes them out of memory.
+    for i in 0..20 {
+        let f = file(&v, ROOT_INO, &format!("small{i}"));
+        v.write(f, 0, &pattern(3000, i)).unwrap();
+    }
+    let g = file(&v, ROOT_INO, "g");
+    let before = store.puts();
+    for i in 0..200u64 {
+        v.write(g, i * 100, &[i as u8; 100]).unwrap();
+    }
+    v.uploader.wait_for(g);
+    let puts = store.puts() - before;
+    // At most a handful of flushes of everything (the 20 files and g's few blocks),
+    // where flushing only g re-uploaded its partial block at every write.
+    assert!(puts <= 60, "{puts} uploads for 20 KB written");
+    assert!(v.dirty_bytes() <= 48 << 10);
+    for i in 0..20u32 {
+        let ino = v
+            .lookup(ROOT_INO, format!("small{i}").as_bytes())
+            .unwrap()
+            .ino;
+        assert_eq!(read_all(&v, ino), pattern(3000, i));
+    }
+    bg.stop();
+}

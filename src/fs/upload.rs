@@ -1,7 +1,10 @@
-//! Write-back workers: a block that a write fills completely is sealed and uploaded
+//! Write-back workers: a block that a write fills up to its end is sealed and uploaded
 //! in the background while the writer goes on, so a sequential write streams instead
 //! of stopping for every batch. The queue is bounded: a writer faster than the store
-//! waits (backpressure), and memory stays bounded.
+//! waits (backpressure), and memory stays bounded. A job names a version of a dirty
+//! block, not its bytes: a block written again before its job starts is not uploaded
+//! (the newer version goes at its own job or flush), and the writer changes the
+//! buffer in place instead of copying it away from the queue.
 
 use super::{FsError, Volume};
 use crate::index::{Extent, Ino};
@@ -14,7 +17,6 @@ pub(super) struct Job {
     pub ino: Ino,
     pub slot: u64,
     pub version: u64,
-    pub data: Arc<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -102,8 +104,19 @@ impl Volume {
         }
     }
 
+    /// The job's block, if that version is still the dirty one.
+    fn job_data(&self, job: &Job) -> Option<Arc<Vec<u8>>> {
+        let fd = self.file_data_of(job.ino)?;
+        let file = fd.lock().unwrap();
+        let block = file.dirty.get(&job.slot)?;
+        (block.version == job.version).then(|| block.data.clone())
+    }
+
     fn upload_job(&self, job: Job) {
-        let result = self.upload_block(&job.data);
+        let Some(data) = self.job_data(&job) else {
+            return;
+        };
+        let result = self.upload_block(&data);
         let fd = self.file_data_of(job.ino);
         let mut file = fd.as_ref().map(|f| f.lock().unwrap());
         let mut state = self.state();
@@ -115,7 +128,7 @@ impl Volume {
                         .get(&job.slot)
                         .is_some_and(|b| b.version == job.version);
                     if current {
-                        let len = job.data.len() as u32;
+                        let len = data.len() as u32;
                         state
                             .index
                             .set_extent(job.ino, job.slot, Extent::Block { id, len });
