@@ -350,8 +350,13 @@ impl Volume {
                 &config.mountpoint,
             )?)
         };
-        let loaded = Self::resolve_forks(&store, &config, lease.is_some())
-            .and_then(|fixes| Ok((fixes, journal::load(store.clone(), &writer)?)));
+        let loaded = Self::resolve_forks(&store, &config, lease.is_some()).and_then(|fixes| {
+            let mut loaded = journal::load(store.clone(), &writer)?;
+            if lease.is_some() {
+                loaded.superblock = journal::upgrade_format(&*store, &loaded.superblock)?;
+            }
+            Ok((fixes, loaded))
+        });
         let (load_fixes, loaded) = match loaded {
             Ok(l) => l,
             Err(e) => {

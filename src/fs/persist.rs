@@ -360,7 +360,9 @@ impl Volume {
                 let mut state = self.state();
                 for r in records {
                     match &r {
-                        Record::PutInode(i) => changed.inodes.push(i.ino),
+                        Record::PutInode(i) | Record::PatchInode { inode: i, .. } => {
+                            changed.inodes.push(i.ino)
+                        }
                         Record::DelInode(ino) => changed.inodes.push(*ino),
                         Record::PutEntry { dir, name, .. } | Record::DelEntry { dir, name } => {
                             changed.entries.push((*dir, name.clone()));

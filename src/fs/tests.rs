@@ -1232,3 +1232,36 @@ fn past_the_dirty_limit_every_file_is_flushed_once_not_the_writer_at_every_write
     }
     bg.stop();
 }
+
+#[test]
+fn fsync_of_a_small_change_to_a_big_file_journals_a_small_segment() {
+    let store = new_store();
+    let v = open(&store);
+    let f = file(&v, ROOT_INO, "big");
+    v.write(f, 0, &pattern(2000 * BS as usize, 3)).unwrap();
+    v.fsync(f).unwrap();
+    let segments = |s: &Arc<dyn ObjectStore>| -> Vec<String> {
+        let mut keys: Vec<String> = s
+            .list("meta/")
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.contains("journal"))
+            .collect();
+        keys.sort();
+        keys
+    };
+    let before = segments(&store);
+    v.write(f, 12_345, b"x").unwrap();
+    v.fsync(f).unwrap();
+    let new: Vec<String> = segments(&store)
+        .into_iter()
+        .filter(|k| !before.contains(k))
+        .collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    // The whole map of 2000 blocks would be ~96 KB.
+    let size = store.get(&new[0]).unwrap().len();
+    assert!(size < 2000, "{size} bytes journaled for one changed block");
+    let mut model = pattern(2000 * BS as usize, 3);
+    model[12_345] = b'x';
+    assert_eq!(read_all(&open_ro(&store), f), model);
+}

@@ -20,7 +20,11 @@ pub enum FrameError {
     Decode(&'static str, String),
 }
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: journal segments may hold `Record::PatchInode`. A writer marks a version-1
+/// store's superblock 2 before it journals anything (`journal::upgrade_format`), so
+/// an objfs that reads only version 1 refuses the store instead of taking a segment
+/// it cannot decode for damage.
+pub const FORMAT_VERSION: u32 = 2;
 
 pub struct Kind {
     pub name: &'static str,

@@ -140,6 +140,24 @@ pub fn read_superblock(store: &dyn ObjectStore) -> Result<Superblock, IndexError
     })
 }
 
+/// Before a writer journals anything: a store made by an older objfs gets the
+/// current format version in its superblock, so that objfs refuses the store rather
+/// than reading records it does not know as a torn journal.
+pub fn upgrade_format(store: &dyn ObjectStore, sb: &Superblock) -> Result<Superblock, IndexError> {
+    if sb.format_version >= codec::FORMAT_VERSION {
+        return Ok(sb.clone());
+    }
+    let mut upgraded = sb.clone();
+    upgraded.format_version = codec::FORMAT_VERSION;
+    store.put(superblock::KEY, &upgraded.encode())?;
+    log::info!(
+        "store format upgraded from version {} to {}",
+        sb.format_version,
+        codec::FORMAT_VERSION
+    );
+    Ok(upgraded)
+}
+
 /// Creates a filesystem in an empty store.
 pub fn mkfs(store: &dyn ObjectStore, block_size: u32) -> Result<Superblock, IndexError> {
     match read_superblock(store) {
@@ -357,6 +375,13 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
                 found = Some((generation, body));
                 break;
             }
+            // Written by a newer objfs: not damage, and falling back would lose it.
+            Err(
+                e @ IndexError::Frame {
+                    err: FrameError::TooNew { .. },
+                    ..
+                },
+            ) => return Err(e),
             // The store failing is not damage: give up rather than fall back.
             Err(IndexError::Store(e)) if !matches!(e, StoreError::NotFound(_)) => {
                 return Err(IndexError::Store(e));
@@ -404,6 +429,12 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
                 return Err(IndexError::Store(e));
             }
             Ok(seg) if seg.prev == last_key && seg.generation == generation && seg.seq == s => seg,
+            Err(
+                e @ IndexError::Frame {
+                    err: FrameError::TooNew { .. },
+                    ..
+                },
+            ) => return Err(e),
             Ok(_) => {
                 let w = format!("{key}: does not follow the previous segment; replay stopped");
                 log::warn!("{w}");
@@ -691,6 +722,38 @@ mod tests {
         );
         let r = load(store, "w3").unwrap();
         assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_writer_marks_an_older_store_and_a_newer_segment_refuses_to_load() {
+        let (store, _l) = with_segments(&["a"], "w");
+        // The superblock as an objfs of format 1 wrote it.
+        let mut old = read_superblock(&*store).unwrap();
+        old.format_version = 1;
+        let mut bytes = old.encode();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        store.put(superblock::KEY, &bytes).unwrap();
+        let sb = read_superblock(&*store).unwrap();
+        assert_eq!(sb.format_version, 1);
+        let up = upgrade_format(&*store, &sb).unwrap();
+        assert_eq!(up.format_version, codec::FORMAT_VERSION);
+        let stored = store.get(superblock::KEY).unwrap();
+        let version = u32::from_le_bytes(stored[8..12].try_into().unwrap());
+        assert_eq!(version, codec::FORMAT_VERSION);
+        assert_eq!(read_superblock(&*store).unwrap(), up);
+        // A segment of a newer objfs fails the load instead of ending replay there
+        // (a writer would then seal it off as damage).
+        let key = segment_key(0, 1, "w");
+        let mut seg = store.get(&key).unwrap();
+        seg[8..12].copy_from_slice(&(codec::FORMAT_VERSION + 1).to_le_bytes());
+        store.put(&key, &seg).unwrap();
+        assert!(matches!(
+            load(store.clone(), "x"),
+            Err(IndexError::Frame {
+                err: FrameError::TooNew { .. },
+                ..
+            })
+        ));
     }
 
     #[test]
