@@ -242,8 +242,14 @@ fn open_log(path: &Path) -> CliResult<File> {
         .map_err(|e| format!("log file {}: {e}", path.display()))
 }
 
+/// fuser warns "Unmount failed" at every clean unmount (the kernel has already
+/// unmounted when its session ends): kept out of the default log, where it reads
+/// like a failure. RUST_LOG replaces the whole filter.
+const DEFAULT_LOG_FILTER: &str = "info,fuser::mnt=error";
+
 fn init_logging() {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let env = env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER);
+    let _ = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
         .try_init();
     std::panic::set_hook(Box::new(|info| {

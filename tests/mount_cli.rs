@@ -31,6 +31,11 @@ fn first_mount_creates_the_filesystem_and_returns_once_live() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("hello")]);
+    // Two clean mounts and unmounts: nothing in the log reads like a problem.
+    f.umount();
+    let log = f.log_text();
+    assert!(log.contains("everything is in the store"), "{log}");
+    assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "{log}");
 }
 
 #[test]
