@@ -22,6 +22,7 @@ need=()
 command -v rclone >/dev/null || need+=(rclone)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v bc >/dev/null || need+=(bc)
+command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -86,6 +87,17 @@ mountpoint -q "$FLOOR" || { echo "floorfs did not come up" >&2; exit 1; }
 # The same 4 MiB readahead objfs sets on its own mount (1 MiB read requests).
 echo 4096 > "/sys/class/bdi/$(mountpoint -d "$FLOOR")/read_ahead_kb"
 
+# Each transaction commits (fsync of the WAL); after ~1000 pages the WAL wraps and is
+# overwritten in place: small overwrites inside blocks, then fsync.
+SQLITE_PY="
+import sqlite3
+c = sqlite3.connect('t.db'); c.execute('pragma journal_mode=wal')
+c.execute('create table t(x integer, y text)')
+for i in range(2000):
+    with c:
+        for j in range(20): c.execute('insert into t values(?, ?)', (i * 20 + j, 'y' * 100))
+"
+
 declare -A R
 FAILED=()
 run() { # name dir command...   (a failing command is timed anyway and reported)
@@ -147,10 +159,18 @@ for r in $(seq "$ROUNDS"); do
         run "untar_$fs.$r" "$d/x$r" tar -xf "$W/src.tar"
         run "cpout_$fs.$r" "$d" cp -a "x$r" "$W/out-$fs-$r"
     done
+
+    echo "== round $r of $ROUNDS: SQLite in WAL mode, 2000 transactions of 20 inserts"
+    for fs in native objfs; do
+        d=$(dir_of $fs)
+        mkdir "$d/sql$r"
+        run "sqlite_$fs.$r" "$d/sql$r" python3 -c "$SQLITE_PY"
+    done
 done
 for w in write copy read create ls untar cpout; do
     for fs in $FSES; do keep_median "${w}_$fs"; done
 done
+for fs in native objfs; do keep_median "sqlite_$fs"; done
 
 echo "== peak daemon RSS writing ${RSS_MB} MiB with --memory-limit 256M"
 mkdir -p "$W/rss"
@@ -182,6 +202,8 @@ line "create ${NFILES} files" "s" create 0
 line "ls -l ${NFILES} files" "s" ls 0
 line "tar x ${TARFILES} files" "s" untar 0
 line "cp -a ${TARFILES} files out" "s" cpout 0
+printf '%-34s %10.2f %10.2f %10s %10s %7.2fx\n' "SQLite WAL 2000 transactions (s)" \
+    "${R[sqlite_native]}" "${R[sqlite_objfs]}" - - "$(ratio "${R[sqlite_objfs]}" "${R[sqlite_native]}")"
 printf '%-34s %12s %12s\n' "peak RSS, ${RSS_MB}M write, 256M limit" "-" "$((PEAK_KB / 1024)) MiB"
 echo
 [ ${#FAILED[@]} -eq 0 ] || echo "commands that reported errors (timed anyway): ${FAILED[*]}"
