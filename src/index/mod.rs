@@ -118,6 +118,20 @@ impl Inode {
         }
     }
 
+    /// Whether `clip_extents` would change anything.
+    fn extends_past_size(&self, block_size: u64) -> bool {
+        let first_gone = self.size.div_ceil(block_size);
+        if self.extents.range(first_gone..).next().is_some() {
+            return true;
+        }
+        let tail = self.size % block_size;
+        tail != 0
+            && self
+                .extents
+                .get(&(self.size / block_size))
+                .is_some_and(|e| e.len() > tail)
+    }
+
     /// Drops extents past `size` and clips the one it ends in, so nothing stale
     /// reappears if the file grows again.
     fn clip_extents(&mut self, block_size: u64) -> Vec<BlockId> {
@@ -375,6 +389,9 @@ pub struct Index {
     /// `changed_slots`.
     whole_inodes: HashSet<Ino>,
     changed_slots: HashMap<Ino, BTreeSet<u64>>,
+    /// A commit failed and was restored: the next one's inodes are journaled whole
+    /// in the record after it too.
+    reissue: bool,
     ledger: Ledger,
     /// Blocks whose last reference went away since the last commit.
     unreferenced: Vec<BlockId>,
@@ -486,9 +503,18 @@ impl Index {
     /// Returns the reclaimed inode numbers.
     pub fn finish_load(&mut self) -> Vec<Ino> {
         let bs = self.block_size;
+        let mut clipped = Vec::new();
         for inode in self.inodes.values_mut() {
-            Arc::make_mut(inode).clip_extents(bs);
+            if inode.extends_past_size(bs) {
+                Arc::make_mut(inode).clip_extents(bs);
+                clipped.push(inode.ino);
+            }
         }
+        // Cut here, not in the journal: a writer's first record of each must carry
+        // the whole map, or its later patches would sit on the uncut map at the next
+        // load (and bring back what was cut).
+        self.dirty_inodes.extend(clipped.iter().copied());
+        self.whole_inodes.extend(clipped);
         let mut linked: HashSet<Ino> = HashSet::from([ROOT_INO]);
         for entries in self.dirs.values() {
             linked.extend(entries.values().copied());
@@ -743,6 +769,7 @@ impl Index {
         ordered.sort_unstable();
         let mut whole_inodes = HashSet::new();
         let mut changed_slots = HashMap::new();
+        let reissue = std::mem::take(&mut self.reissue);
         for ino in ordered {
             let whole = self.whole_inodes.remove(&ino);
             let slots = self.changed_slots.remove(&ino).unwrap_or_default();
@@ -750,6 +777,7 @@ impl Index {
                 records.push(Record::DelInode(ino));
                 continue;
             };
+            let size = inode.size;
             if whole {
                 records.push(Record::PutInode(self.persistable(inode)));
                 whole_inodes.insert(ino);
@@ -757,9 +785,17 @@ impl Index {
                 records.push(patch(inode, &slots, &self.durable_size));
                 changed_slots.insert(ino, slots);
             }
-            if self.durable_size.contains_key(&ino) {
+            if let Some(&durable) = self.durable_size.get(&ino) {
                 // Journal it again once its data is in the store.
                 self.dirty_inodes.insert(ino);
+                if durable < size {
+                    // Journaled shorter than it is: whoever loads this cuts the slots
+                    // past `durable`, so the next record must carry the whole map.
+                    self.whole_inodes.insert(ino);
+                }
+            }
+            if reissue {
+                self.whole_inodes.insert(ino);
             }
         }
         let mut ordered: Vec<&(Ino, Vec<u8>)> = entries.iter().collect();
@@ -790,6 +826,9 @@ impl Index {
 
     /// Puts back changes whose commit failed, so the next commit carries them.
     pub fn restore(&mut self, changes: Changes) {
+        // The failed segment may have landed and been read by a follower, which will
+        // not read its rewrite: the inodes in that rewrite go whole once more after it.
+        self.reissue = true;
         self.dirty_inodes.extend(changes.inodes);
         self.dirty_entries.extend(changes.entries);
         self.whole_inodes.extend(changes.whole_inodes);
@@ -898,8 +937,86 @@ mod tests {
         assert_eq!(replayed.get(f), index.get(f));
     }
 
-    /// Random changes, committed at random points (some commits fail and are
-    /// restored), replay from the first snapshot to exactly the live index.
+    /// A follower that loaded while a file's journaled size was clamped (a stream's
+    /// last block still in memory) gets every slot once the writer catches up.
+    #[test]
+    fn a_follower_loaded_at_a_clamped_size_gets_every_slot_later() {
+        let mut w = Index::new_filesystem(4096, 0, 0);
+        let base = w.snapshot_body(0);
+        let f = file(&mut w, b"f");
+        let mut journal = w.take_changes().records;
+        w.mark_data_pending(f);
+        w.get_mut(f).unwrap().size = 3 * 4096;
+        w.set_extent(f, 0, block(0));
+        w.set_extent(f, 1, block(1));
+        journal.extend(w.take_changes().records);
+        let mut ro = Index::from_snapshot(base, 4096);
+        for r in journal {
+            ro.apply(r);
+        }
+        ro.finish_load();
+        assert!(
+            ro.get(f).unwrap().extents.is_empty(),
+            "cut at the clamped size"
+        );
+        w.set_extent(f, 2, block(2));
+        w.mark_data_flushed(f);
+        for r in w.take_changes().records {
+            ro.apply(r);
+        }
+        assert_eq!(ro.get(f), w.get(f));
+    }
+
+    /// Crash, load (which cuts at the journaled size), a sparse write, crash again:
+    /// what the first load cut stays cut.
+    #[test]
+    fn what_a_load_cut_stays_cut_after_the_next_crash() {
+        let mut w = Index::new_filesystem(4096, 0, 0);
+        let base = w.snapshot_body(0);
+        let f = file(&mut w, b"f");
+        let mut journal = w.take_changes().records;
+        w.mark_data_pending(f);
+        w.get_mut(f).unwrap().size = 3 * 4096;
+        w.set_extent(f, 0, block(0));
+        w.set_extent(f, 1, block(1));
+        journal.extend(w.take_changes().records);
+        let load = |journal: &[Record]| {
+            let body = SnapshotBody {
+                generation: 0,
+                next_ino: base.next_ino,
+                inodes: base.inodes.clone(),
+                dirs: base.dirs.clone(),
+            };
+            let mut ix = Index::from_snapshot(body, 4096);
+            for r in journal {
+                ix.apply(r.clone());
+            }
+            ix.finish_load();
+            ix
+        };
+        let mut w2 = load(&journal);
+        assert!(w2.get(f).unwrap().extents.is_empty());
+        w2.mark_data_pending(f);
+        w2.get_mut(f).unwrap().size = 6 * 4096;
+        w2.set_extent(f, 5, block(5));
+        w2.mark_data_flushed(f);
+        journal.extend(w2.take_changes().records);
+        assert_eq!(load(&journal).get(f), w2.get(f));
+    }
+
+    fn clone_body(b: &SnapshotBody) -> SnapshotBody {
+        SnapshotBody {
+            generation: b.generation,
+            next_ino: b.next_ino,
+            inodes: b.inodes.clone(),
+            dirs: b.dirs.clone(),
+        }
+    }
+
+    /// Random changes (unflushed data among them), committed at random points (some
+    /// commits fail and are restored), replay from the first snapshot to exactly the
+    /// live index; so do followers that loaded part way (cutting at clamped sizes)
+    /// and went on applying the journal.
     #[test]
     fn patches_and_whole_records_replay_to_the_same_index() {
         use rand::{Rng, SeedableRng};
@@ -910,6 +1027,7 @@ mod tests {
             let mut journal: Vec<Record> = Vec::new();
             let mut files: Vec<Ino> = Vec::new();
             let mut failed: Option<Changes> = None;
+            let mut followers: Vec<(Index, usize)> = Vec::new();
             for step in 0..300 {
                 let pick = files.get(rng.gen_range(0..files.len().max(1))).copied();
                 match (rng.gen_range(0..10), pick) {
@@ -925,6 +1043,8 @@ mod tests {
                     (4, Some(f)) => index.remove_extent(f, rng.gen_range(0..40)),
                     (5, Some(f)) => index.set_size(f, rng.gen_range(0..40 * 4096)),
                     (6, Some(f)) => index.get_mut(f).unwrap().perm = rng.gen_range(0..0o777),
+                    (8, Some(f)) if rng.gen_bool(0.5) => index.mark_data_pending(f),
+                    (8, Some(f)) => index.mark_data_flushed(f),
                     (7, Some(f)) if rng.gen_bool(0.3) => {
                         let name = index
                             .entries(ROOT_INO)
@@ -949,13 +1069,33 @@ mod tests {
                         } else {
                             journal.extend(changes.records);
                         }
+                        if rng.gen_bool(0.2) {
+                            // A follower (or a writer after a crash) loads here.
+                            let mut ro = Index::from_snapshot(clone_body(&base), 4096);
+                            for r in &journal {
+                                ro.apply(r.clone());
+                            }
+                            ro.finish_load();
+                            followers.push((ro, journal.len()));
+                        }
                     }
                 }
             }
             if let Some(failed) = failed.take() {
                 index.restore(failed);
             }
+            for &f in &files {
+                index.mark_data_flushed(f);
+            }
             journal.extend(index.take_changes().records);
+            for (mut ro, seen) in followers {
+                for r in &journal[seen..] {
+                    ro.apply(r.clone());
+                }
+                for &f in &files {
+                    assert_eq!(ro.get(f), index.get(f), "seed {seed}, follower, inode {f}");
+                }
+            }
             let mut replayed = Index::from_snapshot(base, 4096);
             for r in journal {
                 replayed.apply(r);
@@ -1087,11 +1227,15 @@ mod tests {
         assert_eq!(i.size, 5);
         assert!(index.has_changes(), "journaled again after the flush");
         index.mark_data_flushed(a);
+        // Whole: a load of the clamped record cut the slots past its size.
         let changes = index.take_changes();
-        let Record::PatchInode { inode: i, .. } = &changes.records[0] else {
+        let Record::PutInode(i) = &changes.records[0] else {
             panic!("{:?}", changes.records[0])
         };
         assert_eq!(i.size, 500);
+        index.get_mut(a).unwrap().mtime.sec += 1;
+        let changes = index.take_changes();
+        assert!(matches!(&changes.records[0], Record::PatchInode { .. }));
         // A resized file is journaled whole, clamped the same way.
         index.mark_data_pending(a);
         index.set_size(a, 9000);
