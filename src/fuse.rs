@@ -652,6 +652,11 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if self.volume.config().writeback_cache {
+            // The kernel asks without writing its dirty pages back first, so data
+            // only it holds would look like a hole: let it answer itself (all data).
+            return reply.error(errno(&FsError::LeftToKernel));
+        }
         let what = match whence {
             libc::SEEK_DATA => Seek::Data,
             libc::SEEK_HOLE => Seek::Hole,

@@ -479,3 +479,26 @@ fn cp_within_the_mount_shares_blocks_and_seek_finds_the_holes() {
     let out = f.objfs_ok(&["fsck", f.store_str()]);
     assert!(out.contains("clean"), "{out}");
 }
+
+#[test]
+fn with_the_writeback_cache_seek_leaves_holes_to_the_kernel() {
+    let mut f = Fixture::new();
+    f.extra = vec!["--writeback-cache".into()];
+    f.mount();
+    let m = f.mnt_str();
+    // The kernel does not write its dirty pages back before asking SEEK_DATA, so
+    // objfs could call data only the kernel holds a hole: the kernel answers (the
+    // whole file is data) and cp copies every byte.
+    let py = format!(
+        "import os\n\
+         fd = os.open('{m}/f', os.O_RDWR | os.O_CREAT, 0o644)\n\
+         os.pwrite(fd, b'x', 5 << 20)\n\
+         print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE))"
+    );
+    assert_eq!(
+        sh("python3", &["-c", &py]),
+        format!("0 {}\n", (5 << 20) + 1)
+    );
+    bash(&format!("cp {m}/f {m}/g && cmp {m}/f {m}/g"));
+    f.umount();
+}

@@ -12,10 +12,12 @@ use super::{FsError, FsResult, MAX_FILE_SIZE, State, Volume};
 use crate::index::{Extent, Ino, Kind, Timestamp};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Most bytes one call copies when it must copy bytes, and when it shares blocks;
-/// the caller gets a short count and asks again, as copy_file_range allows.
+/// Most bytes one call copies when it must copy bytes, and when it shares blocks
+/// (at most `SHARE_SLOTS` slots, all under the state lock); the caller gets a short
+/// count and asks again, as copy_file_range allows.
 const BYTE_COPY_MAX: u64 = 64 << 20;
 const SHARE_MAX: u64 = 1 << 30;
+const SHARE_SLOTS: u64 = 1024;
 
 /// Where lseek looks from `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +59,11 @@ impl Volume {
         }
         let bs = self.block_size;
         let aligned = src_off % bs == dst_off % bs;
-        let most = if aligned { SHARE_MAX } else { BYTE_COPY_MAX };
+        let most = if aligned {
+            SHARE_MAX.min(SHARE_SLOTS * bs)
+        } else {
+            BYTE_COPY_MAX
+        };
         let len = len.min(src_size - src_off).min(most);
         let dst_end = dst_off
             .checked_add(len)
@@ -67,8 +73,7 @@ impl Volume {
             return Err(FsError::Invalid);
         }
         if !aligned {
-            self.copy_bytes(src, src_off, dst, dst_off, len)?;
-            return Ok(len);
+            return self.copy_bytes(src, src_off, dst, dst_off, len);
         }
         // Destination slots the copy covers whole, and the one it ends in when that
         // is the end of both files (the source's last block, shared as it is).
@@ -79,22 +84,23 @@ impl Volume {
             end += 1;
         }
         if first >= end {
-            self.copy_bytes(src, src_off, dst, dst_off, len)?;
-            return Ok(len);
+            return self.copy_bytes(src, src_off, dst, dst_off, len);
         }
         let to_src = |dst_pos: u64| dst_pos - dst_off + src_off;
-        // The unaligned head and tail first: their writes record the size a crash
-        // falls back to before the shared slots grow the file.
+        // Until the call returns, a crash may leave parts of the range as zeros, as
+        // for any write not yet fsynced; never bytes from anywhere else.
         let head_end = first * bs;
-        self.copy_bytes(src, src_off, dst, dst_off, head_end - dst_off)?;
+        let head = self.copy_bytes(src, src_off, dst, dst_off, head_end - dst_off)?;
+        if head < head_end - dst_off {
+            // The source shrank meanwhile: what was copied is the answer.
+            return Ok(head);
+        }
         let tail_start = (end * bs).min(dst_end);
-        self.copy_bytes(
-            src,
-            to_src(tail_start),
-            dst,
-            tail_start,
-            dst_end - tail_start,
-        )?;
+        let tail = dst_end - tail_start;
+        let mut copied = len;
+        if self.copy_bytes(src, to_src(tail_start), dst, tail_start, tail)? < tail {
+            copied = tail_start - dst_off;
+        }
         // Source bytes still in memory go to the store, so whole slots are blocks
         // that can be shared.
         self.flush_file(src)?;
@@ -107,9 +113,11 @@ impl Volume {
             .collect();
         for s in self.share_slots(src, dst, &shares, dst_end)? {
             let at = s.dst_slot * bs;
-            self.copy_bytes(src, to_src(at), dst, at, s.keep)?;
+            if self.copy_bytes(src, to_src(at), dst, at, s.keep)? < s.keep {
+                copied = copied.min(at - dst_off);
+            }
         }
-        Ok(len)
+        Ok(copied)
     }
 
     /// Points each destination slot at the source slot's block (or makes it a hole
@@ -130,6 +138,14 @@ impl Volume {
         let mut leftover = Vec::new();
         let mut removed = 0u64;
         for s in shares {
+            // A slot the copy ends inside is shared only while nothing follows the
+            // copy in the destination (checked again under the locks: a write past the
+            // copy's end since would be cut off).
+            let dst_size = Self::inode(&state, dst)?.size;
+            if s.keep < self.block_size && dst_size > dst_end {
+                leftover.push(*s);
+                continue;
+            }
             let src_dirty = match &src_file {
                 Some(f) => f.dirty.contains_key(&s.src_slot),
                 None => src == dst && dst_file.dirty.contains_key(&s.src_slot),
@@ -170,9 +186,16 @@ impl Volume {
         Ok(leftover)
     }
 
-    /// Copies bytes through the read and write paths, a block at a time. Stops early
-    /// if the source shrank meanwhile.
-    fn copy_bytes(&self, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64) -> FsResult<()> {
+    /// Copies bytes through the read and write paths, a block at a time; returns how
+    /// many. Stops early if the source shrank meanwhile.
+    fn copy_bytes(
+        &self,
+        src: Ino,
+        src_off: u64,
+        dst: Ino,
+        dst_off: u64,
+        len: u64,
+    ) -> FsResult<u64> {
         let step = self.block_size.max(1 << 20);
         let mut done = 0;
         while done < len {
@@ -184,7 +207,7 @@ impl Volume {
             self.write(dst, dst_off + done, data.as_slice())?;
             done += data.as_slice().len() as u64;
         }
-        Ok(())
+        Ok(done)
     }
 
     /// lseek's SEEK_DATA and SEEK_HOLE, at block granularity: a slot with stored or

@@ -415,6 +415,12 @@ impl Volume {
             if self.dirty_bytes() <= low {
                 break;
             }
+            // A file whose write-back failed is retried by the background commit,
+            // not by every write of every other file (each try may wait out the
+            // store's retry budget).
+            if self.write_error_since(other, 0).is_some() {
+                continue;
+            }
             let _ = self.flush_file(other);
         }
         Ok(())

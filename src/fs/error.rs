@@ -46,6 +46,9 @@ pub enum FsError {
     NoSuchOffset,
     #[error("inappropriate ioctl for device")]
     NoIoctl,
+    /// ENOSYS: the kernel then does the operation itself from now on.
+    #[error("left to the kernel")]
+    LeftToKernel,
     #[error("I/O error: {0}")]
     Io(String),
     #[error("{0}")]
@@ -77,6 +80,7 @@ impl FsError {
             FsError::TooManyLinks => libc::EMLINK,
             FsError::NoSuchOffset => libc::ENXIO,
             FsError::NoIoctl => libc::ENOTTY,
+            FsError::LeftToKernel => libc::ENOSYS,
             FsError::Io(_) => libc::EIO,
             FsError::Lease(_) => libc::EROFS,
             FsError::Config(_) => libc::EINVAL,

@@ -1265,3 +1265,42 @@ fn fsync_of_a_small_change_to_a_big_file_journals_a_small_segment() {
     model[12_345] = b'x';
     assert_eq!(read_all(&open_ro(&store), f), model);
 }
+
+#[test]
+fn copy_range_copies_inline_data_as_bytes() {
+    let store = new_store();
+    let v = open(&store);
+    let a = file(&v, ROOT_INO, "a");
+    v.write(a, 0, b"small and inline").unwrap();
+    v.flush_file(a).unwrap();
+    assert!(matches!(
+        v.with_index(|ix| ix.get(a).unwrap().extents.get(&0).cloned()),
+        Some(Extent::Inline(_))
+    ));
+    let b = file(&v, ROOT_INO, "b");
+    // Slot 0 is at the end of both files, so it is a candidate for sharing; inline
+    // data goes the byte way instead.
+    assert_eq!(v.copy_range(a, 0, b, 0, 100).unwrap(), 16);
+    assert_eq!(read_all(&v, b), b"small and inline");
+    v.fsync(b).unwrap();
+    assert_eq!(read_all(&open_ro(&store), b), b"small and inline");
+}
+
+#[test]
+fn a_writer_marks_an_older_store_and_a_reader_leaves_it_alone() {
+    let store = new_store();
+    let mut old = journal::read_superblock(&*store).unwrap();
+    old.format_version = 1;
+    let mut bytes = old.encode();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    store.put(crate::index::superblock::KEY, &bytes).unwrap();
+    let version = |s: &Arc<dyn ObjectStore>| journal::read_superblock(&**s).unwrap().format_version;
+    drop(open_ro(&store));
+    assert_eq!(version(&store), 1, "a read-only mount changed the store");
+    let v = open(&store);
+    assert_eq!(version(&store), crate::index::codec::FORMAT_VERSION);
+    assert_eq!(
+        v.superblock().format_version,
+        crate::index::codec::FORMAT_VERSION
+    );
+}
