@@ -71,6 +71,11 @@ impl Volume {
         }
         let mut journal = self.journal.lock().unwrap();
         self.check_lease()?;
+        if journal.snapshot_owed() {
+            // A snapshot that failed may have landed: a segment of the old generation
+            // after it would never be read. The commit is a snapshot instead.
+            return self.snapshot_locked(&mut journal);
+        }
         let changes = self.state().index.take_changes();
         // Blocks before the index that points at them: every block these changes
         // reference was installed before they were taken, so this sync covers it.

@@ -1304,3 +1304,59 @@ fn a_writer_marks_an_older_store_and_a_reader_leaves_it_alone() {
         crate::index::codec::FORMAT_VERSION
     );
 }
+
+#[test]
+fn a_snapshot_that_failed_but_landed_loses_no_later_commit() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let config = VolumeConfig {
+        snapshot_segments: 2,
+        ..Default::default()
+    };
+    let v = Volume::load(store.clone(), config).unwrap();
+    let a = file(&v, ROOT_INO, "a");
+    v.write(a, 0, b"first").unwrap();
+    v.fsync(a).unwrap();
+    // The second segment triggers a snapshot; its PUT lands but reports failure.
+    faulty.set_lose_acks_for(Some("meta/snapshot"));
+    let b = file(&v, ROOT_INO, "b");
+    v.write(b, 0, b"second").unwrap();
+    v.fsync(b).unwrap();
+    // Then snapshots fail outright for a while. An fsync meanwhile either fails or
+    // survives a crash, though a load takes the snapshot that landed.
+    faulty.set_lose_acks_for(None);
+    faulty.set_fail_puts_for(Some("meta/snapshot"));
+    let c = file(&v, ROOT_INO, "c");
+    v.write(c, 0, b"third").unwrap();
+    if v.fsync(c).is_err() {
+        faulty.set_fail_puts_for(None);
+        v.fsync(c).unwrap();
+    }
+    let after = open_ro(&store);
+    assert_eq!(read_all(&after, a), b"first");
+    assert_eq!(read_all(&after, b), b"second");
+    assert_eq!(read_all(&after, c), b"third");
+}
+
+#[test]
+fn a_snapshot_that_failed_without_landing_does_not_stop_commits() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let config = VolumeConfig {
+        snapshot_segments: 2,
+        ..Default::default()
+    };
+    let v = Volume::load(store.clone(), config).unwrap();
+    faulty.set_fail_puts_for(Some("meta/snapshot"));
+    let mut files = Vec::new();
+    for i in 0..5 {
+        let f = file(&v, ROOT_INO, &format!("f{i}"));
+        v.write(f, 0, format!("data {i}").as_bytes()).unwrap();
+        v.fsync(f).unwrap();
+        files.push(f);
+    }
+    let after = open_ro(&store);
+    for (i, &f) in files.iter().enumerate() {
+        assert_eq!(read_all(&after, f), format!("data {i}").as_bytes());
+    }
+}

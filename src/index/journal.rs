@@ -126,6 +126,11 @@ pub struct Journal {
     /// The highest generation any object in the store names: a new snapshot goes
     /// above it, never over an existing one.
     floor: u64,
+    /// A snapshot write failed, and may have landed all the same (an S3 timeout): a
+    /// load would then take it and never read a segment of the old generation
+    /// written after it. Until a snapshot succeeds, under a newer generation, no
+    /// segment may be written.
+    snapshot_owed: bool,
 }
 
 pub fn read_superblock(store: &dyn ObjectStore) -> Result<Superblock, IndexError> {
@@ -482,6 +487,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         bytes: report.journal_bytes,
         clean: report.clean(),
         floor,
+        snapshot_owed: false,
     };
     Ok(Loaded {
         superblock,
@@ -549,6 +555,11 @@ impl Journal {
     }
 
     /// The generation the next snapshot gets.
+    /// See `snapshot_owed`: the next commit must be a snapshot.
+    pub fn snapshot_owed(&self) -> bool {
+        self.snapshot_owed
+    }
+
     pub fn next_generation(&self) -> u64 {
         self.generation.max(self.floor) + 1
     }
@@ -601,7 +612,17 @@ impl Journal {
     ) -> Result<(), IndexError> {
         debug_assert_eq!(generation, self.next_generation());
         let bytes = codec::encode(&codec::SNAPSHOT, body);
-        self.store.put(&snapshot_key(generation), &bytes)?;
+        let key = snapshot_key(generation);
+        if let Err(e) = self.store.put(&key, &bytes) {
+            // The next snapshot goes above this one either way. If it may exist now
+            // (the store does not say it is absent), nothing else is written before
+            // that next snapshot.
+            self.floor = self.floor.max(generation);
+            let absent = self.store.list(&key).is_ok_and(|keys| keys.is_empty());
+            self.snapshot_owed = !absent;
+            return Err(e.into());
+        }
+        self.snapshot_owed = false;
         let old_gen = self.generation;
         self.generation = generation;
         self.floor = generation;

@@ -7,6 +7,11 @@ pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     fail_puts: AtomicBool,
     fail_gets: AtomicBool,
+    /// Puts of keys with this prefix land but report failure (a timeout after the
+    /// server stored the object).
+    lose_acks_for: std::sync::Mutex<Option<String>>,
+    /// Puts of keys with this prefix fail without landing.
+    fail_puts_for: std::sync::Mutex<Option<String>>,
     puts: AtomicU64,
 }
 
@@ -16,6 +21,8 @@ impl FaultyStore {
             inner,
             fail_puts: AtomicBool::new(false),
             fail_gets: AtomicBool::new(false),
+            lose_acks_for: std::sync::Mutex::new(None),
+            fail_puts_for: std::sync::Mutex::new(None),
             puts: AtomicU64::new(0),
         }
     }
@@ -25,11 +32,29 @@ impl FaultyStore {
     pub fn set_fail_gets(&self, fail: bool) {
         self.fail_gets.store(fail, Ordering::SeqCst);
     }
+    pub fn set_lose_acks_for(&self, prefix: Option<&str>) {
+        *self.lose_acks_for.lock().unwrap() = prefix.map(str::to_string);
+    }
+    fn acked(&self, key: &str) -> StoreResult<()> {
+        match &*self.lose_acks_for.lock().unwrap() {
+            Some(p) if key.starts_with(p.as_str()) => Err(StoreError::Io(format!(
+                "{key}: injected timeout after the put"
+            ))),
+            _ => Ok(()),
+        }
+    }
     pub fn puts(&self) -> u64 {
         self.puts.load(Ordering::SeqCst)
     }
+    pub fn set_fail_puts_for(&self, prefix: Option<&str>) {
+        *self.fail_puts_for.lock().unwrap() = prefix.map(str::to_string);
+    }
     fn check_put(&self, key: &str) -> StoreResult<()> {
-        if self.fail_puts.load(Ordering::SeqCst) {
+        let failing_prefix = match &*self.fail_puts_for.lock().unwrap() {
+            Some(p) => key.starts_with(p.as_str()),
+            None => false,
+        };
+        if self.fail_puts.load(Ordering::SeqCst) || failing_prefix {
             return Err(StoreError::Io(format!("{key}: injected put failure")));
         }
         self.puts.fetch_add(1, Ordering::SeqCst);
@@ -46,7 +71,8 @@ impl ObjectStore for FaultyStore {
     }
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
         self.check_put(key)?;
-        self.inner.put(key, data)
+        self.inner.put(key, data)?;
+        self.acked(key)
     }
     fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> StoreResult<()> {
         self.check_put(key)?;
