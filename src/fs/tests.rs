@@ -1360,3 +1360,26 @@ fn a_snapshot_that_failed_without_landing_does_not_stop_commits() {
         assert_eq!(read_all(&after, f), format!("data {i}").as_bytes());
     }
 }
+
+#[test]
+fn a_follower_that_loads_mid_stream_reads_every_block_after_the_flush() {
+    let config = VolumeConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let (store, v, bg) = counting_volume(config);
+    let store: Arc<dyn ObjectStore> = store;
+    let f = file(&v, ROOT_INO, "f");
+    v.sync_all().unwrap();
+    let data = pattern(5 * BS as usize + 100, 9);
+    v.write(f, 0, &data).unwrap();
+    v.uploader.wait_for(f);
+    // A commit while the stream's last, partial block is still in memory: the file
+    // is journaled at its old size, with its five full blocks.
+    v.commit().unwrap();
+    let ro = open_ro(&store);
+    v.sync_all().unwrap();
+    ro.refresh().unwrap();
+    assert_eq!(read_all(&ro, f), data, "the follower lost blocks");
+    bg.stop();
+}
