@@ -30,19 +30,21 @@ fn tree_copy_random_writes_rename_and_remount() {
     bash(&format!(
         "dd if=/dev/urandom of={m}/r bs=1M count=3 status=none && \
          printf xyz | dd of={m}/r bs=1 seek=1048570 conv=notrunc status=none && \
-         printf tail >> {m}/r && mv {m}/copy {m}/moved && md5sum < {m}/r > {}/sum",
+         printf tail >> {m}/r && mv {m}/copy {m}/moved && md5sum < {m}/r > {}/sum && \
+         cp {m}/r {m}/r2 && cmp {m}/r {m}/r2",
         f.tmp.path().display()
     ));
     f.remount();
     bash(&format!(
-        "diff -r --no-dereference '{src}' '{m}/moved' && test ! -e {m}/copy && md5sum < {m}/r | cmp - {}/sum",
+        "diff -r --no-dereference '{src}' '{m}/moved' && test ! -e {m}/copy && md5sum < {m}/r | cmp - {}/sum && \
+         cmp {m}/r {m}/r2",
         f.tmp.path().display()
     ));
     f.umount();
     let out = f.objfs_ok(&["fsck", f.store_str(), "--verify-data"]);
     assert!(out.contains("clean"), "{out}");
     let out = f.objfs_ok(&["stat", f.store_str()]);
-    assert!(out.contains("files:          15"), "{out}");
+    assert!(out.contains("files:          16"), "{out}");
 }
 
 #[test]
