@@ -1383,3 +1383,56 @@ fn a_follower_that_loads_mid_stream_reads_every_block_after_the_flush() {
     assert_eq!(read_all(&ro, f), data, "the follower lost blocks");
     bg.stop();
 }
+
+#[test]
+fn a_segment_that_failed_but_landed_is_never_rewritten_under_a_follower() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let v = Volume::load(store.clone(), VolumeConfig::default()).unwrap();
+    let ro = open_ro(&store);
+    let a = file(&v, ROOT_INO, "a");
+    v.fsync(a).unwrap();
+    // The segment with b lands, but the writer hears of a timeout.
+    faulty.set_lose_acks_for(Some("meta/journal"));
+    let b = file(&v, ROOT_INO, "b");
+    assert!(v.fsync(b).is_err());
+    faulty.set_lose_acks_for(None);
+    ro.refresh().unwrap();
+    assert!(ro.lookup(ROOT_INO, b"b").is_ok());
+    // The next commit goes after that segment, not over it: the follower, which
+    // already read it, sees c too.
+    let c = file(&v, ROOT_INO, "c");
+    v.write(c, 0, b"third").unwrap();
+    v.fsync(c).unwrap();
+    ro.refresh().unwrap();
+    assert_eq!(read_all(&ro, c), b"third");
+    let after = open_ro(&store);
+    for name in [&b"a"[..], b"b", b"c"] {
+        assert!(after.lookup(ROOT_INO, name).is_ok());
+    }
+}
+
+#[test]
+fn a_segment_the_store_cannot_account_for_is_settled_before_the_next_commit() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let v = Volume::load(store.clone(), VolumeConfig::default()).unwrap();
+    let ro = open_ro(&store);
+    // The segment lands, the writer hears of a timeout, and listing fails too.
+    faulty.set_lose_acks_for(Some("meta/journal"));
+    faulty.set_fail_lists(true);
+    let b = file(&v, ROOT_INO, "b");
+    assert!(v.fsync(b).is_err());
+    faulty.set_lose_acks_for(None);
+    // While the store still cannot list, nothing is committed.
+    let c = file(&v, ROOT_INO, "c");
+    assert!(v.fsync(c).is_err());
+    faulty.set_fail_lists(false);
+    ro.refresh().unwrap();
+    assert!(ro.lookup(ROOT_INO, b"b").is_ok());
+    v.fsync(c).unwrap();
+    ro.refresh().unwrap();
+    assert!(ro.lookup(ROOT_INO, b"c").is_ok());
+    let after = open_ro(&store);
+    assert!(after.lookup(ROOT_INO, b"c").is_ok());
+}

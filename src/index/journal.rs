@@ -131,6 +131,9 @@ pub struct Journal {
     /// written after it. Until a snapshot succeeds, under a newer generation, no
     /// segment may be written.
     snapshot_owed: bool,
+    /// A segment whose PUT failed and whose presence the store could not confirm
+    /// or deny (see `settle`).
+    unsure: Option<(String, usize)>,
 }
 
 pub fn read_superblock(store: &dyn ObjectStore) -> Result<Superblock, IndexError> {
@@ -488,6 +491,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         clean: report.clean(),
         floor,
         snapshot_owed: false,
+        unsure: None,
     };
     Ok(Loaded {
         superblock,
@@ -570,6 +574,7 @@ impl Journal {
 
     /// Writes one segment holding `changes`; durable when it returns.
     pub fn commit(&mut self, changes: &Changes) -> Result<(), IndexError> {
+        self.settle_unsure()?;
         let seq = self.seq + 1;
         let key = segment_key(self.generation, seq, &self.writer);
         let segment = Segment {
@@ -581,13 +586,22 @@ impl Journal {
             records: changes.records.clone(),
         };
         let bytes = codec::encode(&codec::SEGMENT, &segment);
-        self.store.put(&key, &bytes)?;
+        if let Err(e) = self.store.put(&key, &bytes) {
+            self.settle(key, bytes.len());
+            return Err(e.into());
+        }
         // A second writer (on a store without conditional create) shows up as another
         // segment with our sequence number: stop before the chains diverge further.
-        let same_seq = self.store.list(&format!(
+        let same_seq = match self.store.list(&format!(
             "{JOURNAL_PREFIX}{:020}-{seq:020}-",
             self.generation
-        ))?;
+        )) {
+            Ok(keys) => keys,
+            Err(e) => {
+                self.settle(key, bytes.len());
+                return Err(e.into());
+            }
+        };
         if same_seq.len() > 1 {
             // Not acknowledged, so it goes: whichever writer listed first without
             // seeing ours keeps a clean chain. Failing that, fsck --repair decides.
@@ -596,11 +610,46 @@ impl Journal {
             }
             return Err(fork(self.generation, seq, &same_seq));
         }
-        self.seq = seq;
+        self.advance(key, bytes.len());
+        Ok(())
+    }
+
+    fn advance(&mut self, key: String, len: usize) {
+        self.seq += 1;
         self.last_key = Some(key);
         self.segments += 1;
-        self.bytes += bytes.len() as u64;
-        Ok(())
+        self.bytes += len as u64;
+    }
+
+    /// A commit failed after its PUT was sent. If the segment is in the store (a
+    /// timeout that hid a PUT that landed), the chain goes on after it: rewriting that
+    /// key later would change a segment a follower may already have read, and it
+    /// would never read the new content. The changes were handed back and go again
+    /// in the next segment (replaying a record twice does no harm). If the store
+    /// cannot tell, the next commit asks again first.
+    fn settle(&mut self, key: String, len: usize) {
+        match self.store.list(&key) {
+            Ok(keys) if keys.is_empty() => {}
+            Ok(_) => self.advance(key, len),
+            Err(_) => self.unsure = Some((key, len)),
+        }
+    }
+
+    fn settle_unsure(&mut self) -> Result<(), IndexError> {
+        let Some((key, len)) = self.unsure.take() else {
+            return Ok(());
+        };
+        match self.store.list(&key) {
+            Ok(keys) if keys.is_empty() => Ok(()),
+            Ok(_) => {
+                self.advance(key, len);
+                Ok(())
+            }
+            Err(e) => {
+                self.unsure = Some((key, len));
+                Err(e.into())
+            }
+        }
     }
 
     /// Writes the whole index (a `SnapshotBody`, or what encodes as one) as the next
@@ -623,6 +672,8 @@ impl Journal {
             return Err(e.into());
         }
         self.snapshot_owed = false;
+        // It holds everything: an unsure segment of the old generation no longer matters.
+        self.unsure = None;
         let old_gen = self.generation;
         self.generation = generation;
         self.floor = generation;

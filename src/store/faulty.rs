@@ -7,6 +7,7 @@ pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     fail_puts: AtomicBool,
     fail_gets: AtomicBool,
+    fail_lists: AtomicBool,
     /// Puts of keys with this prefix land but report failure (a timeout after the
     /// server stored the object).
     lose_acks_for: std::sync::Mutex<Option<String>>,
@@ -21,6 +22,7 @@ impl FaultyStore {
             inner,
             fail_puts: AtomicBool::new(false),
             fail_gets: AtomicBool::new(false),
+            fail_lists: AtomicBool::new(false),
             lose_acks_for: std::sync::Mutex::new(None),
             fail_puts_for: std::sync::Mutex::new(None),
             puts: AtomicU64::new(0),
@@ -28,6 +30,9 @@ impl FaultyStore {
     }
     pub fn set_fail_puts(&self, fail: bool) {
         self.fail_puts.store(fail, Ordering::SeqCst);
+    }
+    pub fn set_fail_lists(&self, fail: bool) {
+        self.fail_lists.store(fail, Ordering::SeqCst);
     }
     pub fn set_fail_gets(&self, fail: bool) {
         self.fail_gets.store(fail, Ordering::SeqCst);
@@ -92,6 +97,9 @@ impl ObjectStore for FaultyStore {
         self.inner.delete(key)
     }
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        if self.fail_lists.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(format!("{prefix}: injected list failure")));
+        }
         self.inner.list(prefix)
     }
     fn space(&self) -> StoreResult<StoreSpace> {
