@@ -222,10 +222,6 @@ impl Volume {
             return Err(FsError::NoSuchOffset);
         }
         let bs = self.block_size;
-        let is_data = |slot: u64| {
-            inode.extents.get(&slot).is_some_and(|e| !e.is_empty())
-                || file.as_ref().is_some_and(|f| f.dirty.contains_key(&slot))
-        };
         let last = inode.size.div_ceil(bs);
         let mut slot = offset / bs;
         match what {
@@ -247,7 +243,27 @@ impl Volume {
                 }
             }
             Seek::Hole => {
-                while slot < last && is_data(slot) {
+                // The first slot from here in neither the map nor the dirty buffers:
+                // both walked in order, not looked up slot by slot.
+                let mut stored = inode
+                    .extents
+                    .range(slot..)
+                    .filter(|(_, e)| !e.is_empty())
+                    .map(|(&s, _)| s)
+                    .peekable();
+                let from = slot;
+                let mut dirty = file
+                    .as_ref()
+                    .map(|f| f.dirty.range(from..).map(|(&s, _)| s).peekable());
+                while slot < last {
+                    while stored.next_if(|&s| s < slot).is_some() {}
+                    let in_dirty = dirty.as_mut().is_some_and(|d| {
+                        while d.next_if(|&s| s < slot).is_some() {}
+                        d.peek() == Some(&slot)
+                    });
+                    if stored.peek() != Some(&slot) && !in_dirty {
+                        break;
+                    }
                     slot += 1;
                 }
             }

@@ -1137,6 +1137,10 @@ fn seek_finds_data_and_holes_including_unflushed_data() {
     assert_eq!(v.seek(f, 6 * bs, Seek::Data), Err(FsError::NoSuchOffset));
     assert_eq!(v.seek(f, 6 * bs + 1, Seek::Hole).unwrap(), 6 * bs + 1);
     assert_eq!(v.seek(f, 7 * bs, Seek::Hole), Err(FsError::NoSuchOffset));
+    // A run of data stored (slot 2) then unflushed (slot 3) ends at slot 4.
+    v.write(f, 3 * bs, b"z").unwrap();
+    assert_eq!(v.seek(f, 2 * bs, Seek::Hole).unwrap(), 4 * bs);
+    assert_eq!(v.seek(f, 4 * bs, Seek::Data).unwrap(), 5 * bs);
     // A dense file's only hole is its end.
     let g = file(&v, ROOT_INO, "g");
     v.write(g, 0, &[1u8; 10_000]).unwrap();
