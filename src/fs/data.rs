@@ -22,6 +22,8 @@ pub(super) struct FileData {
     /// The latest write-back failure and its sequence number: every descriptor open
     /// when it happened reports it once (fsync or close), as Linux's errseq does.
     pub(super) error: Option<(u64, FsError)>,
+    /// The last write-back of this file failed (cleared by one that succeeds).
+    pub(super) failing: bool,
 }
 
 impl FileData {
@@ -415,10 +417,13 @@ impl Volume {
             if self.dirty_bytes() <= low {
                 break;
             }
-            // A file whose write-back failed is retried by the background commit,
-            // not by every write of every other file (each try may wait out the
-            // store's retry budget).
-            if self.write_error_since(other, 0).is_some() {
+            // A file whose write-back is failing is retried by the background
+            // commit, not by every write of every other file (each try may wait out
+            // the store's retry budget).
+            let failing = self
+                .file_data_of(other)
+                .is_some_and(|f| f.lock().unwrap().failing);
+            if failing {
                 continue;
             }
             let _ = self.flush_file(other);
@@ -634,6 +639,7 @@ impl Volume {
         if file.dirty.is_empty() {
             state.index.mark_data_flushed(ino);
         }
+        file.failing = first_error.is_some();
         if let Some(e) = first_error {
             file.error = Some((self.next_error_seq(), e.clone()));
             return Err(e);

@@ -72,8 +72,8 @@ impl Volume {
         let mut journal = self.journal.lock().unwrap();
         self.check_lease()?;
         if journal.snapshot_owed() {
-            // A snapshot that failed may have landed: a segment of the old generation
-            // after it would never be read. The commit is a snapshot instead.
+            // A PUT failed and may yet land: the commit is a snapshot under a newer
+            // generation instead of another segment (see `Journal::snapshot_owed`).
             return self.snapshot_locked(&mut journal);
         }
         let changes = self.state().index.take_changes();

@@ -1326,16 +1326,20 @@ fn a_snapshot_that_failed_but_landed_loses_no_later_commit() {
     let b = file(&v, ROOT_INO, "b");
     v.write(b, 0, b"second").unwrap();
     v.fsync(b).unwrap();
-    // Then snapshots fail outright for a while. An fsync meanwhile either fails or
-    // survives a crash, though a load takes the snapshot that landed.
+    // Then snapshots fail outright for a while (not landing). Every fsync meanwhile
+    // fails: a segment of the old generation would be hidden by the snapshot that
+    // landed, however many later attempts fail.
     faulty.set_lose_acks_for(None);
     faulty.set_fail_puts_for(Some("meta/snapshot"));
     let c = file(&v, ROOT_INO, "c");
     v.write(c, 0, b"third").unwrap();
-    if v.fsync(c).is_err() {
-        faulty.set_fail_puts_for(None);
-        v.fsync(c).unwrap();
-    }
+    assert!(v.fsync(c).is_err());
+    assert!(
+        v.fsync(c).is_err(),
+        "a failed retry cleared the owed snapshot"
+    );
+    faulty.set_fail_puts_for(None);
+    v.fsync(c).unwrap();
     let after = open_ro(&store);
     assert_eq!(read_all(&after, a), b"first");
     assert_eq!(read_all(&after, b), b"second");
@@ -1343,7 +1347,7 @@ fn a_snapshot_that_failed_but_landed_loses_no_later_commit() {
 }
 
 #[test]
-fn a_snapshot_that_failed_without_landing_does_not_stop_commits() {
+fn while_snapshots_fail_fsync_fails_and_nothing_is_lost_once_they_work() {
     let faulty = Arc::new(FaultyStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let config = VolumeConfig {
@@ -1353,12 +1357,19 @@ fn a_snapshot_that_failed_without_landing_does_not_stop_commits() {
     let v = Volume::load(store.clone(), config).unwrap();
     faulty.set_fail_puts_for(Some("meta/snapshot"));
     let mut files = Vec::new();
+    let mut failed = 0;
     for i in 0..5 {
         let f = file(&v, ROOT_INO, &format!("f{i}"));
         v.write(f, 0, format!("data {i}").as_bytes()).unwrap();
-        v.fsync(f).unwrap();
+        if v.fsync(f).is_err() {
+            failed += 1;
+        }
         files.push(f);
     }
+    // The second segment's snapshot failed; every commit after it is a snapshot.
+    assert_eq!(failed, 3);
+    faulty.set_fail_puts_for(None);
+    v.sync_all().unwrap();
     let after = open_ro(&store);
     for (i, &f) in files.iter().enumerate() {
         assert_eq!(read_all(&after, f), format!("data {i}").as_bytes());
@@ -1417,25 +1428,32 @@ fn a_segment_that_failed_but_landed_is_never_rewritten_under_a_follower() {
 }
 
 #[test]
-fn a_segment_the_store_cannot_account_for_is_settled_before_the_next_commit() {
+fn a_segment_whose_fork_check_failed_is_followed_by_a_snapshot() {
     let faulty = Arc::new(FaultyStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let v = Volume::load(store.clone(), VolumeConfig::default()).unwrap();
     let ro = open_ro(&store);
-    // The segment lands, the writer hears of a timeout, and listing fails too.
-    faulty.set_lose_acks_for(Some("meta/journal"));
+    // The segment with b lands, but the listing that checks for a second writer
+    // fails: not acknowledged.
     faulty.set_fail_lists(true);
     let b = file(&v, ROOT_INO, "b");
     assert!(v.fsync(b).is_err());
-    faulty.set_lose_acks_for(None);
-    // While the store still cannot list, nothing is committed.
-    let c = file(&v, ROOT_INO, "c");
-    assert!(v.fsync(c).is_err());
     faulty.set_fail_lists(false);
+    let c = file(&v, ROOT_INO, "c");
+    v.fsync(c).unwrap();
+    let snapshots: Vec<String> = store
+        .list("meta/snapshot-")
+        .unwrap()
+        .into_iter()
+        .filter(|k| !k.ends_with("00000000000000000000"))
+        .collect();
+    assert_eq!(
+        snapshots.len(),
+        1,
+        "the commit after it is a new generation"
+    );
     ro.refresh().unwrap();
     assert!(ro.lookup(ROOT_INO, b"b").is_ok());
-    v.fsync(c).unwrap();
-    ro.refresh().unwrap();
     assert!(ro.lookup(ROOT_INO, b"c").is_ok());
     let after = open_ro(&store);
     assert!(after.lookup(ROOT_INO, b"c").is_ok());

@@ -145,6 +145,7 @@ impl Volume {
                 log::error!("write-back of inode {} block {}: {e}", job.ino, job.slot);
                 if let Some(file) = file.as_mut() {
                     file.error = Some((self.next_error_seq(), e));
+                    file.failing = true;
                 }
             }
         }

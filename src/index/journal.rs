@@ -126,14 +126,13 @@ pub struct Journal {
     /// The highest generation any object in the store names: a new snapshot goes
     /// above it, never over an existing one.
     floor: u64,
-    /// A snapshot write failed, and may have landed all the same (an S3 timeout): a
-    /// load would then take it and never read a segment of the old generation
-    /// written after it. Until a snapshot succeeds, under a newer generation, no
-    /// segment may be written.
+    /// A segment or snapshot PUT failed. It may have landed all the same, or land
+    /// later (an S3 request still in flight after the client gave up), so its key is
+    /// never written again: rewriting a segment would change what a follower may
+    /// have read, and a landed snapshot would hide every later segment of the old
+    /// generation from a load. Until a snapshot under a newer generation succeeds,
+    /// every commit is a snapshot attempt.
     snapshot_owed: bool,
-    /// A segment whose PUT failed and whose presence the store could not confirm
-    /// or deny (see `settle`).
-    unsure: Option<(String, usize)>,
 }
 
 pub fn read_superblock(store: &dyn ObjectStore) -> Result<Superblock, IndexError> {
@@ -491,7 +490,6 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         clean: report.clean(),
         floor,
         snapshot_owed: false,
-        unsure: None,
     };
     Ok(Loaded {
         superblock,
@@ -574,7 +572,7 @@ impl Journal {
 
     /// Writes one segment holding `changes`; durable when it returns.
     pub fn commit(&mut self, changes: &Changes) -> Result<(), IndexError> {
-        self.settle_unsure()?;
+        debug_assert!(!self.snapshot_owed, "a commit while a snapshot is owed");
         let seq = self.seq + 1;
         let key = segment_key(self.generation, seq, &self.writer);
         let segment = Segment {
@@ -587,7 +585,7 @@ impl Journal {
         };
         let bytes = codec::encode(&codec::SEGMENT, &segment);
         if let Err(e) = self.store.put(&key, &bytes) {
-            self.settle(key, bytes.len());
+            self.snapshot_owed = true;
             return Err(e.into());
         }
         // A second writer (on a store without conditional create) shows up as another
@@ -598,7 +596,9 @@ impl Journal {
         )) {
             Ok(keys) => keys,
             Err(e) => {
-                self.settle(key, bytes.len());
+                // The segment is there, unchecked: it is not acknowledged, and the
+                // changes go again in the snapshot that follows.
+                self.snapshot_owed = true;
                 return Err(e.into());
             }
         };
@@ -610,46 +610,11 @@ impl Journal {
             }
             return Err(fork(self.generation, seq, &same_seq));
         }
-        self.advance(key, bytes.len());
-        Ok(())
-    }
-
-    fn advance(&mut self, key: String, len: usize) {
-        self.seq += 1;
+        self.seq = seq;
         self.last_key = Some(key);
         self.segments += 1;
-        self.bytes += len as u64;
-    }
-
-    /// A commit failed after its PUT was sent. If the segment is in the store (a
-    /// timeout that hid a PUT that landed), the chain goes on after it: rewriting that
-    /// key later would change a segment a follower may already have read, and it
-    /// would never read the new content. The changes were handed back and go again
-    /// in the next segment (replaying a record twice does no harm). If the store
-    /// cannot tell, the next commit asks again first.
-    fn settle(&mut self, key: String, len: usize) {
-        match self.store.list(&key) {
-            Ok(keys) if keys.is_empty() => {}
-            Ok(_) => self.advance(key, len),
-            Err(_) => self.unsure = Some((key, len)),
-        }
-    }
-
-    fn settle_unsure(&mut self) -> Result<(), IndexError> {
-        let Some((key, len)) = self.unsure.take() else {
-            return Ok(());
-        };
-        match self.store.list(&key) {
-            Ok(keys) if keys.is_empty() => Ok(()),
-            Ok(_) => {
-                self.advance(key, len);
-                Ok(())
-            }
-            Err(e) => {
-                self.unsure = Some((key, len));
-                Err(e.into())
-            }
-        }
+        self.bytes += bytes.len() as u64;
+        Ok(())
     }
 
     /// Writes the whole index (a `SnapshotBody`, or what encodes as one) as the next
@@ -661,19 +626,14 @@ impl Journal {
     ) -> Result<(), IndexError> {
         debug_assert_eq!(generation, self.next_generation());
         let bytes = codec::encode(&codec::SNAPSHOT, body);
-        let key = snapshot_key(generation);
-        if let Err(e) = self.store.put(&key, &bytes) {
-            // The next snapshot goes above this one either way. If it may exist now
-            // (the store does not say it is absent), nothing else is written before
-            // that next snapshot.
+        if let Err(e) = self.store.put(&snapshot_key(generation), &bytes) {
+            // It may exist now or later: the next one goes above it, and nothing
+            // else is written before that one succeeds.
             self.floor = self.floor.max(generation);
-            let absent = self.store.list(&key).is_ok_and(|keys| keys.is_empty());
-            self.snapshot_owed = !absent;
+            self.snapshot_owed = true;
             return Err(e.into());
         }
         self.snapshot_owed = false;
-        // It holds everything: an unsure segment of the old generation no longer matters.
-        self.unsure = None;
         let old_gen = self.generation;
         self.generation = generation;
         self.floor = generation;

@@ -389,9 +389,6 @@ pub struct Index {
     /// `changed_slots`.
     whole_inodes: HashSet<Ino>,
     changed_slots: HashMap<Ino, BTreeSet<u64>>,
-    /// A commit failed and was restored: the next one's inodes are journaled whole
-    /// in the record after it too.
-    reissue: bool,
     ledger: Ledger,
     /// Blocks whose last reference went away since the last commit.
     unreferenced: Vec<BlockId>,
@@ -769,7 +766,6 @@ impl Index {
         ordered.sort_unstable();
         let mut whole_inodes = HashSet::new();
         let mut changed_slots = HashMap::new();
-        let reissue = std::mem::take(&mut self.reissue);
         for ino in ordered {
             let whole = self.whole_inodes.remove(&ino);
             let slots = self.changed_slots.remove(&ino).unwrap_or_default();
@@ -793,9 +789,6 @@ impl Index {
                     // past `durable`, so the next record must carry the whole map.
                     self.whole_inodes.insert(ino);
                 }
-            }
-            if reissue {
-                self.whole_inodes.insert(ino);
             }
         }
         let mut ordered: Vec<&(Ino, Vec<u8>)> = entries.iter().collect();
@@ -826,9 +819,6 @@ impl Index {
 
     /// Puts back changes whose commit failed, so the next commit carries them.
     pub fn restore(&mut self, changes: Changes) {
-        // The failed segment may have landed and been read by a follower, which will
-        // not read its rewrite: the inodes in that rewrite go whole once more after it.
-        self.reissue = true;
         self.dirty_inodes.extend(changes.inodes);
         self.dirty_entries.extend(changes.entries);
         self.whole_inodes.extend(changes.whole_inodes);
