@@ -72,6 +72,35 @@ fn sqlite_wal_survives_concurrent_readers_and_remount() {
 }
 
 #[test]
+fn sqlite_overwriting_its_wal_and_database_in_place_survives_remount() {
+    let f = Fixture::mounted();
+    let db = f.path("wrap.db");
+    let db = db.to_str().unwrap();
+    // 900 commits: the WAL passes its 1000-page checkpoint (at ~700) and is overwritten from
+    // its start, and checkpoints rewrite database pages in place: small writes inside
+    // blocks already full, each transaction ending in an fsync.
+    let py = format!(
+        "import sqlite3\n\
+         c = sqlite3.connect('{db}'); c.execute('pragma journal_mode=wal')\n\
+         c.execute('create table t(x integer primary key, y text)')\n\
+         for i in range(900):\n\
+         \x20   with c:\n\
+         \x20       c.execute('insert into t values(?, ?)', (i, 'y' * 200))\n\
+         \x20       c.execute('update t set y = ? where x = ?', ('z' * 150, i // 2))\n\
+         print(c.execute('pragma integrity_check').fetchone()[0], c.execute('select count(*) from t').fetchone()[0])"
+    );
+    assert_eq!(sh("python3", &["-c", &py]).trim(), "ok 900");
+    f.remount();
+    assert_eq!(
+        bash(&format!(
+            "sqlite3 -cmd '.timeout 10000' {db} 'PRAGMA integrity_check; SELECT count(*), sum(length(y)) FROM t;'"
+        ))
+        .trim(),
+        format!("ok\n900|{}", 450 * 150 + 450 * 200)
+    );
+}
+
+#[test]
 fn editor_style_save_and_tar_of_a_source_tree() {
     let f = Fixture::mounted();
     let m = f.mnt_str();
