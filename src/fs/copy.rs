@@ -97,10 +97,12 @@ impl Volume {
         }
         let tail_start = (end * bs).min(dst_end);
         let tail = dst_end - tail_start;
-        let mut copied = len;
         if self.copy_bytes(src, to_src(tail_start), dst, tail_start, tail)? < tail {
-            copied = tail_start - dst_off;
+            // The source shrank meanwhile: the head is what was surely copied (the
+            // part of the tail written is the source's bytes too).
+            return Ok(head);
         }
+        let mut copied = len;
         // Source bytes still in memory go to the store, so whole slots are blocks
         // that can be shared.
         self.flush_file(src)?;
