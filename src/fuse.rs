@@ -52,8 +52,9 @@ impl FuseAdapter {
         }
     }
 
-    /// The kernel refreshes size and times after a write, not the mode.
-    fn forget_cached_mode(&self, ino: INodeNo) {
+    /// The kernel refreshes size and times after a write, not the mode (nor
+    /// st_blocks at an open for writing).
+    fn forget_cached_attrs(&self, ino: INodeNo) {
         if let Some(notifier) = self.notifier.get() {
             let _ = notifier.inval_inode(ino, -1, 0);
         }
@@ -366,8 +367,16 @@ impl Filesystem for FuseAdapter {
         } else {
             self.open_flags
         };
-        match self.volume.open(ino.0, truncate) {
-            Ok(fh) => reply.opened(FileHandle(fh), open_flags),
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        match self.volume.open(ino.0, truncate, write) {
+            Ok(fh) => {
+                reply.opened(FileHandle(fh), open_flags);
+                // A sparse-looking file now counts whole (its data may stay in the
+                // kernel a while): the kernel must not serve its old st_blocks.
+                if write && self.volume.blocks_change_when_written(ino.0) {
+                    self.forget_cached_attrs(ino);
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -411,7 +420,7 @@ impl Filesystem for FuseAdapter {
             Ok((n, mode_changed)) => {
                 reply.written(n);
                 if mode_changed {
-                    self.forget_cached_mode(ino);
+                    self.forget_cached_attrs(ino);
                 }
             }
             Err(e) => reply.error(errno(&e)),
@@ -606,7 +615,7 @@ impl Filesystem for FuseAdapter {
         let result = self.volume.fallocate(ino.0, offset, length, mode);
         // Like a write: the kernel leaves dropping set-ID bits to us.
         if result.is_ok() && self.volume.drop_setid_for(ino.0, &ctx(req)) == Ok(true) {
-            self.forget_cached_mode(ino);
+            self.forget_cached_attrs(ino);
         }
         empty(reply, result);
     }
@@ -634,7 +643,7 @@ impl Filesystem for FuseAdapter {
             Ok(n) => {
                 // Like a write: the kernel leaves dropping set-ID bits to us.
                 if n > 0 && self.volume.drop_setid_for(ino_out.0, &ctx(req)) == Ok(true) {
-                    self.forget_cached_mode(ino_out);
+                    self.forget_cached_attrs(ino_out);
                 }
                 // At most SHARE_MAX bytes per call: fits.
                 reply.written(n as u32);

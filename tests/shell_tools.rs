@@ -502,3 +502,51 @@ fn with_the_writeback_cache_seek_leaves_holes_to_the_kernel() {
     bash(&format!("cp {m}/f {m}/g && cmp {m}/f {m}/g"));
     f.umount();
 }
+
+#[test]
+fn tar_sparse_archives_the_data_a_writer_still_holds_in_the_kernel() {
+    for extra in [vec!["--writeback-cache".to_string()], vec![]] {
+        let mut f = Fixture::new();
+        f.extra = extra.clone();
+        f.mount();
+        let m = f.mnt_str();
+        let o = f.tmp.path().join("out");
+        std::fs::create_dir(&o).unwrap();
+        let o = o.display();
+        // One file written with write(2) (with the writeback cache the kernel keeps
+        // it, size and all) and one through a shared mapping (kept by the kernel
+        // either way); another process archives them while the writer holds them.
+        std::fs::write(
+            format!("{o}/writer.py"),
+            format!(
+                "import os, mmap, time\n\
+                 a = os.open('{m}/a', os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)\n\
+                 os.write(a, b'important' * 20000)\n\
+                 b = os.open('{m}/b', os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)\n\
+                 os.ftruncate(b, 180000)\n\
+                 mm = mmap.mmap(b, 180000)\n\
+                 mm[:] = b'mapped!!!' * 20000\n\
+                 open('{o}/ready', 'w').close()\n\
+                 time.sleep(4)\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            format!("{o}/check.py"),
+            format!(
+                "print(open('{o}/x/a', 'rb').read() == b'important' * 20000,\n\
+                 \x20     open('{o}/x/b', 'rb').read() == b'mapped!!!' * 20000)\n"
+            ),
+        )
+        .unwrap();
+        let out = bash(&format!(
+            "python3 {o}/writer.py & \
+             for _ in $(seq 100); do [ -e {o}/ready ] && break; sleep 0.05; done; sleep 1; \
+             stat -c '%n %b' {m}/a {m}/b >&2; \
+             tar --sparse -cf {o}/x.tar -C {m} a b && mkdir {o}/x && tar -xf {o}/x.tar -C {o}/x && \
+             python3 {o}/check.py; wait"
+        ));
+        assert_eq!(out, "True True\n", "{extra:?}");
+        f.umount();
+    }
+}

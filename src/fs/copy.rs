@@ -223,6 +223,15 @@ impl Volume {
         if offset >= inode.size {
             return Err(FsError::NoSuchOffset);
         }
+        if state.writers.contains_key(&ino) {
+            // Open for writing: dirty shared-mapping pages may hold data we have not
+            // seen (the kernel does not write them back before asking), so all of
+            // it is data.
+            return Ok(match what {
+                Seek::Data => offset,
+                Seek::Hole => inode.size,
+            });
+        }
         let bs = self.block_size;
         let last = inode.size.div_ceil(bs);
         let mut slot = offset / bs;

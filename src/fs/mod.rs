@@ -258,12 +258,15 @@ impl Default for VolumeConfig {
 struct State {
     index: Index,
     open: HashMap<Ino, u32>,
+    /// Of those, handles open for writing: the kernel may hold data of these files
+    /// that has not reached us (writeback cache, dirty shared mappings).
+    writers: HashMap<Ino, u32>,
 }
 
 enum Handle {
     /// `seen`: the newest write-back error this descriptor has reported (or that
     /// happened before it was opened).
-    File { ino: Ino, seen: u64 },
+    File { ino: Ino, seen: u64, write: bool },
     /// `served`: a readdir already read this listing (offset 0 then means rewind).
     Dir {
         entries: Vec<DirEntry>,
@@ -379,6 +382,7 @@ impl Volume {
             state: Mutex::new(State {
                 index: loaded.index,
                 open: HashMap::new(),
+                writers: HashMap::new(),
             }),
             journal: Mutex::new(loaded.journal),
             files: Mutex::new(HashMap::new()),
@@ -507,7 +511,15 @@ impl Volume {
 
     fn attr(state: &State, ino: Ino) -> FsResult<Attr> {
         let inode = Self::inode(state, ino)?;
-        Ok(Attr::of(inode, state.index.allocated(inode)))
+        // A file open for writing may have data only the kernel holds (writeback
+        // cache, dirty shared mappings): it counts whole, and never as no blocks at all (with the
+        // writeback cache even its size may not have reached us), or `tar --sparse`
+        // takes it for one hole and archives zeros.
+        let allocated = match state.writers.contains_key(&ino) {
+            true => inode.size.max(1),
+            false => state.index.allocated(inode),
+        };
+        Ok(Attr::of(inode, allocated))
     }
 
     fn inode(state: &State, ino: Ino) -> FsResult<&Inode> {
@@ -694,7 +706,9 @@ impl Volume {
     /// Creates a regular file and opens it.
     pub fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<(Attr, u64)> {
         let attr = self.make_node(ctx, parent, name, NewNode::plain(Kind::File, mode))?;
-        let fh = self.open(attr.ino, false)?;
+        let fh = self.open(attr.ino, false, true)?;
+        // As the kernel will cache it: open for writing (see `attr`).
+        let attr = self.getattr(attr.ino).unwrap_or(attr);
         Ok((attr, fh))
     }
 
@@ -928,7 +942,8 @@ impl Volume {
         Self::attr(&state, ino)
     }
 
-    pub fn open(&self, ino: Ino, truncate: bool) -> FsResult<u64> {
+    /// `write`: opened for writing (O_WRONLY or O_RDWR).
+    pub fn open(&self, ino: Ino, truncate: bool, write: bool) -> FsResult<u64> {
         {
             let mut state = self.state();
             let kind = Self::inode(&state, ino)?.kind;
@@ -936,6 +951,9 @@ impl Volume {
                 return Err(FsError::IsDir);
             }
             *state.open.entry(ino).or_default() += 1;
+            if write {
+                *state.writers.entry(ino).or_default() += 1;
+            }
         }
         if truncate
             && let Err(e) = self.setattr(
@@ -946,11 +964,20 @@ impl Volume {
                 },
             )
         {
-            self.close_inode(ino);
+            self.close_inode(ino, write);
             return Err(e);
         }
         let seen = self.error_seq.load(Ordering::Relaxed);
-        Ok(self.add_handle(Handle::File { ino, seen }))
+        Ok(self.add_handle(Handle::File { ino, seen, write }))
+    }
+
+    /// Whether `st_blocks` changes when the file is opened for writing (see `attr`):
+    /// then the kernel's cached attributes must go.
+    pub fn blocks_change_when_written(&self, ino: Ino) -> bool {
+        let state = self.state();
+        state.index.get(ino).is_some_and(|inode| {
+            inode.kind == Kind::File && state.index.allocated(inode) < inode.size.max(1)
+        })
     }
 
     fn handle_error_seen(&self, fh: u64) -> u64 {
@@ -972,8 +999,11 @@ impl Volume {
         fh
     }
 
-    fn close_inode(&self, ino: Ino) {
+    fn close_inode(&self, ino: Ino, write: bool) {
         let mut state = self.state();
+        if write {
+            crate::util::release_count(&mut state.writers, &ino);
+        }
         let last = crate::util::release_count(&mut state.open, &ino);
         if last {
             self.readahead.forget(ino);
@@ -989,8 +1019,8 @@ impl Volume {
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let handle = self.handles.lock().unwrap().remove(&fh);
         match handle {
-            Some(Handle::File { ino, .. }) => {
-                self.close_inode(ino);
+            Some(Handle::File { ino, write, .. }) => {
+                self.close_inode(ino, write);
                 Ok(())
             }
             Some(Handle::Dir { .. }) => Ok(()),

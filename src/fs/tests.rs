@@ -160,7 +160,7 @@ fn links_and_unlink_while_open() {
     let f = file(&v, ROOT_INO, "f");
     v.link(f, ROOT_INO, b"g").unwrap();
     assert_eq!(v.getattr(f).unwrap().nlink, 2);
-    let fh = v.open(f, false).unwrap();
+    let fh = v.open(f, false, true).unwrap();
     v.write(f, 0, b"still here").unwrap();
     v.unlink(ROOT_INO, b"f").unwrap();
     v.unlink(ROOT_INO, b"g").unwrap();
@@ -458,7 +458,10 @@ fn write_back_errors_surface_once_per_descriptor_and_data_stays_dirty() {
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let v = open(&store);
     let f = file(&v, ROOT_INO, "f");
-    let (h1, h2) = (v.open(f, false).unwrap(), v.open(f, false).unwrap());
+    let (h1, h2) = (
+        v.open(f, false, true).unwrap(),
+        v.open(f, false, true).unwrap(),
+    );
     v.write(f, 0, &[1u8; 10_000]).unwrap();
     faulty.set_fail_puts(true);
     assert!(matches!(v.fsync_handle(f, Some(h1)), Err(FsError::Io(_))));
@@ -468,7 +471,7 @@ fn write_back_errors_surface_once_per_descriptor_and_data_stays_dirty() {
     assert!(matches!(v.flush(f, Some(h2)), Err(FsError::Io(_))));
     v.flush(f, Some(h2)).unwrap();
     // A descriptor opened after the failure never sees it.
-    let h3 = v.open(f, false).unwrap();
+    let h3 = v.open(f, false, true).unwrap();
     v.fsync_handle(f, Some(h3)).unwrap();
     let after = open_ro(&mem);
     assert_eq!(read_all(&after, f), vec![1u8; 10_000]);
@@ -1457,4 +1460,41 @@ fn a_segment_whose_fork_check_failed_is_followed_by_a_snapshot() {
     assert!(ro.lookup(ROOT_INO, b"c").is_ok());
     let after = open_ro(&store);
     assert!(after.lookup(ROOT_INO, b"c").is_ok());
+}
+
+#[test]
+fn a_file_open_for_writing_counts_whole_and_has_no_holes() {
+    let store = new_store();
+    let v = open(&store);
+    let bs = u64::from(BS);
+    let f = file(&v, ROOT_INO, "f");
+    v.setattr(
+        f,
+        SetAttr {
+            size: Some(64 * bs),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(v.getattr(f).unwrap().blocks, 0);
+    assert_eq!(v.seek(f, 0, Seek::Data), Err(FsError::NoSuchOffset));
+    // A reader changes nothing.
+    let r = v.open(f, false, false).unwrap();
+    assert_eq!(v.getattr(f).unwrap().blocks, 0);
+    // A writer may have data in the kernel (a shared mapping) that objfs has not
+    // seen: all of the file is data until it closes.
+    let w = v.open(f, false, true).unwrap();
+    assert_eq!(v.getattr(f).unwrap().blocks, 64 * bs / 512);
+    assert_eq!(v.seek(f, 5, Seek::Data).unwrap(), 5);
+    assert_eq!(v.seek(f, 5, Seek::Hole).unwrap(), 64 * bs);
+    v.release(w).unwrap();
+    assert_eq!(v.getattr(f).unwrap().blocks, 0);
+    v.release(r).unwrap();
+    // Even an empty file open for writing is not "no blocks" (with the writeback
+    // cache its size may not have reached objfs yet).
+    let e = file(&v, ROOT_INO, "e");
+    let w = v.open(e, false, true).unwrap();
+    assert_eq!(v.getattr(e).unwrap().blocks, 1);
+    v.release(w).unwrap();
+    assert_eq!(v.getattr(e).unwrap().blocks, 0);
 }
