@@ -509,14 +509,16 @@ impl Volume {
         self.fenced.load(Ordering::Relaxed)
     }
 
-    fn attr(state: &State, ino: Ino) -> FsResult<Attr> {
+    fn attr(&self, state: &State, ino: Ino) -> FsResult<Attr> {
         let inode = Self::inode(state, ino)?;
-        // A file open for writing may have data only the kernel holds (writeback
-        // cache, dirty shared mappings): it counts whole, and never as no blocks at all (with the
-        // writeback cache even its size may not have reached us), or `tar --sparse`
-        // takes it for one hole and archives zeros.
+        // A file open for writing may have data only the kernel holds (dirty shared
+        // mappings; with the writeback cache, writes, and even the size): it counts
+        // whole, and with the writeback cache never as no blocks at all, or `tar
+        // --sparse` takes it for one hole and archives zeros. (Without it the size is
+        // ours, and an empty file keeps 0 blocks, as anywhere.)
         let allocated = match state.writers.contains_key(&ino) {
-            true => inode.size.max(1),
+            true if self.config.writeback_cache => inode.size.max(1),
+            true => inode.size,
             false => state.index.allocated(inode),
         };
         Ok(Attr::of(inode, allocated))
@@ -548,7 +550,7 @@ impl Volume {
 
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let state = self.state();
-        Self::attr(&state, ino)
+        self.attr(&state, ino)
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
@@ -562,7 +564,7 @@ impl Volume {
             b".." => dir.parent,
             _ => state.index.lookup(parent, name).ok_or(FsError::NotFound)?,
         };
-        Self::attr(&state, ino)
+        self.attr(&state, ino)
     }
 
     /// Creates any kind of node; the common part of create, mkdir, mknod and symlink.
@@ -735,7 +737,7 @@ impl Volume {
         let inode = Self::inode_mut(&mut state, ino)?;
         inode.nlink += 1;
         inode.ctime = Timestamp::now();
-        Self::attr(&state, ino)
+        self.attr(&state, ino)
     }
 
     /// Drops one link; the inode goes when no link and no open handle is left.
@@ -939,7 +941,7 @@ impl Volume {
             inode.mtime = resolve(t);
         }
         inode.ctime = now;
-        Self::attr(&state, ino)
+        self.attr(&state, ino)
     }
 
     /// `write`: opened for writing (O_WRONLY or O_RDWR).
@@ -1124,7 +1126,7 @@ impl Volume {
     /// Attributes of several inodes under one lock (readdirplus).
     pub fn attrs(&self, inos: impl Iterator<Item = Ino>) -> Vec<Option<Attr>> {
         let state = self.state();
-        inos.map(|i| Self::attr(&state, i).ok()).collect()
+        inos.map(|i| self.attr(&state, i).ok()).collect()
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {
