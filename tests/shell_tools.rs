@@ -404,7 +404,10 @@ fn cp_within_the_mount_shares_blocks_and_seek_finds_the_holes() {
         20 * mib + 3
     );
     assert_eq!(segments("sparse"), expect);
-    // The copy kept the holes: its blocks are the original's.
+    // The copy kept the holes. `cp` saw a dense file (its data was not flushed yet, so
+    // st_blocks counted it whole) and copied the whole range with copy_file_range:
+    // holes come out as holes only because objfs shares the source's slots (a byte
+    // copy would store zeros).
     assert_eq!(segments("sparse2"), expect);
     // Once flushed (and the kernel's cached attributes gone: a remount), st_blocks
     // counts the two blocks with data, so `cp` out of the mount finds the holes

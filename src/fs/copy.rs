@@ -49,10 +49,10 @@ impl Volume {
         len: u64,
     ) -> FsResult<u64> {
         self.writable()?;
-        let src_size = {
+        let (src_size, dst_size) = {
             let state = self.state();
-            Self::regular_file(&state, dst)?;
-            Self::regular_file(&state, src)?.size
+            let dst_size = Self::regular_file(&state, dst)?.size;
+            (Self::regular_file(&state, src)?.size, dst_size)
         };
         if src_off >= src_size || len == 0 {
             return Ok(0);
@@ -79,7 +79,8 @@ impl Volume {
         // is the end of both files (the source's last block, shared as it is).
         let first = dst_off.div_ceil(bs);
         let mut end = dst_end / bs;
-        let at_both_ends = src_off + len == src_size && dst_end >= self.file_size(dst)?;
+        // (Checked again under the locks when the slot is shared.)
+        let at_both_ends = src_off + len == src_size && dst_end >= dst_size;
         if at_both_ends && !dst_end.is_multiple_of(bs) {
             end += 1;
         }
@@ -289,10 +290,6 @@ impl Volume {
             Kind::Dir => Err(FsError::IsDir),
             _ => Err(FsError::Invalid),
         }
-    }
-
-    fn file_size(&self, ino: Ino) -> FsResult<u64> {
-        Ok(Self::inode(&self.state(), ino)?.size)
     }
 }
 

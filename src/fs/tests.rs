@@ -1163,11 +1163,19 @@ fn seek_finds_data_and_holes_including_unflushed_data() {
     assert_eq!(v.getattr(h).unwrap().blocks, 0);
 }
 
-/// A volume over a put-counting store, with its upload workers running.
-fn counting_volume(config: VolumeConfig) -> (Arc<FaultyStore>, Arc<Volume>, Background) {
+/// A volume over a store whose faults a test turns on (and that counts puts); the
+/// same store as a plain `ObjectStore`, for other volumes.
+fn faulty_volume(config: VolumeConfig) -> (Arc<FaultyStore>, Arc<dyn ObjectStore>, Volume) {
     let faulty = Arc::new(FaultyStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
-    let v = Arc::new(Volume::load(store, config).unwrap());
+    let v = Volume::load(store.clone(), config).unwrap();
+    (faulty, store, v)
+}
+
+/// `faulty_volume` with its upload workers running.
+fn counting_volume(config: VolumeConfig) -> (Arc<FaultyStore>, Arc<Volume>, Background) {
+    let (faulty, _, v) = faulty_volume(config);
+    let v = Arc::new(v);
     let bg = v.start_background();
     (faulty, v, bg)
 }
@@ -1314,13 +1322,10 @@ fn a_writer_marks_an_older_store_and_a_reader_leaves_it_alone() {
 
 #[test]
 fn a_snapshot_that_failed_but_landed_loses_no_later_commit() {
-    let faulty = Arc::new(FaultyStore::new(new_store()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let config = VolumeConfig {
+    let (faulty, store, v) = faulty_volume(VolumeConfig {
         snapshot_segments: 2,
         ..Default::default()
-    };
-    let v = Volume::load(store.clone(), config).unwrap();
+    });
     let a = file(&v, ROOT_INO, "a");
     v.write(a, 0, b"first").unwrap();
     v.fsync(a).unwrap();
@@ -1351,13 +1356,10 @@ fn a_snapshot_that_failed_but_landed_loses_no_later_commit() {
 
 #[test]
 fn while_snapshots_fail_fsync_fails_and_nothing_is_lost_once_they_work() {
-    let faulty = Arc::new(FaultyStore::new(new_store()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let config = VolumeConfig {
+    let (faulty, store, v) = faulty_volume(VolumeConfig {
         snapshot_segments: 2,
         ..Default::default()
-    };
-    let v = Volume::load(store.clone(), config).unwrap();
+    });
     faulty.set_fail_puts_for(Some("meta/snapshot"));
     let mut files = Vec::new();
     let mut failed = 0;
@@ -1404,9 +1406,7 @@ fn a_follower_that_loads_mid_stream_reads_every_block_after_the_flush() {
 
 #[test]
 fn a_segment_that_failed_but_landed_is_never_rewritten_under_a_follower() {
-    let faulty = Arc::new(FaultyStore::new(new_store()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let v = Volume::load(store.clone(), VolumeConfig::default()).unwrap();
+    let (faulty, store, v) = faulty_volume(VolumeConfig::default());
     let ro = open_ro(&store);
     let a = file(&v, ROOT_INO, "a");
     v.fsync(a).unwrap();
@@ -1432,9 +1432,7 @@ fn a_segment_that_failed_but_landed_is_never_rewritten_under_a_follower() {
 
 #[test]
 fn a_segment_whose_fork_check_failed_is_followed_by_a_snapshot() {
-    let faulty = Arc::new(FaultyStore::new(new_store()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let v = Volume::load(store.clone(), VolumeConfig::default()).unwrap();
+    let (faulty, store, v) = faulty_volume(VolumeConfig::default());
     let ro = open_ro(&store);
     // The segment with b lands, but the listing that checks for a second writer
     // fails: not acknowledged.

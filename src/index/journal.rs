@@ -34,6 +34,19 @@ pub enum IndexError {
     },
 }
 
+impl IndexError {
+    /// Written by a newer objfs: not damage, and skipping it would lose it.
+    fn is_too_new(&self) -> bool {
+        matches!(
+            self,
+            IndexError::Frame {
+                err: FrameError::TooNew { .. },
+                ..
+            }
+        )
+    }
+}
+
 const SNAPSHOT_PREFIX: &str = "meta/snapshot-";
 const JOURNAL_PREFIX: &str = "meta/journal-";
 /// Segments of a losing branch, set aside by `resolve_forks` (never read by `load`).
@@ -382,13 +395,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
                 found = Some((generation, body));
                 break;
             }
-            // Written by a newer objfs: not damage, and falling back would lose it.
-            Err(
-                e @ IndexError::Frame {
-                    err: FrameError::TooNew { .. },
-                    ..
-                },
-            ) => return Err(e),
+            Err(e) if e.is_too_new() => return Err(e),
             // The store failing is not damage: give up rather than fall back.
             Err(IndexError::Store(e)) if !matches!(e, StoreError::NotFound(_)) => {
                 return Err(IndexError::Store(e));
@@ -436,12 +443,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
                 return Err(IndexError::Store(e));
             }
             Ok(seg) if seg.prev == last_key && seg.generation == generation && seg.seq == s => seg,
-            Err(
-                e @ IndexError::Frame {
-                    err: FrameError::TooNew { .. },
-                    ..
-                },
-            ) => return Err(e),
+            Err(e) if e.is_too_new() => return Err(e),
             Ok(_) => {
                 let w = format!("{key}: does not follow the previous segment; replay stopped");
                 log::warn!("{w}");

@@ -118,35 +118,44 @@ impl Inode {
         }
     }
 
-    /// Whether `clip_extents` would change anything.
-    fn extends_past_size(&self, block_size: u64) -> bool {
-        let first_gone = self.size.div_ceil(block_size);
-        if self.extents.range(first_gone..).next().is_some() {
-            return true;
-        }
+    /// Drops extents past `size` and clips the one it ends in, so nothing stale
+    /// reappears if the file grows again. Returns whether anything changed, and the
+    /// blocks dropped.
+    fn clip_extents(&mut self, block_size: u64) -> (bool, Vec<BlockId>) {
+        let gone = self.extents.split_off(&self.size.div_ceil(block_size));
+        let mut changed = !gone.is_empty();
+        let dropped = gone.into_values().filter_map(|e| e.block_id()).collect();
         let tail = self.size % block_size;
-        tail != 0
-            && self
-                .extents
-                .get(&(self.size / block_size))
-                .is_some_and(|e| e.len() > tail)
+        if tail != 0
+            && let Some(e) = self.extents.get_mut(&(self.size / block_size))
+            && e.len() > tail
+        {
+            e.clip(tail);
+            changed = true;
+        }
+        (changed, dropped)
     }
 
-    /// Drops extents past `size` and clips the one it ends in, so nothing stale
-    /// reappears if the file grows again.
-    fn clip_extents(&mut self, block_size: u64) -> Vec<BlockId> {
-        let mut dropped = Vec::new();
-        let first_gone = self.size.div_ceil(block_size);
-        for (_, e) in self.extents.split_off(&first_gone) {
-            dropped.extend(e.block_id());
+    /// Everything but the extent map.
+    fn without_extents(&self) -> Inode {
+        Inode {
+            ino: self.ino,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            nlink: self.nlink,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            crtime: self.crtime,
+            rdev: self.rdev,
+            parent: self.parent,
+            extents: BTreeMap::new(),
+            target: self.target.clone(),
+            xattrs: self.xattrs.clone(),
         }
-        if !self.size.is_multiple_of(block_size) {
-            let last = self.size / block_size;
-            if let Some(e) = self.extents.get_mut(&last) {
-                e.clip(self.size % block_size);
-            }
-        }
-        dropped
     }
 }
 
@@ -285,11 +294,14 @@ impl Serialize for EntriesAsTable<'_> {
 /// The inode as it may be persisted now: a file with unflushed data is journaled
 /// with its last durable size, so a crash never exposes a tail of zeros.
 fn persistable(inode: &Inode, durable_size: &HashMap<Ino, u64>) -> Inode {
-    let mut out = inode.clone();
+    clamp_size(inode.clone(), durable_size)
+}
+
+fn clamp_size(mut inode: Inode, durable_size: &HashMap<Ino, u64>) -> Inode {
     if let Some(&durable) = durable_size.get(&inode.ino) {
-        out.size = out.size.min(durable);
+        inode.size = inode.size.min(durable);
     }
-    out
+    inode
 }
 
 /// The record of an inode already in the store: its attributes as `persistable`
@@ -305,27 +317,8 @@ fn patch(inode: &Inode, slots: &BTreeSet<u64>, durable_size: &HashMap<Ino, u64>)
             None => holes.push(slot),
         }
     }
-    let mut attrs = Inode {
-        ino: inode.ino,
-        kind: inode.kind,
-        perm: inode.perm,
-        uid: inode.uid,
-        gid: inode.gid,
-        nlink: inode.nlink,
-        size: inode.size,
-        atime: inode.atime,
-        mtime: inode.mtime,
-        ctime: inode.ctime,
-        crtime: inode.crtime,
-        rdev: inode.rdev,
-        parent: inode.parent,
-        extents,
-        target: inode.target.clone(),
-        xattrs: inode.xattrs.clone(),
-    };
-    if let Some(&durable) = durable_size.get(&inode.ino) {
-        attrs.size = attrs.size.min(durable);
-    }
+    let mut attrs = clamp_size(inode.without_extents(), durable_size);
+    attrs.extents = extents;
     Record::PatchInode {
         inode: attrs,
         holes,
@@ -501,9 +494,10 @@ impl Index {
     pub fn finish_load(&mut self) -> Vec<Ino> {
         let bs = self.block_size;
         let mut clipped = Vec::new();
+        // Freshly loaded inodes are shared with nothing: make_mut copies none.
         for inode in self.inodes.values_mut() {
-            if inode.extends_past_size(bs) {
-                Arc::make_mut(inode).clip_extents(bs);
+            let (changed, _) = Arc::make_mut(inode).clip_extents(bs);
+            if changed {
                 clipped.push(inode.ino);
             }
         }
@@ -666,7 +660,7 @@ impl Index {
         let old = inode.size;
         // Clip at the smaller of the two sizes so bytes cut earlier never reappear.
         inode.size = old.min(size);
-        let dropped = inode.clip_extents(bs);
+        let (_, dropped) = inode.clip_extents(bs);
         inode.size = size;
         self.dirty_inodes.insert(ino);
         // Clipping may drop or shorten many slots: journal the whole map once.
@@ -753,10 +747,6 @@ impl Index {
         !self.dirty_inodes.is_empty() || !self.dirty_entries.is_empty()
     }
 
-    fn persistable(&self, inode: &Inode) -> Inode {
-        persistable(inode, &self.durable_size)
-    }
-
     /// Takes every change since the last commit as journal records.
     pub fn take_changes(&mut self) -> Changes {
         let inodes = std::mem::take(&mut self.dirty_inodes);
@@ -775,7 +765,7 @@ impl Index {
             };
             let size = inode.size;
             if whole {
-                records.push(Record::PutInode(self.persistable(inode)));
+                records.push(Record::PutInode(persistable(inode, &self.durable_size)));
                 whole_inodes.insert(ino);
             } else {
                 records.push(patch(inode, &slots, &self.durable_size));
@@ -927,10 +917,9 @@ mod tests {
         assert_eq!(replayed.get(f), index.get(f));
     }
 
-    /// A follower that loaded while a file's journaled size was clamped (a stream's
-    /// last block still in memory) gets every slot once the writer catches up.
-    #[test]
-    fn a_follower_loaded_at_a_clamped_size_gets_every_slot_later() {
+    /// A writer streaming file `f`: two blocks installed, the third still in memory,
+    /// so the journal (after the `base` snapshot) has `f` at its clamped size 0.
+    fn stream_with_its_last_block_unflushed() -> (Index, SnapshotBody, Ino, Vec<Record>) {
         let mut w = Index::new_filesystem(4096, 0, 0);
         let base = w.snapshot_body(0);
         let f = file(&mut w, b"f");
@@ -940,11 +929,25 @@ mod tests {
         w.set_extent(f, 0, block(0));
         w.set_extent(f, 1, block(1));
         journal.extend(w.take_changes().records);
-        let mut ro = Index::from_snapshot(base, 4096);
+        (w, base, f, journal)
+    }
+
+    /// Loads `base` and `journal` as a mount (or a follower) would.
+    fn load(base: &SnapshotBody, journal: &[Record]) -> Index {
+        let mut ix = Index::from_snapshot(clone_body(base), 4096);
         for r in journal {
-            ro.apply(r);
+            ix.apply(r.clone());
         }
-        ro.finish_load();
+        ix.finish_load();
+        ix
+    }
+
+    /// A follower that loaded while a file's journaled size was clamped (a stream's
+    /// last block still in memory) gets every slot once the writer catches up.
+    #[test]
+    fn a_follower_loaded_at_a_clamped_size_gets_every_slot_later() {
+        let (mut w, base, f, journal) = stream_with_its_last_block_unflushed();
+        let mut ro = load(&base, &journal);
         assert!(
             ro.get(f).unwrap().extents.is_empty(),
             "cut at the clamped size"
@@ -961,37 +964,15 @@ mod tests {
     /// what the first load cut stays cut.
     #[test]
     fn what_a_load_cut_stays_cut_after_the_next_crash() {
-        let mut w = Index::new_filesystem(4096, 0, 0);
-        let base = w.snapshot_body(0);
-        let f = file(&mut w, b"f");
-        let mut journal = w.take_changes().records;
-        w.mark_data_pending(f);
-        w.get_mut(f).unwrap().size = 3 * 4096;
-        w.set_extent(f, 0, block(0));
-        w.set_extent(f, 1, block(1));
-        journal.extend(w.take_changes().records);
-        let load = |journal: &[Record]| {
-            let body = SnapshotBody {
-                generation: 0,
-                next_ino: base.next_ino,
-                inodes: base.inodes.clone(),
-                dirs: base.dirs.clone(),
-            };
-            let mut ix = Index::from_snapshot(body, 4096);
-            for r in journal {
-                ix.apply(r.clone());
-            }
-            ix.finish_load();
-            ix
-        };
-        let mut w2 = load(&journal);
+        let (_, base, f, mut journal) = stream_with_its_last_block_unflushed();
+        let mut w2 = load(&base, &journal);
         assert!(w2.get(f).unwrap().extents.is_empty());
         w2.mark_data_pending(f);
         w2.get_mut(f).unwrap().size = 6 * 4096;
         w2.set_extent(f, 5, block(5));
         w2.mark_data_flushed(f);
         journal.extend(w2.take_changes().records);
-        assert_eq!(load(&journal).get(f), w2.get(f));
+        assert_eq!(load(&base, &journal).get(f), w2.get(f));
     }
 
     fn clone_body(b: &SnapshotBody) -> SnapshotBody {
@@ -1061,12 +1042,7 @@ mod tests {
                         }
                         if rng.gen_bool(0.2) {
                             // A follower (or a writer after a crash) loads here.
-                            let mut ro = Index::from_snapshot(clone_body(&base), 4096);
-                            for r in &journal {
-                                ro.apply(r.clone());
-                            }
-                            ro.finish_load();
-                            followers.push((ro, journal.len()));
+                            followers.push((load(&base, &journal), journal.len()));
                         }
                     }
                 }
