@@ -35,6 +35,14 @@ export GARAGE_BIN
 # pjdfstest and fsx for tests/posix_suites.rs (built once per machine).
 . scripts/install-posix-tools.sh
 
+# FUSE over io_uring (kernel 6.14+) is off until the fuse module's switch is on: turn
+# it on, so the suite runs through objfs's io_uring transport (the mounts given
+# --no-io-uring keep /dev/fuse covered).
+[ -e /sys/module/fuse ] || modprobe fuse 2>/dev/null || true
+if [ -w /sys/module/fuse/parameters/enable_uring ]; then
+    echo Y > /sys/module/fuse/parameters/enable_uring
+fi
+
 cleanup_mounts() {
     # Teardown bugs must not leave mounts behind on the machine.
     awk '$3 ~ /^fuse/ && $2 ~ /^\/tmp\/\.tmp/ {print $2}' /proc/mounts | while read -r m; do

@@ -271,9 +271,9 @@ fn pipe() -> CliResult<(OwnedFd, OwnedFd)> {
 fn serve(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> CliResult<()> {
     tune_malloc();
     match start(target, settings, reporter) {
-        Ok((volume, session, background)) => {
+        Ok((volume, session, ring, background)) => {
             reporter.finish(Ok(()));
-            run_until_unmounted(volume, session, background, &target.mountpoint)
+            run_until_unmounted(volume, session, ring, background, &target.mountpoint)
         }
         Err(msg) => {
             reporter.finish(Err(&msg));
@@ -285,6 +285,7 @@ fn serve(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
 type Started = (
     Arc<Volume>,
     fuser::BackgroundSession,
+    crate::fuse::RingTransport,
     Option<crate::fs::Background>,
 );
 
@@ -359,10 +360,22 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     fuse_config.n_threads = Some(settings.threads);
     fuse_config.clone_fd = true;
     let notifier = Arc::new(std::sync::OnceLock::new());
-    let adapter = FuseAdapter::new(volume.clone(), notifier.clone());
-    let session = fuser::spawn_mount(adapter, mountpoint, &fuse_config)
-        .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
+    let adapter = FuseAdapter::new(volume.clone(), notifier.clone(), settings.io_uring);
+    let mounting = |e: std::io::Error| format!("mounting {}: {e}", mountpoint.display());
+    let session =
+        fuser::Session::new(adapter.clone(), mountpoint, &fuse_config).map_err(mounting)?;
+    let dev = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .map_err(mounting)?;
+    let session = session.spawn().map_err(mounting)?;
     let _ = notifier.set(session.notifier());
+    let access = if settings.allow_other {
+        crate::fuse::Access::Anyone
+    } else {
+        // SAFETY: geteuid has no preconditions.
+        crate::fuse::Access::OwnerOnly(unsafe { libc::geteuid() })
+    };
+    let ring = crate::fuse::RingTransport::start(dev, adapter, settings.threads, access);
     raise_readahead(mountpoint);
     let background = (!settings.read_only).then(|| volume.start_background());
     if settings.read_only {
@@ -382,7 +395,7 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
             "read-write"
         }
     );
-    Ok((volume, session, background))
+    Ok((volume, session, ring, background))
 }
 
 /// The kernel reads FUSE files ahead by only 128 KiB unless the mount's bdi says
@@ -403,6 +416,7 @@ fn raise_readahead(mountpoint: &Path) {
 fn run_until_unmounted(
     volume: Arc<Volume>,
     session: fuser::BackgroundSession,
+    ring: crate::fuse::RingTransport,
     background: Option<crate::fs::Background>,
     mountpoint: &Path,
 ) -> CliResult<()> {
@@ -410,6 +424,7 @@ fn run_until_unmounted(
     if let Err(e) = session.join() {
         log::warn!("FUSE session ended with: {e}");
     }
+    ring.join();
     if let Some(bg) = background {
         bg.stop();
     }

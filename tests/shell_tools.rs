@@ -4,6 +4,9 @@ mod common;
 use common::*;
 use std::path::Path;
 
+/// A log filter that names every request, whichever way it reached objfs.
+const REQUEST_LOG: &str = "info,fuser=debug,objfs::fuse::ring=debug";
+
 fn tree_listing(root: &str) -> String {
     // Type, mode, size, mtime (ns), link target and link count of everything, sorted.
     bash(&format!(
@@ -335,7 +338,7 @@ fn selinux_labels_are_unsupported_so_ls_l_asks_once_per_mount() {
         return;
     }
     let mut f = Fixture::new();
-    f.env = vec![("RUST_LOG".to_string(), "info,fuser=debug".to_string())];
+    f.env = vec![("RUST_LOG".to_string(), REQUEST_LOG.to_string())];
     f.mount();
     let m = f.mnt_str();
     let out = bash(&format!(
@@ -372,7 +375,7 @@ fn selinux_labels_are_unsupported_so_ls_l_asks_once_per_mount() {
 #[test]
 fn cp_within_the_mount_shares_blocks_and_seek_finds_the_holes() {
     let mut f = Fixture::new();
-    f.env = vec![("RUST_LOG".to_string(), "info,fuser=debug".to_string())];
+    f.env = vec![("RUST_LOG".to_string(), REQUEST_LOG.to_string())];
     f.mount();
     let m = f.mnt_str();
     // 1 MiB blocks: data in slot 4 and at the end (slot 20), holes elsewhere.

@@ -1,8 +1,15 @@
 //! The FUSE adapter: translates kernel requests into `Volume` calls and errors into
-//! errno. No filesystem logic lives here.
+//! errno. No filesystem logic lives here. Requests reach it two ways: through fuser's
+//! `/dev/fuse` loop (the `Filesystem` impl below) and, where the kernel offers it,
+//! through io_uring queues (`ring`); both share the helpers on `FuseAdapter`.
+
+mod ring;
+
+pub use ring::{Access, RingTransport};
 
 use crate::fs::{
-    Attr, Ctx, FsError, RenameFlags as CoreRenameFlags, Seek, SetAttr, SetTime, Volume, XattrSet,
+    Attr, Ctx, DirEntry, FsError, RenameFlags as CoreRenameFlags, Seek, SetAttr, SetTime, Volume,
+    XattrSet,
 };
 use crate::index::{Kind, Timestamp};
 use fuser::{
@@ -14,12 +21,14 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Directory entries fetched per readdir request (more than one reply buffer holds).
 const READDIR_BATCH: usize = 512;
 
+#[derive(Clone)]
 pub struct FuseAdapter {
     volume: Arc<Volume>,
     ttl: Duration,
@@ -28,10 +37,38 @@ pub struct FuseAdapter {
     /// Set once the session is up: lets a request handler tell the kernel to
     /// forget attributes it would otherwise keep for the whole TTL.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Whether to ask the kernel for io_uring queues, and whether it agreed.
+    want_ring: bool,
+    ring_state: Arc<AtomicU8>,
+}
+
+const RING_PENDING: u8 = 0;
+const RING_AGREED: u8 = 1;
+const RING_REFUSED: u8 = 2;
+
+/// What statfs reports, in the kernel's units.
+pub(crate) struct StatfsOut {
+    blocks: u64,
+    bfree: u64,
+    files: u64,
+    ffree: u64,
+    bsize: u32,
+    namelen: u32,
+    frsize: u32,
+}
+
+/// getxattr/listxattr: size 0 asks for the length.
+pub(crate) enum Sized {
+    Size(u32),
+    Data(Vec<u8>),
 }
 
 impl FuseAdapter {
-    pub fn new(volume: Arc<Volume>, notifier: Arc<OnceLock<fuser::Notifier>>) -> FuseAdapter {
+    pub fn new(
+        volume: Arc<Volume>,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
+        want_ring: bool,
+    ) -> FuseAdapter {
         let open_flags = if volume.config().read_only {
             FopenFlags::empty()
         } else {
@@ -49,7 +86,167 @@ impl FuseAdapter {
             ttl,
             open_flags,
             notifier,
+            want_ring,
+            ring_state: Arc::new(AtomicU8::new(RING_PENDING)),
         }
+    }
+
+    /// Whether the kernel agreed at INIT to serve requests over io_uring; None
+    /// until INIT.
+    fn ring_state(&self) -> Option<bool> {
+        match self.ring_state.load(Ordering::Acquire) {
+            RING_PENDING => None,
+            state => Some(state == RING_AGREED),
+        }
+    }
+
+    fn open_file(&self, ino: u64, flags: i32) -> Result<(u64, FopenFlags), FsError> {
+        let truncate = flags & libc::O_TRUNC != 0;
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // A reader has no write-back error to hear about at close: spare the
+        // round trip.
+        let open_flags = if write {
+            self.open_flags
+        } else {
+            self.open_flags | FopenFlags::FOPEN_NOFLUSH
+        };
+        let fh = self.volume.open(ino, truncate, write)?;
+        // A sparse-looking file now counts whole (its data may stay in the
+        // kernel a while): the kernel must not serve its old st_blocks.
+        if write && self.volume.blocks_change_when_written(ino) {
+            self.forget_cached_attrs(INodeNo(ino));
+        }
+        Ok((fh, open_flags))
+    }
+
+    /// `drop_setid_for`: the writer, when the kernel asks us to drop set-ID bits.
+    fn write_file(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        drop_setid_for: Option<Ctx>,
+    ) -> Result<u32, FsError> {
+        let (n, mode_changed) =
+            self.volume
+                .write_dropping_setid(ino, offset, data, drop_setid_for)?;
+        if mode_changed {
+            self.forget_cached_attrs(INodeNo(ino));
+        }
+        Ok(n)
+    }
+
+    fn fallocate_file(
+        &self,
+        caller: &Ctx,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), FsError> {
+        self.volume.fallocate(ino, offset, length, mode)?;
+        // Like a write: the kernel leaves dropping set-ID bits to us.
+        if self.volume.drop_setid_for(ino, caller) == Ok(true) {
+            self.forget_cached_attrs(INodeNo(ino));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_file(
+        &self,
+        caller: &Ctx,
+        ino_in: u64,
+        offset_in: u64,
+        ino_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> Result<u32, FsError> {
+        if flags != 0 {
+            return Err(FsError::Invalid);
+        }
+        let n = self
+            .volume
+            .copy_range(ino_in, offset_in, ino_out, offset_out, len)?;
+        // Like a write: the kernel leaves dropping set-ID bits to us.
+        if n > 0 && self.volume.drop_setid_for(ino_out, caller) == Ok(true) {
+            self.forget_cached_attrs(INodeNo(ino_out));
+        }
+        // At most SHARE_MAX bytes per call: fits.
+        Ok(n as u32)
+    }
+
+    fn seek_file(&self, ino: u64, offset: i64, whence: i32) -> Result<i64, FsError> {
+        if self.volume.config().writeback_cache {
+            // The kernel asks without writing its dirty pages back first, so data
+            // only it holds would look like a hole: let it answer itself (all data).
+            return Err(FsError::LeftToKernel);
+        }
+        let what = match whence {
+            libc::SEEK_DATA => Seek::Data,
+            libc::SEEK_HOLE => Seek::Hole,
+            // The kernel answers the other kinds itself.
+            _ => return Err(FsError::Invalid),
+        };
+        let offset = u64::try_from(offset).map_err(|_| FsError::NoSuchOffset)?;
+        Ok(self.volume.seek(ino, offset, what)? as i64)
+    }
+
+    fn dir_entries(&self, ino: u64, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, FsError> {
+        self.volume.readdir(ino, fh, offset, READDIR_BATCH)
+    }
+
+    /// Entries with their attributes; an entry removed since opendir is skipped.
+    fn dir_entries_plus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> Result<Vec<(u64, DirEntry, Attr)>, FsError> {
+        let entries = self.dir_entries(ino, fh, offset)?;
+        let attrs = self.volume.attrs(entries.iter().map(|(_, e)| e.ino));
+        Ok(entries
+            .into_iter()
+            .zip(attrs)
+            .filter_map(|((next, e), a)| a.map(|a| (next, e, a)))
+            .collect())
+    }
+
+    fn statfs_out(&self) -> Result<StatfsOut, FsError> {
+        const FRSIZE: u64 = 4096;
+        let s = self.volume.statfs()?;
+        let files = s.files.max(1 << 32);
+        Ok(StatfsOut {
+            blocks: s.total_bytes / FRSIZE,
+            bfree: s.free_bytes / FRSIZE,
+            files,
+            ffree: files - s.files,
+            bsize: s.block_size,
+            namelen: crate::fs::NAME_MAX as u32,
+            frsize: FRSIZE as u32,
+        })
+    }
+
+    fn set_xattr(
+        &self,
+        caller: &Ctx,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), FsError> {
+        let mode = match flags {
+            0 => XattrSet::Any,
+            libc::XATTR_CREATE => XattrSet::Create,
+            libc::XATTR_REPLACE => XattrSet::Replace,
+            _ => return Err(FsError::Invalid),
+        };
+        self.volume.setxattr(caller, ino, name, value, mode)
+    }
+
+    fn access_check(&self, ino: u64) -> Result<(), FsError> {
+        self.volume.getattr(ino).map(|_| ())
     }
 
     /// The kernel refreshes size and times after a write, not the mode (nor
@@ -89,11 +286,41 @@ impl FuseAdapter {
 }
 
 /// The single place where a core error becomes an errno.
-fn errno(e: &FsError) -> Errno {
+fn errno_code(e: &FsError) -> i32 {
     if let FsError::Io(msg) = e {
         log::warn!("I/O error returned to caller: {msg}");
     }
-    Errno::from_i32(e.errno())
+    e.errno()
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(errno_code(e))
+}
+
+/// rename(2) flags: the ones objfs supports, EINVAL for the rest.
+fn rename_flags(bits: u32) -> Result<CoreRenameFlags, FsError> {
+    let flags = RenameFlags::from_bits_retain(bits);
+    if flags.contains(RenameFlags::RENAME_WHITEOUT)
+        || flags.contains(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_NOREPLACE)
+    {
+        return Err(FsError::Invalid);
+    }
+    Ok(CoreRenameFlags {
+        noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+        exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+    })
+}
+
+/// getxattr/listxattr: size 0 asks for the length; a too-small buffer is ERANGE.
+fn sized(size: u32, result: Result<Vec<u8>, FsError>) -> Result<Sized, FsError> {
+    let v = result?;
+    if size == 0 {
+        Ok(Sized::Size(v.len() as u32))
+    } else if v.len() > size as usize {
+        Err(FsError::Range)
+    } else {
+        Ok(Sized::Data(v))
+    }
 }
 
 fn empty(reply: ReplyEmpty, result: Result<(), FsError>) {
@@ -113,8 +340,21 @@ fn ctx(req: &Request) -> Ctx {
 }
 
 /// The caller of a create, mkdir or mknod, with the umask the kernel passes along.
-fn creator(req: &Request, umask: u32) -> Ctx {
-    Ctx { umask, ..ctx(req) }
+fn creator(caller: Ctx, umask: u32) -> Ctx {
+    Ctx { umask, ..caller }
+}
+
+/// The file-type bits of `st_mode`.
+fn to_kind_mode(kind: Kind) -> u32 {
+    match kind {
+        Kind::File => libc::S_IFREG,
+        Kind::Dir => libc::S_IFDIR,
+        Kind::Symlink => libc::S_IFLNK,
+        Kind::Fifo => libc::S_IFIFO,
+        Kind::Socket => libc::S_IFSOCK,
+        Kind::CharDev => libc::S_IFCHR,
+        Kind::BlockDev => libc::S_IFBLK,
+    }
 }
 
 fn file_type(kind: Kind) -> FileType {
@@ -203,6 +443,13 @@ impl Filesystem for FuseAdapter {
         if self.volume.config().posix_acls && config.add_capabilities(acl_flags).is_ok() {
             self.volume.enable_posix_acls();
         }
+        // Offered only where the fuse module's enable_uring parameter is on.
+        let ring = self.want_ring
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+        let state = if ring { RING_AGREED } else { RING_REFUSED };
+        self.ring_state.store(state, Ordering::Release);
         Ok(())
     }
 
@@ -267,9 +514,13 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .volume
-            .mknod(creator(req, umask), parent.0, name.as_bytes(), mode, rdev);
+        let r = self.volume.mknod(
+            creator(ctx(req), umask),
+            parent.0,
+            name.as_bytes(),
+            mode,
+            rdev,
+        );
         self.entry(reply, r);
     }
 
@@ -284,7 +535,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let r = self
             .volume
-            .mkdir(creator(req, umask), parent.0, name.as_bytes(), mode);
+            .mkdir(creator(ctx(req), umask), parent.0, name.as_bytes(), mode);
         self.entry(reply, r);
     }
 
@@ -323,25 +574,16 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        if flags.contains(RenameFlags::RENAME_WHITEOUT)
-            || flags.contains(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_NOREPLACE)
-        {
-            return reply.error(Errno::EINVAL);
-        }
-        let core = CoreRenameFlags {
-            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
-            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
-        };
-        empty(
-            reply,
+        let result = rename_flags(flags.bits()).and_then(|core| {
             self.volume.rename(
                 parent.0,
                 name.as_bytes(),
                 newparent.0,
                 newname.as_bytes(),
                 core,
-            ),
-        );
+            )
+        });
+        empty(reply, result);
     }
 
     fn link(
@@ -359,24 +601,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let truncate = flags.0 & libc::O_TRUNC != 0;
-        // A reader has no write-back error to hear about at close: spare the
-        // round trip.
-        let open_flags = if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
-            self.open_flags | FopenFlags::FOPEN_NOFLUSH
-        } else {
-            self.open_flags
-        };
-        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.volume.open(ino.0, truncate, write) {
-            Ok(fh) => {
-                reply.opened(FileHandle(fh), open_flags);
-                // A sparse-looking file now counts whole (its data may stay in the
-                // kernel a while): the kernel must not serve its old st_blocks.
-                if write && self.volume.blocks_change_when_written(ino.0) {
-                    self.forget_cached_attrs(ino);
-                }
-            }
+        match self.open_file(ino.0, flags.0) {
+            Ok((fh, open_flags)) => reply.opened(FileHandle(fh), open_flags),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -413,16 +639,8 @@ impl Filesystem for FuseAdapter {
         let drop_setid_for = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             .then(|| ctx(req));
-        match self
-            .volume
-            .write_dropping_setid(ino.0, offset, data, drop_setid_for)
-        {
-            Ok((n, mode_changed)) => {
-                reply.written(n);
-                if mode_changed {
-                    self.forget_cached_attrs(ino);
-                }
-            }
+        match self.write_file(ino.0, offset, data, drop_setid_for) {
+            Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -477,7 +695,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.volume.readdir(ino.0, fh.0, offset, READDIR_BATCH) {
+        match self.dir_entries(ino.0, fh.0, offset) {
             Ok(entries) => {
                 for (next, e) in entries {
                     if reply.add(
@@ -503,17 +721,14 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let entries = match self.volume.readdir(ino.0, fh.0, offset, READDIR_BATCH) {
+        let entries = match self.dir_entries_plus(ino.0, fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        let attrs = self.volume.attrs(entries.iter().map(|(_, e)| e.ino));
-        for ((next, e), attr) in entries.iter().zip(attrs) {
-            // An entry removed since opendir is skipped.
-            let Some(a) = attr else { continue };
+        for (next, e, a) in entries {
             if reply.add(
                 INodeNo(e.ino),
-                *next,
+                next,
                 OsStr::from_bytes(&e.name),
                 &self.ttl,
                 &self.attr(&a),
@@ -548,21 +763,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.volume.statfs() {
-            Ok(s) => {
-                const FRSIZE: u64 = 4096;
-                let files_max = s.files.max(1 << 32);
-                reply.statfs(
-                    s.total_bytes / FRSIZE,
-                    s.free_bytes / FRSIZE,
-                    s.free_bytes / FRSIZE,
-                    files_max,
-                    files_max - s.files,
-                    s.block_size,
-                    crate::fs::NAME_MAX as u32,
-                    FRSIZE as u32,
-                );
-            }
+        match self.statfs_out() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -577,25 +781,19 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let mode = match flags {
-            0 => XattrSet::Any,
-            libc::XATTR_CREATE => XattrSet::Create,
-            libc::XATTR_REPLACE => XattrSet::Replace,
-            _ => return reply.error(Errno::EINVAL),
-        };
-        empty(
-            reply,
-            self.volume
-                .setxattr(&ctx(req), ino.0, name.as_bytes(), value, mode),
-        );
+        let result = self.set_xattr(&ctx(req), ino.0, name.as_bytes(), value, flags);
+        empty(reply, result);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        sized_reply(reply, size, self.volume.getxattr(ino.0, name.as_bytes()));
+        xattr_reply(
+            reply,
+            sized(size, self.volume.getxattr(ino.0, name.as_bytes())),
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        sized_reply(reply, size, self.volume.listxattr(ino.0));
+        xattr_reply(reply, sized(size, self.volume.listxattr(ino.0)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -612,12 +810,10 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let result = self.volume.fallocate(ino.0, offset, length, mode);
-        // Like a write: the kernel leaves dropping set-ID bits to us.
-        if result.is_ok() && self.volume.drop_setid_for(ino.0, &ctx(req)) == Ok(true) {
-            self.forget_cached_attrs(ino);
-        }
-        empty(reply, result);
+        empty(
+            reply,
+            self.fallocate_file(&ctx(req), ino.0, offset, length, mode),
+        );
     }
 
     fn copy_file_range(
@@ -633,21 +829,17 @@ impl Filesystem for FuseAdapter {
         flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        if !flags.is_empty() {
-            return reply.error(errno(&FsError::Invalid));
-        }
-        let result = self
-            .volume
-            .copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len);
+        let result = self.copy_file(
+            &ctx(req),
+            ino_in.0,
+            offset_in,
+            ino_out.0,
+            offset_out,
+            len,
+            flags.bits(),
+        );
         match result {
-            Ok(n) => {
-                // Like a write: the kernel leaves dropping set-ID bits to us.
-                if n > 0 && self.volume.drop_setid_for(ino_out.0, &ctx(req)) == Ok(true) {
-                    self.forget_cached_attrs(ino_out);
-                }
-                // At most SHARE_MAX bytes per call: fits.
-                reply.written(n as u32);
-            }
+            Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -661,22 +853,8 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        if self.volume.config().writeback_cache {
-            // The kernel asks without writing its dirty pages back first, so data
-            // only it holds would look like a hole: let it answer itself (all data).
-            return reply.error(errno(&FsError::LeftToKernel));
-        }
-        let what = match whence {
-            libc::SEEK_DATA => Seek::Data,
-            libc::SEEK_HOLE => Seek::Hole,
-            // The kernel answers the other kinds itself.
-            _ => return reply.error(errno(&FsError::Invalid)),
-        };
-        let Ok(offset) = u64::try_from(offset) else {
-            return reply.error(errno(&FsError::NoSuchOffset));
-        };
-        match self.volume.seek(ino.0, offset, what) {
-            Ok(at) => reply.offset(at as i64),
+        match self.seek_file(ino.0, offset, whence) {
+            Ok(at) => reply.offset(at),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -698,7 +876,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        empty(reply, self.volume.getattr(ino.0).map(|_| ()));
+        empty(reply, self.access_check(ino.0));
     }
 
     fn create(
@@ -713,7 +891,7 @@ impl Filesystem for FuseAdapter {
     ) {
         match self
             .volume
-            .create(creator(req, umask), parent.0, name.as_bytes(), mode)
+            .create(creator(ctx(req), umask), parent.0, name.as_bytes(), mode)
         {
             Ok((a, fh)) => reply.created(
                 &self.ttl,
@@ -727,12 +905,10 @@ impl Filesystem for FuseAdapter {
     }
 }
 
-/// getxattr/listxattr: size 0 asks for the length; a too-small buffer is ERANGE.
-fn sized_reply(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, FsError>) {
+fn xattr_reply(reply: ReplyXattr, result: Result<Sized, FsError>) {
     match result {
-        Ok(v) if size == 0 => reply.size(v.len() as u32),
-        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-        Ok(v) => reply.data(&v),
+        Ok(Sized::Size(n)) => reply.size(n),
+        Ok(Sized::Data(v)) => reply.data(&v),
         Err(e) => reply.error(errno(&e)),
     }
 }

@@ -1,0 +1,83 @@
+//! The two ways requests reach objfs: io_uring queues (where the fuse module's
+//! enable_uring switch is on; scripts/test.sh turns it on, so the rest of the suite
+//! runs through them) and /dev/fuse (`--no-io-uring`, or a kernel without the
+//! switch). Both must serve the same filesystem.
+
+mod common;
+use common::*;
+
+fn kernel_offers_io_uring() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
+fn transport_line(f: &Fixture) -> String {
+    f.log_text()
+        .lines()
+        .filter(|l| l.contains("FUSE transport:"))
+        .last()
+        .unwrap_or_else(|| panic!("no transport line in the log:\n{}", f.log_text()))
+        .to_string()
+}
+
+/// Everything the shell does to a tree, with a native copy to compare against:
+/// copies in and out, renames, links, xattrs, truncation, holes, modes, times.
+fn workout(f: &Fixture) {
+    let src = f.tmp.path().join("src");
+    if !src.exists() {
+        make_sample_tree(&src);
+    }
+    let (src, m) = (src.to_str().unwrap(), f.mnt_str());
+    let out = f.tmp.path().join("out");
+    let _ = std::fs::remove_dir_all(&out);
+    bash(&format!(
+        "set -e; rm -rf '{m}/t'; cp -a '{src}' '{m}/t'; diff -r --no-dereference '{src}' '{m}/t'
+         mv '{m}/t/a' '{m}/t/moved'; mv '{m}/t/moved' '{m}/t/a'
+         ln '{m}/t/exec.sh' '{m}/t/exec-link'; test \"$(stat -c %h '{m}/t/exec.sh')\" = 2; rm '{m}/t/exec-link'
+         setfattr -n user.k -v value '{m}/t/private'
+         test \"$(getfattr --only-values -n user.k '{m}/t/private')\" = value
+         setfattr -x user.k '{m}/t/private'
+         ! getfattr -n user.k '{m}/t/private' 2>/dev/null
+         chmod 640 '{m}/t/private'; test \"$(stat -c %a '{m}/t/private')\" = 640; chmod 600 '{m}/t/private'
+         touch -d '2001-01-01 00:00:00.5' '{m}/t/empty-dir'; touch -d '2001-01-01 00:00:00.5' '{src}/empty-dir'
+         dd if=/dev/urandom of='{m}/big' bs=1M count=3 status=none; cp '{m}/big' '{m}/big2'; cmp '{m}/big' '{m}/big2'
+         truncate -s 10M '{m}/big2'; test \"$(stat -c %s '{m}/big2')\" = 10485760
+         fallocate -l 2M '{m}/alloc'; test \"$(stat -c %s '{m}/alloc')\" = 2097152
+         mkfifo '{m}/fifo'; test -p '{m}/fifo'; rm '{m}/fifo' '{m}/alloc' '{m}/big' '{m}/big2'
+         df '{m}' >/dev/null
+         cp -a '{m}/t' '{out}'; diff -r --no-dereference '{src}' '{out}'",
+        out = out.display()
+    ));
+    let listing = |root: &str| {
+        bash(&format!(
+            "cd '{root}' && find . -printf '%y %m %s %n %l %p\\n' | sort -k6"
+        ))
+    };
+    assert_eq!(listing(src), listing(&format!("{m}/t")));
+}
+
+#[test]
+fn requests_go_through_io_uring_where_the_kernel_offers_it() {
+    let f = Fixture::mounted();
+    let line = transport_line(&f);
+    if kernel_offers_io_uring() {
+        assert!(line.contains("io_uring,"), "{line}");
+    } else {
+        assert!(line.contains("/dev/fuse"), "{line}");
+    }
+    workout(&f);
+    f.remount();
+    workout(&f);
+}
+
+#[test]
+fn no_io_uring_keeps_requests_on_dev_fuse() {
+    let mut f = Fixture::new();
+    f.extra = vec!["--no-io-uring".into()];
+    f.mount();
+    let line = transport_line(&f);
+    assert!(line.contains("/dev/fuse (--no-io-uring)"), "{line}");
+    workout(&f);
+    f.remount();
+    workout(&f);
+}
