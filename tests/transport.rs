@@ -14,8 +14,7 @@ fn kernel_offers_io_uring() -> bool {
 fn transport_line(f: &Fixture) -> String {
     f.log_text()
         .lines()
-        .filter(|l| l.contains("FUSE transport:"))
-        .last()
+        .rfind(|l| l.contains("FUSE transport:"))
         .unwrap_or_else(|| panic!("no transport line in the log:\n{}", f.log_text()))
         .to_string()
 }
