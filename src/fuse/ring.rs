@@ -282,6 +282,7 @@ fn serve_queue(dev: &OwnedFd, adapter: &FuseAdapter, qid: u16, access: Access) {
     };
     let fd = dev.as_raw_fd();
     let mut slot = Slot::new();
+    let mut scratch = Vec::new();
     let mut next = register_entry(fd, qid, &slot);
     loop {
         // SAFETY: the slot's buffers outlive the command (the loop owns them and
@@ -316,13 +317,13 @@ fn serve_queue(dev: &OwnedFd, adapter: &FuseAdapter, qid: u16, access: Access) {
                 );
             }
         }
-        answer(adapter, &mut slot, access);
+        answer(adapter, &mut slot, &mut scratch, access);
         next = commit_entry(fd, qid, slot.header.commit_id);
     }
 }
 
 /// Parses the request in `slot`, serves it and leaves the reply in its place.
-fn answer(adapter: &FuseAdapter, slot: &mut Slot, access: Access) {
+fn answer(adapter: &FuseAdapter, slot: &mut Slot, scratch: &mut Vec<u8>, access: Access) {
     let h = &slot.header.in_out;
     let req = Request {
         opcode: u32_at(h, 4),
@@ -336,31 +337,35 @@ fn answer(adapter: &FuseAdapter, slot: &mut Slot, access: Access) {
         },
     };
     let payload_len = (slot.header.payload_sz as usize).min(PAYLOAD_SIZE);
-    let input = slot.payload[..payload_len].to_vec();
     let op = slot.header.op_in;
     log::debug!(
         "FUSE({}) ino {:#018x} {}",
         req.unique,
         req.nodeid,
-        describe(req.opcode, &input)
+        describe(req.opcode, &slot.payload[..payload_len])
     );
-    let mut out = Reply {
-        buf: &mut slot.payload,
-        len: 0,
-    };
-    let result = if allowed(&req, access) {
-        serve(adapter, &req, &op, &input, &mut out)
-    } else {
+    let result = if !allowed(&req, access) {
         Err(FsError::Access)
+    } else if req.opcode == WRITE {
+        // The one request with a large input and a small reply: its data is used
+        // where the kernel put it, and the reply written after.
+        write(adapter, &req, &op, &slot.payload[..payload_len]).map(|n| {
+            let mut out = Reply::new(&mut slot.payload);
+            out.written(n);
+            out.len
+        })
+    } else {
+        // Names and xattr values (at most 64 KiB): copied out, since the reply
+        // goes where they are.
+        scratch.clear();
+        scratch.extend_from_slice(&slot.payload[..payload_len]);
+        let mut out = Reply::new(&mut slot.payload);
+        serve(adapter, &req, &op, scratch, &mut out).map(|()| out.len)
     };
-    let error = match result {
-        Ok(()) => 0,
-        Err(e) => {
-            out.len = 0;
-            -errno_code(&e)
-        }
+    let (error, len) = match result {
+        Ok(len) => (0, len),
+        Err(e) => (-errno_code(&e), 0),
     };
-    let len = out.len;
     let hdr = &mut slot.header;
     hdr.payload_sz = len as u32;
     hdr.in_out[..16].fill(0);
@@ -482,6 +487,10 @@ struct Reply<'a> {
 }
 
 impl Reply<'_> {
+    fn new(buf: &mut [u8]) -> Reply<'_> {
+        Reply { buf, len: 0 }
+    }
+
     fn room(&self) -> usize {
         self.buf.len() - self.len
     }
@@ -680,12 +689,6 @@ fn serve(
             let data = vol.read_shared(ino, u64_at(op, 8), size as u32)?;
             out.bytes(data.as_slice());
         }
-        WRITE => {
-            let size = (u32_at(op, 16) as usize).min(input.len());
-            let kill = u32_at(op, 20) & FUSE_WRITE_KILL_SUIDGID != 0;
-            let drop_setid_for = kill.then_some(req.caller);
-            out.written(fs.write_file(ino, u64_at(op, 8), &input[..size], drop_setid_for)?);
-        }
         STATFS => out.statfs(&fs.statfs_out()?),
         RELEASE | RELEASEDIR => vol.release(u64_at(op, 0))?,
         FSYNC => vol.fsync_handle(ino, Some(u64_at(op, 0)))?,
@@ -756,6 +759,13 @@ fn serve(
     Ok(())
 }
 
+fn write(fs: &FuseAdapter, req: &Request, op: &[u8; 128], data: &[u8]) -> Result<u32, FsError> {
+    let size = (u32_at(op, 16) as usize).min(data.len());
+    let kill = u32_at(op, 20) & FUSE_WRITE_KILL_SUIDGID != 0;
+    let drop_setid_for = kill.then_some(req.caller);
+    fs.write_file(req.nodeid, u64_at(op, 8), &data[..size], drop_setid_for)
+}
+
 const ENTRY_OUT_LEN: usize = 40 + 88;
 
 fn xattr(out: &mut Reply, s: Sized) {
@@ -791,10 +801,7 @@ mod tests {
     #[test]
     fn dirents_pad_to_eight_and_stop_at_the_limit() {
         let mut buf = vec![0u8; 64];
-        let mut out = Reply {
-            buf: &mut buf,
-            len: 0,
-        };
+        let mut out = Reply::new(&mut buf);
         assert!(out.dirent(64, 5, 1, libc::S_IFREG, b"abc"));
         assert_eq!(out.len, 32);
         assert!(!out.dirent(64, 6, 2, libc::S_IFREG, b"0123456789"));
