@@ -1509,3 +1509,93 @@ fn a_file_open_for_writing_counts_whole_and_has_no_holes() {
     wb.release(w).unwrap();
     assert_eq!(wb.getattr(e).unwrap().blocks, 0);
 }
+
+/// Whether a file still holds unflushed data, and whether its last write-back failed.
+fn dirty_and_failing(v: &Volume, ino: Ino) -> (bool, bool) {
+    v.file_data_of(ino).map_or((false, false), |fd| {
+        let f = fd.lock().unwrap();
+        (!f.dirty.is_empty(), f.failing)
+    })
+}
+
+#[test]
+fn past_the_dirty_limit_a_failing_file_is_left_to_the_commit_and_the_writer_goes_on() {
+    // Upload workers run, so no file flushes itself for holding many slots; every
+    // write below stops short of its block's end, so none starts an upload either:
+    // only the limit takes data out of memory, and the dirty bytes are exact.
+    let limit = 64 << 10;
+    let (faulty, v, bg) = counting_volume(VolumeConfig {
+        dirty_limit: limit,
+        commit_interval: Duration::from_secs(3600),
+        ..Default::default()
+    });
+    let bs = u64::from(BS);
+    let small = |name: &str, seed: u32| {
+        let o = file(&v, ROOT_INO, name);
+        v.write(o, 0, &pattern(3000, seed)).unwrap();
+        o
+    };
+    // A file holding more than half the limit in ten partial slots, all the same
+    // block, which the store refuses: its write-back fails.
+    let f = file(&v, ROOT_INO, "f");
+    let f_block = pattern(4000, 99 << 13);
+    for slot in 0..10 {
+        v.write(f, slot * bs, &f_block).unwrap();
+    }
+    faulty.set_fail_puts_for(Some(&BlockId::of(&f_block).key()));
+    assert!(matches!(v.flush_file(f), Err(FsError::Io(_))));
+    let (seq, _) = v.write_error_since(f, 0).unwrap();
+    // Five small files (inline when flushed). Seeds apart by multiples of 1 << 13
+    // make every byte differ: no two files share a block.
+    let others: Vec<Ino> = (1..=5).map(|i| small(&format!("o{i}"), i << 13)).collect();
+    assert_eq!(v.dirty_bytes(), 55_000);
+    // A writer passes the limit at its third write (67,000): every write succeeds.
+    let g = file(&v, ROOT_INO, "g");
+    for slot in 0..3 {
+        v.write(g, slot * bs, &pattern(4000, (50 + slot as u32) << 13))
+            .unwrap();
+    }
+    // The writer went first, then every other file but f, which alone stays above
+    // half the limit: f was skipped, not tried again (no new failure recorded).
+    assert_eq!(
+        dirty_and_failing(&v, g),
+        (false, false),
+        "the writer is dirty"
+    );
+    assert!(others.iter().all(|&o| !dirty_and_failing(&v, o).0));
+    assert_eq!(v.dirty_bytes(), 40_000);
+    assert_eq!(dirty_and_failing(&v, f), (true, true));
+    assert!(v.write_error_since(f, seq).is_none(), "f was flushed again");
+    // The store heals; the background commit's flush takes f out and clears the flag
+    // (held here, so the flush cannot forget f's data state and the flag with it).
+    let f_state = v.file_data_of(f).unwrap();
+    faulty.set_fail_puts_for(None);
+    v.sync_all().unwrap();
+    assert!(f_state.lock().unwrap().dirty.is_empty());
+    assert!(
+        !f_state.lock().unwrap().failing,
+        "a successful flush left f failing"
+    );
+    assert_eq!(v.dirty_bytes(), 0);
+    // Down to half the limit, no further: ten small files (30,000) stay dirty when
+    // flushing the writer is enough.
+    let others: Vec<Ino> = (1..=10)
+        .map(|i| small(&format!("p{i}"), (i + 10) << 13))
+        .collect();
+    let h = file(&v, ROOT_INO, "h");
+    for slot in 0..9 {
+        v.write(h, slot * bs, &pattern(4000, (60 + slot as u32) << 13))
+            .unwrap();
+    }
+    assert_eq!(v.dirty_bytes(), 30_000);
+    assert!(others.iter().all(|&o| dirty_and_failing(&v, o).0));
+    v.sync_all().unwrap();
+    let after = open_ro(&v.store);
+    let mut f_model = Vec::new();
+    for slot in 0..10 {
+        f_model.resize(slot * BS as usize, 0);
+        f_model.extend_from_slice(&f_block);
+    }
+    assert_eq!(read_all(&after, f), f_model);
+    bg.stop();
+}
