@@ -1730,3 +1730,108 @@ fn copy_range_checks_the_shared_last_slot_again_under_the_locks() {
         "the destination has a stale last slot"
     );
 }
+/// A copy of `src` at 100 to `dst` at 100, during whose head (its first block read
+/// from the store) the source shrinks to `shrunk`: the count stops at the source's
+/// new end, and the destination holds the source's bytes up to there and nothing
+/// else changed (its size is its old one or where the count ends, as a native copy
+/// leaves it).
+fn copy_while_the_source_shrinks(src_len: u64, len: u64, shrunk: u64, dst_len: usize) {
+    let (hooks, v) = hooked_volume();
+    let bs = u64::from(BS);
+    let data = pattern(src_len as usize, 3 << 13);
+    let (src, dst) = (file(&v, ROOT_INO, "s"), file(&v, ROOT_INO, "d"));
+    v.write(src, 0, &data).unwrap();
+    v.flush_file(src).unwrap();
+    let before = pattern(dst_len, 4 << 13);
+    v.write(dst, 0, &before).unwrap();
+    let head = &data[..bs as usize];
+    v.cache.forget(&BlockId::of(head));
+    let w = v.clone();
+    hooks.on(block_key(head), move || {
+        let size = Some(shrunk);
+        w.setattr(
+            src,
+            SetAttr {
+                size,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    });
+    let n = v.copy_range(src, 100, dst, 100, len).unwrap();
+    assert!(hooks.fired());
+    assert_eq!(n, shrunk - 100, "not the bytes up to the source's new end");
+    let end = (100 + n) as usize;
+    let mut model = before;
+    model.resize(model.len().max(end), 0);
+    model[100..end].copy_from_slice(&data[100..end]);
+    assert_eq!(read_all(&v, dst), model);
+    v.fsync(dst).unwrap();
+    assert_eq!(read_all(&open_ro(&v.store), dst), model, "after a reload");
+}
+
+#[test]
+fn a_copy_cut_short_by_a_shrinking_source_shares_nothing_past_its_end() {
+    let bs = u64::from(BS);
+    // To both files' ends: slots 1 to 3 are shared, the last one partly. The source
+    // ends inside slot 2 by then.
+    copy_while_the_source_shrinks(3 * bs + 1000, 3 * bs + 900, 2 * bs + 500, 0);
+}
+
+#[test]
+fn a_copy_cut_short_by_a_shrinking_source_changes_nothing_past_its_count() {
+    let bs = u64::from(BS);
+    // Into a longer destination: slots 1 and 2 are shared, 100 bytes of slot 3
+    // copied as bytes, of which the source has 50 by then.
+    copy_while_the_source_shrinks(4 * bs + 1000, 3 * bs, 3 * bs + 50, 5 * BS as usize);
+    // The same into an empty destination.
+    copy_while_the_source_shrinks(4 * bs + 1000, 3 * bs, 3 * bs + 50, 0);
+}
+
+#[test]
+fn copies_racing_a_shrinking_source_hold_its_bytes_exactly_up_to_their_count() {
+    // No seam: threads, many times over. The source only shrinks, so every byte it
+    // has at any moment is the original's. Whatever the interleaving, a copy's count
+    // is its destination's length past the offset (new each time), and those bytes
+    // are the original's, none zero.
+    let v = Arc::new(open(&new_store()));
+    let bs = u64::from(BS);
+    let data = pattern(24 * bs as usize + 700, 5 << 13);
+    for i in 0..60u64 {
+        let (src, dst) = (file(&v, ROOT_INO, "s"), file(&v, ROOT_INO, "d"));
+        v.write(src, 0, &data).unwrap();
+        if i % 2 == 0 {
+            v.flush_file(src).unwrap();
+        }
+        let cut = {
+            let v = v.clone();
+            std::thread::spawn(move || {
+                for size in [20 * bs + 300, 12 * bs + 10, 5 * bs + 4000, bs + 1] {
+                    v.setattr(
+                        src,
+                        SetAttr {
+                            size: Some(size),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let n = v.copy_range(src, 100, dst, 100, 1 << 30).unwrap();
+        cut.join().unwrap();
+        let got = read_all(&v, dst);
+        assert_eq!(
+            got.len() as u64,
+            100 + n,
+            "round {i}: longer than the count"
+        );
+        assert!(
+            got[100..] == data[100..got.len()],
+            "round {i}: not the source's bytes"
+        );
+        v.unlink(ROOT_INO, b"s").unwrap();
+        v.unlink(ROOT_INO, b"d").unwrap();
+    }
+}
