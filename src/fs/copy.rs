@@ -88,84 +88,98 @@ impl Volume {
             return self.copy_bytes(src, src_off, dst, dst_off, len);
         }
         let to_src = |dst_pos: u64| dst_pos - dst_off + src_off;
-        // Until the call returns, a crash may leave parts of the range as zeros, as
-        // for any write not yet fsynced; never bytes from anywhere else.
+        // Head, shared slots, tail, in order: a source that shrinks meanwhile cuts
+        // the copy short where its bytes end, and the destination changes only up to
+        // the count returned, as with a native copy. Until the call returns, a crash
+        // may leave parts of the range as zeros, as for any write not yet fsynced;
+        // never bytes from anywhere else.
         let head_end = first * bs;
         let head = self.copy_bytes(src, src_off, dst, dst_off, head_end - dst_off)?;
         if head < head_end - dst_off {
-            // The source shrank meanwhile: what was copied is the answer.
             return Ok(head);
         }
-        let tail_start = (end * bs).min(dst_end);
-        let tail = dst_end - tail_start;
-        if self.copy_bytes(src, to_src(tail_start), dst, tail_start, tail)? < tail {
-            // The source shrank meanwhile: the head is what was surely copied (the
-            // part of the tail written is the source's bytes too).
-            return Ok(head);
-        }
-        let mut copied = len;
         // Source bytes still in memory go to the store, so whole slots are blocks
         // that can be shared.
         self.flush_file(src)?;
-        let shares: Vec<Share> = (first..end)
-            .map(|d| Share {
-                dst_slot: d,
-                src_slot: to_src(d * bs) / bs,
-                keep: (dst_end - d * bs).min(bs),
-            })
-            .collect();
-        for s in self.share_slots(src, dst, &shares, dst_end)? {
+        let mut slot = first;
+        while slot < end {
+            let shares: Vec<Share> = (slot..end)
+                .map(|d| Share {
+                    dst_slot: d,
+                    src_slot: to_src(d * bs) / bs,
+                    keep: (dst_end - d * bs).min(bs),
+                })
+                .collect();
+            let Some(s) = self.share_slots(src, dst, &shares, dst_end)? else {
+                break;
+            };
             let at = s.dst_slot * bs;
-            if self.copy_bytes(src, to_src(at), dst, at, s.keep)? < s.keep {
-                copied = copied.min(at - dst_off);
+            let n = self.copy_bytes(src, to_src(at), dst, at, s.keep)?;
+            if n < s.keep {
+                return Ok(at + n - dst_off);
             }
+            slot = s.dst_slot + 1;
         }
-        Ok(copied)
+        let tail_start = (end * bs).min(dst_end);
+        let tail = self.copy_bytes(
+            src,
+            to_src(tail_start),
+            dst,
+            tail_start,
+            dst_end - tail_start,
+        )?;
+        Ok(tail_start + tail - dst_off)
     }
 
-    /// Points each destination slot at the source slot's block (or makes it a hole
-    /// where the source has one), dropping whatever the destination held there.
-    /// Returns the slots that must be copied as bytes: inline data, or a block a
-    /// writer dirtied again since the flush.
+    /// Points destination slots, in order, at the source slots' blocks (or makes
+    /// them holes where the source has holes), dropping whatever the destination
+    /// held there, and grows the destination to the end of what it shared. Stops at
+    /// the first slot that must be copied as bytes, and returns it: inline data, a
+    /// block a writer dirtied again since the flush, bytes the source no longer has,
+    /// or the destination's last slot when something now follows the copy in it.
     fn share_slots(
         &self,
         src: Ino,
         dst: Ino,
         shares: &[Share],
         dst_end: u64,
-    ) -> FsResult<Vec<Share>> {
+    ) -> FsResult<Option<Share>> {
         let dst_data = self.file_data_or_new(dst);
         let src_data = (src != dst).then(|| self.file_data_of(src)).flatten();
         let (mut dst_file, src_file) = lock_both(&dst_data, src_data.as_ref(), dst < src);
         let mut state = self.state();
-        let mut leftover = Vec::new();
+        let bs = self.block_size;
+        let mut stopped = None;
+        let mut shared_end = None;
         let mut removed = 0u64;
         for s in shares {
             // A slot the copy ends inside is shared only while nothing follows the
             // copy in the destination (checked again under the locks: a write past the
             // copy's end since would be cut off).
             let dst_size = Self::inode(&state, dst)?.size;
-            if s.keep < self.block_size && dst_size > dst_end {
-                leftover.push(*s);
-                continue;
-            }
+            let ends_inside = s.keep < bs && dst_size > dst_end;
+            // The source may have shrunk since its size was read: what it no longer
+            // has is not shared as a hole (or a clipped block) but left to the byte
+            // copy, which stops at the source's end.
+            let src_inode = Self::inode(&state, src)?;
+            let gone = s.src_slot * bs + s.keep > src_inode.size;
             let src_dirty = match &src_file {
                 Some(f) => f.dirty.contains_key(&s.src_slot),
                 None => src == dst && dst_file.dirty.contains_key(&s.src_slot),
             };
-            let extent = Self::inode(&state, src)?.extents.get(&s.src_slot).cloned();
-            let share = match extent {
-                _ if src_dirty => None,
+            let extent = match src_inode.extents.get(&s.src_slot) {
+                _ if ends_inside || gone || src_dirty => None,
                 Some(Extent::Inline(_)) => None,
-                Some(mut e) => {
+                Some(e) => {
+                    let mut e = e.clone();
                     e.clip(s.keep);
                     Some(Some(e))
                 }
                 None => Some(None),
             };
-            let Some(extent) = share else {
-                leftover.push(*s);
-                continue;
+            let Some(extent) = extent else {
+                stopped = Some(*s);
+                break;
             };
             if let Some(b) = dst_file.dirty.remove(&s.dst_slot) {
                 removed += b.data.len() as u64;
@@ -174,19 +188,17 @@ impl Volume {
                 Some(e) => state.index.set_extent(dst, s.dst_slot, e),
                 None => state.index.remove_extent(dst, s.dst_slot),
             }
+            shared_end = Some(s.dst_slot * bs + s.keep);
         }
         self.account_dirty(-(removed as i64));
-        if !leftover.is_empty() {
-            // Until those bytes are written and flushed, a crash keeps the old size
-            // rather than showing zeros where they go.
-            state.index.mark_data_pending(dst);
+        if let Some(end) = shared_end {
+            let now = Timestamp::now();
+            let inode = Self::inode_mut(&mut state, dst)?;
+            inode.size = inode.size.max(end);
+            inode.mtime = now;
+            inode.ctime = now;
         }
-        let now = Timestamp::now();
-        let inode = Self::inode_mut(&mut state, dst)?;
-        inode.size = inode.size.max(dst_end);
-        inode.mtime = now;
-        inode.ctime = now;
-        Ok(leftover)
+        Ok(stopped)
     }
 
     /// Copies bytes through the read and write paths, a block at a time; returns how
