@@ -2,9 +2,9 @@
 # Benchmark: objfs (local store) vs the native directory vs `rclone mount` of a local
 # directory, side by side in one run, on the same disk. Prints absolute figures and
 # ratios. Not part of the test suite. Run as root: scripts/bench.sh
-# Column "objdev" is objfs with --no-io-uring (requests over /dev/fuse; "objfs" uses
-# io_uring queues where the kernel has them: this script turns the fuse module's
-# enable_uring switch on). Column "floor" is examples/floorfs.rs: an in-memory FUSE
+# Column "uring" is objfs with --io-uring (requests through io_uring queues where the
+# kernel has them: this script turns the fuse module's enable_uring switch on; "objfs"
+# is the default, /dev/fuse). Column "floor" is examples/floorfs.rs: an in-memory FUSE
 # filesystem over /dev/fuse that does no storage work, i.e. what FUSE itself costs on
 # this machine through fuser.
 #   BENCH_MB=1024       size of the sequential write/read files
@@ -35,8 +35,8 @@ FLOORFS=$PWD/target/release/examples/floorfs
 
 W=$(mktemp -d /var/tmp/objfs-bench.XXXXXX)
 NATIVE=$W/native STORE=$W/store MNT=$W/objfs RSRC=$W/rclone-src RMNT=$W/rclone RCACHE=$W/rclone-cache
-FLOOR=$W/floor DSTORE=$W/store-dev DMNT=$W/objdev
-mkdir -p "$NATIVE" "$MNT" "$RSRC" "$RMNT" "$RCACHE" "$FLOOR" "$DMNT"
+FLOOR=$W/floor USTORE=$W/store-uring UMNT=$W/uring
+mkdir -p "$NATIVE" "$MNT" "$RSRC" "$RMNT" "$RCACHE" "$FLOOR" "$UMNT"
 [ -e /sys/module/fuse ] || modprobe fuse 2>/dev/null || true
 if [ -w /sys/module/fuse/parameters/enable_uring ]; then
     echo Y > /sys/module/fuse/parameters/enable_uring
@@ -45,7 +45,7 @@ fi
 cleanup() {
     set +e
     mountpoint -q "$MNT" && { "$OBJFS" umount "$MNT" || umount -l "$MNT"; }
-    mountpoint -q "$DMNT" && { "$OBJFS" umount "$DMNT" || umount -l "$DMNT"; }
+    mountpoint -q "$UMNT" && { "$OBJFS" umount "$UMNT" || umount -l "$UMNT"; }
     mountpoint -q "$W/rss" && { "$OBJFS" umount "$W/rss" || umount -l "$W/rss"; }
     mountpoint -q "$RMNT" && { fusermount3 -u "$RMNT" || umount -l "$RMNT"; }
     mountpoint -q "$FLOOR" && { umount "$FLOOR" || umount -l "$FLOOR"; }
@@ -58,8 +58,8 @@ secs() { echo "$2 - $1" | bc -l; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 objfs_mount() { "$OBJFS" mount "$STORE" "$MNT" --log-file "$W/objfs.log" "$@" >/dev/null; }
-objdev_mount() { "$OBJFS" mount "$DSTORE" "$DMNT" --no-io-uring --log-file "$W/objdev.log" >/dev/null; }
-objfs_remount() { "$OBJFS" umount "$MNT"; objfs_mount; "$OBJFS" umount "$DMNT"; objdev_mount; }
+uring_mount() { "$OBJFS" mount "$USTORE" "$UMNT" --io-uring --log-file "$W/uring.log" >/dev/null; }
+objfs_remount() { "$OBJFS" umount "$MNT"; objfs_mount; "$OBJFS" umount "$UMNT"; uring_mount; }
 rclone_mount() {
     env -u AWS_CA_BUNDLE rclone mount "$RSRC" "$RMNT" --vfs-cache-mode full \
         --cache-dir "$RCACHE" --daemon --log-file "$W/rclone.log"
@@ -88,8 +88,8 @@ TARFILES=$(tar -tf "$W/src.tar" | grep -vc '/$')
 cat "$W/src.bin" > /dev/null
 
 objfs_mount
-objdev_mount
-echo "objfs: $(grep -o 'FUSE transport: .*' "$W/objfs.log" | tail -1)"
+uring_mount
+echo "uring: $(grep -o 'FUSE transport: .*' "$W/uring.log" | tail -1)"
 rclone_mount
 "$FLOORFS" "$FLOOR" 2>"$W/floorfs.log" &
 for _ in $(seq 100); do mountpoint -q "$FLOOR" && break; sleep 0.1; done
@@ -119,14 +119,14 @@ run() { # name dir command...   (a failing command is timed anyway and reported)
     R[$name]=$(secs "$t0" "$t1")
 }
 
-dir_of() { case $1 in native) echo "$NATIVE";; objfs) echo "$MNT";; objdev) echo "$DMNT";; rclone) echo "$RMNT";; floor) echo "$FLOOR";; esac; }
+dir_of() { case $1 in native) echo "$NATIVE";; objfs) echo "$MNT";; uring) echo "$UMNT";; rclone) echo "$RMNT";; floor) echo "$FLOOR";; esac; }
 median() { printf '%s\n' "$@" | sort -g | sed -n "$(( ($# + 1) / 2 ))p"; }
 keep_median() { # name: R[name] = median of R[name.1] .. R[name.ROUNDS]
     local vals=() r
     for r in $(seq "$ROUNDS"); do vals+=("${R[$1.$r]}"); done
     R[$1]=$(median "${vals[@]}")
 }
-FSES="native objfs objdev rclone floor"
+FSES="native objfs uring rclone floor"
 
 for r in $(seq "$ROUNDS"); do
     echo "== round $r of $ROUNDS: sequential write ${MB} MiB (dd bs=1M conv=fsync)"
@@ -192,19 +192,19 @@ PEAK_KB=$(awk '/VmHWM/ {print $2}' /proc/"$PID"/status)
 
 mbps() { echo "$MB / $1" | bc -l; }
 ratio() { echo "$1 / $2" | bc -l; }
-printf '\n%-34s %10s %10s %10s %10s %10s %8s %8s %8s %8s %8s\n' workload native objfs objdev rclone floor obj/nat obj/dev obj/rcl obj/flr flr/nat
+printf '\n%-34s %10s %10s %10s %10s %10s %8s %8s %8s %8s %8s\n' workload native objfs uring rclone floor obj/nat uri/obj obj/rcl obj/flr flr/nat
 line() { # label unit key higher-is-better(1/0)
     local n o d r f fmt
     if [ "$4" = 1 ]; then
-        n=$(mbps "${R[$3_native]}") o=$(mbps "${R[$3_objfs]}") d=$(mbps "${R[$3_objdev]}")
+        n=$(mbps "${R[$3_native]}") o=$(mbps "${R[$3_objfs]}") d=$(mbps "${R[$3_uring]}")
         r=$(mbps "${R[$3_rclone]}") f=$(mbps "${R[$3_floor]}")
         fmt='%-34s %10.1f %10.1f %10.1f %10.1f %10.1f %7.2fx %7.2fx %7.2fx %7.2fx %7.2fx\n'
     else
-        n=${R[$3_native]} o=${R[$3_objfs]} d=${R[$3_objdev]} r=${R[$3_rclone]} f=${R[$3_floor]}
+        n=${R[$3_native]} o=${R[$3_objfs]} d=${R[$3_uring]} r=${R[$3_rclone]} f=${R[$3_floor]}
         fmt='%-34s %10.2f %10.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %7.2fx %7.2fx %7.2fx\n'
     fi
     # shellcheck disable=SC2059
-    printf "$fmt" "$1 ($2)" "$n" "$o" "$d" "$r" "$f" "$(ratio "$o" "$n")" "$(ratio "$o" "$d")" \
+    printf "$fmt" "$1 ($2)" "$n" "$o" "$d" "$r" "$f" "$(ratio "$o" "$n")" "$(ratio "$d" "$o")" \
         "$(ratio "$o" "$r")" "$(ratio "$o" "$f")" "$(ratio "$f" "$n")"
 }
 line "seq write ${MB}M, conv=fsync" "MB/s" write 1
@@ -220,9 +220,9 @@ printf '%-34s %12s %12s\n' "peak RSS, ${RSS_MB}M write, 256M limit" "-" "$((PEAK
 echo
 [ ${#FAILED[@]} -eq 0 ] || echo "commands that reported errors (timed anyway): ${FAILED[*]}"
 echo "Medians of $ROUNDS rounds. For time rows a ratio below 1 is faster than the peer; for MB/s rows above 1."
-echo "objdev: objfs with --no-io-uring (requests over /dev/fuse); obj/dev is what the"
-echo "io_uring transport gains. floor: an in-memory FUSE filesystem over /dev/fuse"
-echo "(examples/floorfs.rs) doing no storage work; flr/nat is what FUSE through /dev/fuse"
-echo "costs here, obj/flr what objfs adds on top (below 1: the cheaper transport)."
+echo "uring: objfs with --io-uring (requests through io_uring queues); uri/obj compares it"
+echo "with the default /dev/fuse. floor: an in-memory FUSE filesystem over /dev/fuse"
+echo "(examples/floorfs.rs) doing no storage work; flr/nat is what FUSE alone costs here,"
+echo "obj/flr what objfs adds on top."
 echo "rclone's write figure flatters it: its fsync returns before its upload completes,"
 echo "while objfs's data is in its store when dd returns."

@@ -36,8 +36,8 @@ export GARAGE_BIN
 . scripts/install-posix-tools.sh
 
 # FUSE over io_uring (kernel 6.14+) is off until the fuse module's switch is on: turn
-# it on, so the suite runs through objfs's io_uring transport (the mounts given
-# --no-io-uring keep /dev/fuse covered).
+# it on, so the mounts given --io-uring (tests/transport.rs, pjdfstest and fsx in
+# tests/posix_suites.rs) run through objfs's io_uring transport.
 [ -e /sys/module/fuse ] || modprobe fuse 2>/dev/null || true
 if [ -w /sys/module/fuse/parameters/enable_uring ]; then
     echo Y > /sys/module/fuse/parameters/enable_uring

@@ -161,10 +161,10 @@ pub struct MountArgs {
     /// slower. Data still reaches objfs by close and fsync.
     #[arg(long)]
     pub writeback_cache: bool,
-    /// Keep requests on /dev/fuse even where the kernel offers io_uring queues (fuse
-    /// module parameter enable_uring=Y), which cut the cost of each round trip.
+    /// Take requests through io_uring queues where the kernel offers them (fuse
+    /// module parameter enable_uring=Y) instead of /dev/fuse.
     #[arg(long)]
-    pub no_io_uring: bool,
+    pub io_uring: bool,
     /// Comma-separated options: ro, rw, allow_other, acl, noacl, default_permissions, and any
     /// long option as key=value (cache_size=64M,commit_interval=2).
     #[arg(short = 'o', value_name = "OPTS")]
@@ -278,7 +278,7 @@ impl MountArgs {
             allow_other: a.allow_other || is_root,
             posix_acls: a.acl,
             writeback_cache: a.writeback_cache,
-            io_uring: !a.no_io_uring,
+            io_uring: a.io_uring,
             store: a.store_args.options()?,
         })
     }
@@ -299,8 +299,8 @@ impl MountArgs {
             "noacl" => self.acl = false,
             "writeback_cache" => self.writeback_cache = true,
             "no_writeback_cache" => self.writeback_cache = false,
-            "io_uring" => self.no_io_uring = false,
-            "no_io_uring" => self.no_io_uring = true,
+            "io_uring" => self.io_uring = true,
+            "no_io_uring" => self.io_uring = false,
             // Always on: the kernel checks permissions.
             "default_permissions" => {}
             // Words mount(8) and fstab pass along that mean nothing to objfs.

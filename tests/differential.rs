@@ -748,7 +748,9 @@ fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>)
             ],
             None,
         ),
-        _ => (&[], Some("64K")),
+        // Through io_uring queues where the kernel offers them (scripts/test.sh
+        // turns the fuse module's switch on).
+        _ => (&["--io-uring"], Some("64K")),
     }
 }
 

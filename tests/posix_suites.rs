@@ -226,9 +226,35 @@ fn remount_shim(work: &Path) -> PathBuf {
 
 #[test]
 fn pjdfstest_suite_passes_except_known_failures() {
+    pjdfstest_passes(&[]);
+}
+
+/// The same cases with requests taken through io_uring queues (where the kernel
+/// offers them: scripts/test.sh turns the fuse module's switch on).
+#[test]
+fn pjdfstest_suite_passes_through_io_uring() {
+    let f = pjdfstest_passes(&["--io-uring"]);
+    assert_transport_matches_the_kernel(&f);
+}
+
+fn assert_transport_matches_the_kernel(f: &Fixture) {
+    let offered = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    let log = f.log_text();
+    let expected = if offered {
+        "FUSE transport: io_uring,"
+    } else {
+        "FUSE transport: /dev/fuse (the kernel offers no io_uring queues)"
+    };
+    assert!(log.contains(expected), "expected {expected:?} in:\n{log}");
+}
+
+fn pjdfstest_passes(extra: &[&str]) -> Fixture {
     let bin = tool("PJDFSTEST_BIN", "pjdfstest");
     let start = std::time::Instant::now();
-    let f = Fixture::mounted();
+    let mut f = Fixture::new();
+    f.extra = extra.iter().map(|s| s.to_string()).collect();
+    f.mount();
     let work = f.tmp.path().join("pjdfstest-work");
     std::fs::create_dir_all(&work).unwrap();
     let dir = f.path("pjdfstest");
@@ -315,6 +341,7 @@ fn pjdfstest_suite_passes_except_known_failures() {
         passed >= PJDFSTEST_MIN_PASSED,
         "pjdfstest passed only {passed} cases (expected at least {PJDFSTEST_MIN_PASSED})\n{main_text}"
     );
+    f
 }
 
 // ---------------------------------------------------------------------------------------
@@ -340,6 +367,8 @@ struct FsxRun {
     op_max: u64,
     ops: u64,
     seed: u64,
+    /// More mount options.
+    extra: &'static [&'static str],
 }
 
 fn run_fsx(bin: &str, run: &FsxRun) {
@@ -348,7 +377,11 @@ fn run_fsx(bin: &str, run: &FsxRun) {
     f.objfs_ok(&["mkfs", "--block-size", run.block_size, f.store_str()]);
     // Background write-back every second, so it interleaves with fsx's operations.
     f.extra = vec!["--commit-interval".into(), "1".into()];
+    f.extra.extend(run.extra.iter().map(|s| s.to_string()));
     f.mount();
+    if !run.extra.is_empty() {
+        assert_transport_matches_the_kernel(&f);
+    }
     let conf = f.tmp.path().join("fsx.toml");
     std::fs::write(&conf, fsx_config(run.flen, run.op_max)).unwrap();
     let artifacts = f.tmp.path().join("fsx-artifacts");
@@ -421,6 +454,7 @@ fn fsx_random_io_with_mmap_verifies_on_objfs() {
             op_max: 64 << 10,
             ops: 12_000,
             seed: 1,
+            extra: &[],
         },
     );
     // The default 1 MiB block size, a file of 3 blocks. Each fsync/msync re-hashes
@@ -433,6 +467,23 @@ fn fsx_random_io_with_mmap_verifies_on_objfs() {
             op_max: 64 << 10,
             ops: 1_500,
             seed: 2,
+            extra: &[],
+        },
+    );
+}
+
+#[test]
+fn fsx_random_io_with_mmap_verifies_through_io_uring() {
+    let bin = tool("FSX_BIN", "fsx");
+    run_fsx(
+        &bin,
+        &FsxRun {
+            block_size: "64K",
+            flen: 1 << 20,
+            op_max: 64 << 10,
+            ops: 12_000,
+            seed: 3,
+            extra: &["--io-uring"],
         },
     );
 }

@@ -1,8 +1,9 @@
-//! FUSE over io_uring (kernel 6.14+, fuse module parameter `enable_uring`): the kernel
-//! hands each request to a queue of the CPU it was made on, and the daemon answers and
-//! asks for the next one in one `io_uring_enter`. A round trip then costs about half
-//! of what `/dev/fuse` costs here (no cross-CPU wake-up, one system call instead of a
-//! read and a write). fuser 0.18 has no such transport, so this module parses the
+//! FUSE over io_uring (kernel 6.14+, fuse module parameter `enable_uring`; opt-in with
+//! `--io-uring`): the kernel hands each request to a queue of the CPU it was made on,
+//! and the daemon answers and asks for the next one in one `io_uring_enter` instead of
+//! a write and a read. On this project's 2-vCPU machines it measured no faster than
+//! `/dev/fuse` (docs/performance.md); it is there for machines where `/dev/fuse`'s
+//! wake-ups are what limits a workload. fuser 0.18 has no such transport, so this module parses the
 //! requests and encodes the replies itself; everything else (INIT, forgets,
 //! interrupts, notifications, requests made before the queues are up) stays on
 //! fuser's `/dev/fuse` loop.
@@ -122,7 +123,7 @@ impl RingTransport {
     ) -> RingTransport {
         let mut spawned = Vec::new();
         if !adapter.want_ring {
-            log::info!("FUSE transport: /dev/fuse (--no-io-uring)");
+            log::info!("FUSE transport: /dev/fuse");
             return RingTransport { threads: spawned };
         }
         if !wait_for_init(&adapter) {
@@ -261,21 +262,10 @@ fn with_len(entry: squeue::Entry128, len: u32) -> squeue::Entry128 {
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-/// Runs on the queue's CPU, so the requests made there wake a thread on the same
-/// CPU.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET bounds-checks via the type size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
-            log::debug!("could not pin ring thread to CPU {cpu}");
-        }
-    }
-}
-
 fn serve_queue(dev: &OwnedFd, adapter: &FuseAdapter, qid: u16, access: Access) {
-    pin_to_cpu(qid as usize);
+    // Not pinned to the queue's CPU: pinned, the threads verifying a stream's blocks
+    // shared one CPU with the reader (cold reads 15-20% slower), and round trips
+    // were no faster (docs/performance.md).
     let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = match IoUring::builder().build(2) {
         Ok(r) => r,
         Err(e) => return log::warn!("FUSE io_uring queue {qid}: {e}"),
