@@ -2,7 +2,9 @@
 //! background thread that drives them.
 
 use super::{FsError, FsResult, Volume};
+use crate::block::BlockId;
 use crate::index::Ino;
+use crate::store::StoreError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -52,6 +54,25 @@ fn wait(stop: &(Mutex<bool>, Condvar), period: Duration) -> bool {
     !*guard
 }
 
+/// Written by the writer only, read by the next writer; no follower reads it.
+const PENDING_FREES_KEY: &str = "meta/pending-frees";
+
+/// One block id in hex a line.
+fn encode_block_ids(ids: &[BlockId]) -> Vec<u8> {
+    ids.iter()
+        .map(|id| id.to_hex() + "\n")
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn decode_block_ids(bytes: &[u8]) -> Option<Vec<BlockId>> {
+    std::str::from_utf8(bytes)
+        .ok()?
+        .lines()
+        .map(BlockId::from_hex)
+        .collect()
+}
+
 impl Volume {
     /// Called once on a read-write open: a journal that recovery could not replay to
     /// its end is sealed off by a fresh snapshot before anything new is written.
@@ -61,7 +82,47 @@ impl Volume {
         if journal.needs_fresh_snapshot() || report.reclaimed_orphans > 0 {
             self.snapshot_locked(&mut journal)?;
         }
+        drop(journal);
+        self.resume_frees();
         Ok(())
+    }
+
+    /// Blocks the last writer freed shortly before it unmounted: deleted after a new
+    /// grace period, if still unreferenced then.
+    fn resume_frees(&self) {
+        match self.store.get(PENDING_FREES_KEY) {
+            Ok(bytes) => match decode_block_ids(&bytes) {
+                Some(ids) => self.queue_frees(ids),
+                None => {
+                    log::warn!("{PENDING_FREES_KEY} is unreadable: objfs gc deletes those blocks")
+                }
+            },
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => {
+                log::warn!("reading {PENDING_FREES_KEY}: {e} (objfs gc deletes those blocks)")
+            }
+        }
+    }
+
+    /// At unmount: the freed blocks still inside their grace period (a replica may
+    /// still read them) are listed for the next writer, instead of staying in the
+    /// store until `objfs gc`.
+    fn save_pending_frees(&self) {
+        let ids: Vec<BlockId> = self
+            .free_queue
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, id)| *id)
+            .collect();
+        let result = if ids.is_empty() {
+            self.store.delete(PENDING_FREES_KEY)
+        } else {
+            self.store.put(PENDING_FREES_KEY, &encode_block_ids(&ids))
+        };
+        if let Err(e) = result {
+            log::warn!("writing {PENDING_FREES_KEY}: {e} (objfs gc deletes those blocks)");
+        }
     }
 
     /// Writes every index change since the last commit as one journal segment.
@@ -273,6 +334,7 @@ impl Volume {
         }
         drop(journal);
         self.delete_freed_blocks(self.config.free_grace);
+        self.save_pending_frees();
         self.release_lease();
         // The volume is closed: nothing more may reach the store.
         self.fenced.store(true, Ordering::SeqCst);

@@ -3,7 +3,7 @@
 use super::*;
 use crate::index::Extent;
 use crate::index::journal;
-use crate::store::{FaultyStore, MemoryStore};
+use crate::store::{FaultyStore, MemoryStore, StoreError};
 
 const BS: u32 = 4096;
 
@@ -1839,4 +1839,48 @@ fn copies_racing_a_shrinking_source_hold_its_bytes_exactly_up_to_their_count() {
         v.unlink(ROOT_INO, b"s").unwrap();
         v.unlink(ROOT_INO, b"d").unwrap();
     }
+}
+
+#[test]
+fn blocks_freed_just_before_unmount_are_deleted_by_the_next_writer() {
+    let store = new_store();
+    let keep_a_while = VolumeConfig {
+        free_grace: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let v = Volume::load(store.clone(), keep_a_while.clone()).unwrap();
+    let (a, b) = (file(&v, ROOT_INO, "a"), file(&v, ROOT_INO, "b"));
+    v.write(a, 0, &pattern(3 * 4096, 1)).unwrap();
+    v.write(b, 0, &pattern(2 * 4096, 2 << 13)).unwrap();
+    v.sync_all().unwrap();
+    assert_eq!(store.list("blocks/").unwrap().len(), 5);
+    v.unlink(ROOT_INO, b"a").unwrap();
+    v.unlink(ROOT_INO, b"b").unwrap();
+    v.commit().unwrap();
+    v.shutdown().unwrap();
+    drop(v);
+    // Inside the grace period at unmount: still there, and listed.
+    assert_eq!(store.list("blocks/").unwrap().len(), 5);
+    assert!(store.get("meta/pending-frees").is_ok());
+
+    // The next writer takes the list over; b's blocks are in use again (written
+    // anew) by the time the grace period ends, so they stay.
+    let v = open(&store);
+    let c = file(&v, ROOT_INO, "c");
+    let b_data = pattern(2 * 4096, 2 << 13);
+    v.write(c, 0, &b_data).unwrap();
+    v.sync_all().unwrap();
+    assert_eq!(v.delete_freed_blocks(Duration::ZERO), 3);
+    assert_eq!(store.list("blocks/").unwrap().len(), 2);
+    assert_eq!(read_all(&v, c), b_data);
+    v.shutdown().unwrap();
+    drop(v);
+    // Nothing left to free: the list is gone.
+    assert!(matches!(
+        store.get("meta/pending-frees"),
+        Err(StoreError::NotFound(_))
+    ));
+    let v = open(&store);
+    assert_eq!(v.delete_freed_blocks(Duration::ZERO), 0);
+    assert_eq!(read_all(&v, c), b_data);
 }
