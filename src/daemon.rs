@@ -361,21 +361,23 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     fuse_config.clone_fd = true;
     let notifier = Arc::new(std::sync::OnceLock::new());
     let adapter = FuseAdapter::new(volume.clone(), notifier.clone(), settings.io_uring);
-    let mounting = |e: std::io::Error| format!("mounting {}: {e}", mountpoint.display());
-    let session =
-        fuser::Session::new(adapter.clone(), mountpoint, &fuse_config).map_err(mounting)?;
-    let dev = std::os::fd::AsFd::as_fd(&session)
-        .try_clone_to_owned()
-        .map_err(mounting)?;
-    let session = session.spawn().map_err(mounting)?;
-    let _ = notifier.set(session.notifier());
     let access = if settings.allow_other {
         crate::fuse::Access::Anyone
     } else {
         // SAFETY: geteuid has no preconditions.
         crate::fuse::Access::OwnerOnly(unsafe { libc::geteuid() })
     };
-    let ring = crate::fuse::RingTransport::start(dev, adapter, settings.threads, access);
+    // Before the mount: fuser handles INIT while mounting, and whether INIT asks for
+    // io_uring depends on the queue threads being ready.
+    let ring = crate::fuse::RingTransport::prepare(&adapter, settings.threads, access);
+    let mounting = |e: std::io::Error| format!("mounting {}: {e}", mountpoint.display());
+    let session = fuser::Session::new(adapter, mountpoint, &fuse_config).map_err(mounting)?;
+    let dev = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .map_err(mounting)?;
+    ring.attach(dev);
+    let session = session.spawn().map_err(mounting)?;
+    let _ = notifier.set(session.notifier());
     raise_readahead(mountpoint);
     let background = (!settings.read_only).then(|| volume.start_background());
     if settings.read_only {

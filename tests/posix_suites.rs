@@ -240,6 +240,10 @@ fn pjdfstest_suite_passes_through_io_uring() {
 fn assert_transport_matches_the_kernel(f: &Fixture) {
     let offered = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
         .is_ok_and(|v| v.trim() == "Y");
+    // Logged by a queue thread once INIT is done: may come just after mount returns.
+    wait_until(std::time::Duration::from_secs(10), || {
+        f.log_text().contains("FUSE transport:")
+    });
     let log = f.log_text();
     let expected = if offered {
         "FUSE transport: io_uring,"

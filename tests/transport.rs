@@ -12,6 +12,10 @@ fn kernel_offers_io_uring() -> bool {
 }
 
 fn transport_line(f: &Fixture) -> String {
+    // Logged by a queue thread once INIT is done: may come just after mount returns.
+    wait_until(std::time::Duration::from_secs(10), || {
+        f.log_text().contains("FUSE transport:")
+    });
     f.log_text()
         .lines()
         .rfind(|l| l.contains("FUSE transport:"))

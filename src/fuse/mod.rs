@@ -21,7 +21,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,8 +37,10 @@ pub struct FuseAdapter {
     /// Set once the session is up: lets a request handler tell the kernel to
     /// forget attributes it would otherwise keep for the whole TTL.
     notifier: Arc<OnceLock<fuser::Notifier>>,
-    /// Whether to ask the kernel for io_uring queues, and whether it agreed.
+    /// Whether to ask the kernel for io_uring queues (`--io-uring`, and the queue
+    /// threads all started), and whether it agreed.
     want_ring: bool,
+    ring_prepared: Arc<AtomicBool>,
     ring_state: Arc<AtomicU8>,
 }
 
@@ -87,6 +89,7 @@ impl FuseAdapter {
             open_flags,
             notifier,
             want_ring,
+            ring_prepared: Arc::new(AtomicBool::new(false)),
             ring_state: Arc::new(AtomicU8::new(RING_PENDING)),
         }
     }
@@ -444,7 +447,7 @@ impl Filesystem for FuseAdapter {
             self.volume.enable_posix_acls();
         }
         // Offered only where the fuse module's enable_uring parameter is on.
-        let ring = self.want_ring
+        let ring = self.ring_prepared.load(Ordering::Acquire)
             && config
                 .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
                 .is_ok();

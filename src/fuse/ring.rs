@@ -18,8 +18,9 @@ use crate::fs::{Attr, Ctx, FsError, SetAttr, SetTime};
 use crate::index::Timestamp;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 // Opcodes (include/uapi/linux/fuse.h).
 const LOOKUP: u32 = 1;
@@ -77,8 +78,6 @@ const CMD_COMMIT_AND_FETCH: u32 = 2;
 const PAYLOAD_SIZE: usize = (1 << 20) + 4096;
 /// More queues than this (possible CPUs) would pin too much memory in buffers.
 const MAX_QUEUES: usize = 64;
-/// How long to wait for fuser's loop to finish INIT before giving up on the ring.
-const INIT_WAIT: Duration = Duration::from_secs(10);
 
 /// `struct fuse_uring_req_header`: request/reply header, per-op header, and the
 /// slot's bookkeeping (`struct fuse_uring_ent_in_out`). Page-aligned, as the kernel
@@ -101,6 +100,8 @@ const SLOT_HEADER_LEN: usize = 128 + 128 + 32;
 /// unmounted (the kernel fails their pending commands).
 pub struct RingTransport {
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The mount's `/dev/fuse` descriptor, given once the mount exists.
+    dev: Arc<OnceLock<OwnedFd>>,
 }
 
 /// Who may use the mount when it was not mounted with allow_other: the same rule
@@ -111,47 +112,65 @@ pub enum Access {
     OwnerOnly(u32),
 }
 
+type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
 impl RingTransport {
-    /// Starts about `threads` threads in all (at least two per CPU queue, so one
-    /// slow request does not hold up the rest made on its CPU) once INIT is done,
-    /// if the kernel agreed to io_uring; otherwise requests stay on `/dev/fuse`.
-    pub fn start(
-        dev: OwnedFd,
-        adapter: FuseAdapter,
-        threads: usize,
-        access: Access,
-    ) -> RingTransport {
-        let mut spawned = Vec::new();
+    /// Called before the mount (fuser reads INIT while mounting). Builds every
+    /// queue thread's io_uring and starts the threads (about `threads` in all, at
+    /// least two per CPU queue, so one slow request does not hold up the rest made on
+    /// its CPU), which wait for INIT and the descriptor (`attach`); only if all of
+    /// that worked does INIT ask the kernel for io_uring. Once the kernel agrees, it
+    /// holds every request until each queue has a slot, so a queue that could not be
+    /// set up must not be left to chance.
+    pub fn prepare(adapter: &FuseAdapter, threads: usize, access: Access) -> RingTransport {
+        let mut transport = RingTransport {
+            threads: Vec::new(),
+            dev: Arc::new(OnceLock::new()),
+        };
         if !adapter.want_ring {
             log::info!("FUSE transport: /dev/fuse");
-            return RingTransport { threads: spawned };
-        }
-        if !wait_for_init(&adapter) {
-            log::info!("FUSE transport: /dev/fuse (the kernel offers no io_uring queues)");
-            return RingTransport { threads: spawned };
+            return transport;
         }
         let queues = possible_cpus();
         if queues == 0 || queues > MAX_QUEUES {
-            log::info!("FUSE transport: /dev/fuse ({queues} possible CPUs)");
-            return RingTransport { threads: spawned };
+            log::info!("FUSE transport: /dev/fuse (io_uring: {queues} possible CPUs)");
+            return transport;
         }
         let per_queue = threads.div_ceil(queues).max(2);
-        let dev = Arc::new(dev);
-        let adapter = Arc::new(adapter);
-        for qid in 0..queues {
-            for n in 0..per_queue {
-                let (dev, adapter) = (dev.clone(), adapter.clone());
-                let thread = std::thread::Builder::new()
-                    .name(format!("objfs-ring{qid}.{n}"))
-                    .spawn(move || serve_queue(&dev, &adapter, qid as u16, access));
-                match thread {
-                    Ok(t) => spawned.push(t),
-                    Err(e) => log::warn!("FUSE io_uring queue thread: {e}"),
+        let rings: Result<Vec<Ring>, _> = (0..queues * per_queue)
+            .map(|_| IoUring::builder().build(2))
+            .collect();
+        let rings = match rings {
+            Ok(r) => r,
+            Err(e) => {
+                log::info!("FUSE transport: /dev/fuse (io_uring: {e})");
+                return transport;
+            }
+        };
+        let adapter = Arc::new(adapter.clone());
+        for (n, ring) in rings.into_iter().enumerate() {
+            let (dev, adapter) = (transport.dev.clone(), adapter.clone());
+            let qid = (n / per_queue) as u16;
+            let report = (n == 0).then_some((queues, per_queue));
+            let thread = std::thread::Builder::new()
+                .name(format!("objfs-ring{qid}.{}", n % per_queue))
+                .spawn(move || serve_queue(ring, &dev, &adapter, qid, access, report));
+            match thread {
+                Ok(t) => transport.threads.push(t),
+                Err(e) => {
+                    // INIT will not ask: the threads started see that and end.
+                    log::info!("FUSE transport: /dev/fuse (io_uring thread: {e})");
+                    return transport;
                 }
             }
         }
-        log::info!("FUSE transport: io_uring, {queues} queues x {per_queue} threads");
-        RingTransport { threads: spawned }
+        adapter.ring_prepared.store(true, Ordering::Release);
+        transport
+    }
+
+    /// Gives the queue threads the mount's `/dev/fuse` descriptor.
+    pub fn attach(&self, dev: OwnedFd) {
+        let _ = self.dev.set(dev);
     }
 
     /// Waits for the queue threads, after the session ended.
@@ -162,24 +181,24 @@ impl RingTransport {
     }
 }
 
-fn wait_for_init(adapter: &FuseAdapter) -> bool {
-    let start = Instant::now();
+/// Waits for INIT (which fuser handles while mounting) and, if the kernel agreed
+/// to io_uring, for the mount's descriptor.
+fn wait_for_init<'a>(adapter: &FuseAdapter, dev: &'a OnceLock<OwnedFd>) -> Option<&'a OwnedFd> {
     loop {
-        match adapter.ring_state() {
-            Some(agreed) => return agreed,
-            None if start.elapsed() > INIT_WAIT => return false,
-            None => std::thread::sleep(Duration::from_millis(2)),
+        match (adapter.ring_state(), dev.get()) {
+            (Some(false), _) => return None,
+            (Some(true), Some(dev)) => return Some(dev),
+            _ => std::thread::sleep(Duration::from_millis(1)),
         }
     }
 }
 
-/// The kernel keeps one queue per possible CPU and refuses to use any until all
-/// have a slot.
+/// The kernel keeps one queue per possible CPU (`num_possible_cpus`) and uses none
+/// until all have a slot.
 fn possible_cpus() -> usize {
     std::fs::read_to_string("/sys/devices/system/cpu/possible")
         .ok()
-        .and_then(|s| parse_cpu_list_max(s.trim()))
-        .map(|max| max + 1)
+        .and_then(|s| count_cpu_list(s.trim()))
         .unwrap_or_else(|| {
             // SAFETY: sysconf has no preconditions.
             let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
@@ -187,11 +206,20 @@ fn possible_cpus() -> usize {
         })
 }
 
-/// "0-3,8" -> 8.
-fn parse_cpu_list_max(list: &str) -> Option<usize> {
-    list.split(',')
-        .filter_map(|part| part.rsplit('-').next()?.trim().parse::<usize>().ok())
-        .max()
+/// "0-3,8" -> 5.
+fn count_cpu_list(list: &str) -> Option<usize> {
+    let mut count = 0;
+    for part in list.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.trim().parse::<usize>().ok()?, hi.trim().parse().ok()?),
+            None => {
+                let cpu = part.trim().parse::<usize>().ok()?;
+                (cpu, cpu)
+            }
+        };
+        count += hi.checked_sub(lo)? + 1;
+    }
+    Some(count)
 }
 
 struct Slot {
@@ -262,36 +290,48 @@ fn with_len(entry: squeue::Entry128, len: u32) -> squeue::Entry128 {
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-fn serve_queue(dev: &OwnedFd, adapter: &FuseAdapter, qid: u16, access: Access) {
+fn serve_queue(
+    mut ring: Ring,
+    dev: &OnceLock<OwnedFd>,
+    adapter: &FuseAdapter,
+    qid: u16,
+    access: Access,
+    report: Option<(usize, usize)>,
+) {
     // Not pinned to the queue's CPU: pinned, the threads verifying a stream's blocks
     // shared one CPU with the reader (cold reads 15-20% slower), and round trips
     // were no faster (docs/performance.md).
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = match IoUring::builder().build(2) {
-        Ok(r) => r,
-        Err(e) => return log::warn!("FUSE io_uring queue {qid}: {e}"),
+    let dev = wait_for_init(adapter, dev);
+    if let Some((queues, per_queue)) = report {
+        if dev.is_some() {
+            log::info!("FUSE transport: io_uring, {queues} queues x {per_queue} threads");
+        } else {
+            log::info!("FUSE transport: /dev/fuse (the kernel offers no io_uring queues)");
+        }
+    }
+    let Some(dev) = dev else {
+        return;
     };
     let fd = dev.as_raw_fd();
     let mut slot = Slot::new();
     let mut scratch = Vec::new();
+    let mut registered = false;
     let mut next = register_entry(fd, qid, &slot);
     loop {
-        // SAFETY: the slot's buffers outlive the command (the loop owns them and
-        // only ends once the kernel has completed it).
-        if unsafe { ring.submission().push(&next) }.is_err() {
-            return log::warn!("FUSE io_uring queue {qid}: submission queue full");
-        }
-        let res = loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return log::warn!("FUSE io_uring queue {qid}: {e}"),
-            }
-            if let Some(cqe) = ring.completion().next() {
-                break cqe.result();
+        let res = match submit_and_wait(&mut ring, &next) {
+            Ok(res) => res,
+            Err(e) => {
+                log::error!("FUSE io_uring queue {qid}: {e}");
+                if !registered {
+                    give_up_on_the_ring(fd);
+                }
+                // The kernel may still hold the slot's buffers: never free them.
+                std::mem::forget(slot);
+                return;
             }
         };
         match res {
-            0 => {}
+            0 => registered = true,
             e if e == -libc::EINTR || e == -libc::EAGAIN => {
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
@@ -300,15 +340,65 @@ fn serve_queue(dev: &OwnedFd, adapter: &FuseAdapter, qid: u16, access: Access) {
             e if e == -libc::ENOTCONN || e == -libc::ECONNABORTED || e == -libc::ENODEV => {
                 return;
             }
-            e => {
+            e if !registered => {
+                // The kernel refused the slot, and with it io_uring for this mount:
+                // requests stay on /dev/fuse.
                 return log::warn!(
+                    "FUSE io_uring queue {qid}: {}; requests stay on /dev/fuse",
+                    std::io::Error::from_raw_os_error(-e)
+                );
+            }
+            e => {
+                // A commit the kernel refused: the slot is offered again, so the
+                // queue keeps its threads.
+                log::warn!(
                     "FUSE io_uring queue {qid}: {}",
                     std::io::Error::from_raw_os_error(-e)
                 );
+                next = register_entry(fd, qid, &slot);
+                continue;
             }
         }
         answer(adapter, &mut slot, &mut scratch, access);
         next = commit_entry(fd, qid, slot.header.commit_id);
+    }
+}
+
+/// Submits one command and waits for its completion's result.
+fn submit_and_wait(ring: &mut Ring, entry: &squeue::Entry128) -> std::io::Result<i32> {
+    // SAFETY: the buffers the command names belong to the caller's slot, which is
+    // never freed while the kernel may hold them (see `serve_queue`).
+    unsafe { ring.submission().push(entry) }
+        .map_err(|_| std::io::Error::other("submission queue full"))?;
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        if let Some(cqe) = ring.completion().next() {
+            return Ok(cqe.result());
+        }
+    }
+}
+
+/// A queue that cannot get its slot registered would leave the kernel holding every
+/// request: a REGISTER it must refuse (no such queue) turns io_uring off for the
+/// mount, and requests go to /dev/fuse.
+fn give_up_on_the_ring(fd: i32) {
+    let refused = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        .build(2)
+        .map_err(|e| e.to_string())
+        .and_then(|mut ring| {
+            let slot = Slot::new();
+            let entry = register_entry(fd, u16::MAX, &slot);
+            let res = submit_and_wait(&mut ring, &entry).map_err(|e| e.to_string());
+            std::mem::forget(slot);
+            res.map(|_| ())
+        });
+    match refused {
+        Ok(()) => log::warn!("FUSE io_uring: turned off for this mount; requests use /dev/fuse"),
+        Err(e) => log::error!("FUSE io_uring: could not turn it off ({e}); requests may wait"),
     }
 }
 
@@ -327,31 +417,21 @@ fn answer(adapter: &FuseAdapter, slot: &mut Slot, scratch: &mut Vec<u8>, access:
         },
     };
     let payload_len = (slot.header.payload_sz as usize).min(PAYLOAD_SIZE);
-    let op = slot.header.op_in;
     log::debug!(
         "FUSE({}) ino {:#018x} {}",
         req.unique,
         req.nodeid,
         describe(req.opcode, &slot.payload[..payload_len])
     );
-    let result = if !allowed(&req, access) {
-        Err(FsError::Access)
-    } else if req.opcode == WRITE {
-        // The one request with a large input and a small reply: its data is used
-        // where the kernel put it, and the reply written after.
-        write(adapter, &req, &op, &slot.payload[..payload_len]).map(|n| {
-            let mut out = Reply::new(&mut slot.payload);
-            out.written(n);
-            out.len
-        })
-    } else {
-        // Names and xattr values (at most 64 KiB): copied out, since the reply
-        // goes where they are.
-        scratch.clear();
-        scratch.extend_from_slice(&slot.payload[..payload_len]);
-        let mut out = Reply::new(&mut slot.payload);
-        serve(adapter, &req, &op, scratch, &mut out).map(|()| out.len)
-    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve_slot(adapter, &req, slot, payload_len, scratch, access)
+    }))
+    .unwrap_or_else(|_| {
+        // As fuser's loop answers a handler that panicked: the caller gets EIO
+        // instead of waiting forever.
+        log::error!("FUSE request {} panicked", req.unique);
+        Err(FsError::Io("request handler panicked".into()))
+    });
     let (error, len) = match result {
         Ok(len) => (0, len),
         Err(e) => (-errno_code(&e), 0),
@@ -414,6 +494,36 @@ fn describe(opcode: u32, input: &[u8]) -> String {
             Err(_) => op_name,
         },
         _ => op_name,
+    }
+}
+
+/// Serves the request in `slot`; returns the reply's length in its payload buffer.
+fn serve_slot(
+    adapter: &FuseAdapter,
+    req: &Request,
+    slot: &mut Slot,
+    payload_len: usize,
+    scratch: &mut Vec<u8>,
+    access: Access,
+) -> Result<usize, FsError> {
+    let op = slot.header.op_in;
+    if !allowed(req, access) {
+        Err(FsError::Access)
+    } else if req.opcode == WRITE {
+        // The one request with a large input and a small reply: its data is used
+        // where the kernel put it, and the reply written after.
+        write(adapter, req, &op, &slot.payload[..payload_len]).map(|n| {
+            let mut out = Reply::new(&mut slot.payload);
+            out.written(n);
+            out.len
+        })
+    } else {
+        // Names and xattr values (at most 64 KiB): copied out, since the reply
+        // goes where they are.
+        scratch.clear();
+        scratch.extend_from_slice(&slot.payload[..payload_len]);
+        let mut out = Reply::new(&mut slot.payload);
+        serve(adapter, req, &op, scratch, &mut out).map(|()| out.len)
     }
 }
 
@@ -774,10 +884,30 @@ mod tests {
 
     #[test]
     fn cpu_lists() {
-        assert_eq!(parse_cpu_list_max("0"), Some(0));
-        assert_eq!(parse_cpu_list_max("0-1"), Some(1));
-        assert_eq!(parse_cpu_list_max("0-3,8"), Some(8));
-        assert_eq!(parse_cpu_list_max(""), None);
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-1"), Some(2));
+        assert_eq!(count_cpu_list("0-3,8"), Some(5));
+        assert_eq!(count_cpu_list("0,2-3"), Some(3));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+    }
+
+    #[test]
+    fn register_names_the_slot_and_its_two_iovecs() {
+        let slot = Slot::new();
+        let entry = register_entry(7, 1, &slot);
+        // SAFETY: Entry128 is the 128-byte SQE.
+        let raw: [u8; 128] = unsafe { std::mem::transmute(entry) };
+        assert_eq!(raw[0], io_uring::opcode::UringCmd80::CODE);
+        assert_eq!(i32::from_le_bytes(raw[4..8].try_into().unwrap()), 7);
+        assert_eq!(u32_at(&raw, 8), CMD_REGISTER); // cmd_op
+        assert_eq!(u64_at(&raw, 16), slot.iov.as_ptr() as u64); // addr
+        assert_eq!(u32_at(&raw, 24), 2); // len: header and payload
+        assert_eq!(u64_at(&raw, 48 + 8), 0); // commit_id
+        assert_eq!(u16::from_le_bytes([raw[48 + 16], raw[48 + 17]]), 1); // qid
+        let commit: [u8; 128] = unsafe { std::mem::transmute(commit_entry(7, 1, 99)) };
+        assert_eq!(u32_at(&commit, 8), CMD_COMMIT_AND_FETCH);
+        assert_eq!(u64_at(&commit, 48 + 8), 99);
     }
 
     #[test]
