@@ -37,8 +37,8 @@ pub struct FuseAdapter {
     /// Set once the session is up: lets a request handler tell the kernel to
     /// forget attributes it would otherwise keep for the whole TTL.
     notifier: Arc<OnceLock<fuser::Notifier>>,
-    /// Whether to ask the kernel for io_uring queues (`--io-uring`, and the queue
-    /// threads all started), and whether it agreed.
+    /// `--io-uring`; whether the queue threads all started, so INIT may ask the
+    /// kernel for io_uring; and whether it agreed.
     want_ring: bool,
     ring_prepared: Arc<AtomicBool>,
     ring_state: Arc<AtomicU8>,
