@@ -35,6 +35,8 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const LINK_MAX: u32 = 65000;
 pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_VALUE_MAX: usize = 65536;
+/// What listxattr(2) can return at most (Linux XATTR_LIST_MAX).
+pub const XATTR_LIST_MAX: usize = 65536;
 /// The SELinux label's attribute name (see `Volume::check_xattr_name`).
 const SELINUX_LABEL: &[u8] = b"security.selinux";
 /// Largest file offset objfs accepts (8 EiB would overflow block arithmetic).
@@ -1166,6 +1168,12 @@ impl Volume {
             XattrSet::Create if exists => return Err(FsError::Exists),
             XattrSet::Replace if !exists => return Err(FsError::NoAttr),
             _ => {}
+        }
+        // A name list longer than listxattr can return would make every tool that
+        // copies xattrs (cp -a, rsync -X, getfattr -d) fail on the file.
+        let listed: usize = inode.xattrs.keys().map(|k| k.len() + 1).sum();
+        if !exists && listed + name.len() + 1 > XATTR_LIST_MAX {
+            return Err(FsError::NoSpace);
         }
         if acl::is_acl_name(name) {
             set_acl(inode, caller, name, value)?;

@@ -1884,3 +1884,27 @@ fn blocks_freed_just_before_unmount_are_deleted_by_the_next_writer() {
     assert_eq!(v.delete_freed_blocks(Duration::ZERO), 0);
     assert_eq!(read_all(&v, c), b_data);
 }
+
+#[test]
+fn xattr_names_stop_where_listxattr_could_no_longer_list_them() {
+    let v = open(&new_store());
+    let f = file(&v, ROOT_INO, "f");
+    // "user." + 250 bytes + NUL: 256 bytes a name, 256 names fill the 64 KiB list.
+    let name = |i: usize| format!("user.{i:0>250}").into_bytes();
+    for i in 0..256 {
+        v.setxattr(&root(), f, &name(i), b"v", XattrSet::Any)
+            .unwrap();
+    }
+    assert!(matches!(
+        v.setxattr(&root(), f, &name(256), b"v", XattrSet::Any),
+        Err(FsError::NoSpace)
+    ));
+    assert_eq!(v.listxattr(f).unwrap().len(), XATTR_LIST_MAX);
+    // Values of listed names can still change, and a removed name makes room.
+    v.setxattr(&root(), f, &name(7), b"new", XattrSet::Replace)
+        .unwrap();
+    v.removexattr(f, &name(7)).unwrap();
+    v.setxattr(&root(), f, &name(256), b"v", XattrSet::Create)
+        .unwrap();
+    assert_eq!(v.getxattr(f, &name(256)).unwrap(), b"v");
+}
