@@ -1196,20 +1196,24 @@ fn small_overwrites_inside_full_blocks_wait_for_the_flush() {
     let f = file(&v, ROOT_INO, "f");
     v.write(f, 0, &pattern(8 * BS as usize, 1)).unwrap();
     v.sync_all().unwrap();
-    let before = store.puts();
+    let before = store.block_puts();
     // 200 one-byte writes inside the blocks: none ends a block.
     for i in 0..200u64 {
         v.write(f, (i % 8) * bs + 100 + i, b"x").unwrap();
     }
     v.uploader.wait_for(f);
-    assert_eq!(store.puts(), before, "an overwrite uploaded its block");
+    assert_eq!(
+        store.block_puts(),
+        before,
+        "an overwrite uploaded its block"
+    );
     // A write that reaches a block's end is a stream filling it: uploaded at once.
     v.write(f, 3 * bs - 10, &[7u8; 10]).unwrap();
     v.uploader.wait_for(f);
-    assert_eq!(store.puts(), before + 1);
+    assert_eq!(store.block_puts(), before + 1);
     // The flush uploads each changed block once.
     v.flush_file(f).unwrap();
-    assert_eq!(store.puts(), before + 8);
+    assert_eq!(store.block_puts(), before + 8);
     let mut model = pattern(8 * BS as usize, 1);
     for i in 0..200u64 {
         model[((i % 8) * bs + 100 + i) as usize] = b'x';
@@ -1233,12 +1237,12 @@ fn past_the_dirty_limit_every_file_is_flushed_once_not_the_writer_at_every_write
         v.write(f, 0, &pattern(3000, i)).unwrap();
     }
     let g = file(&v, ROOT_INO, "g");
-    let before = store.puts();
+    let before = store.block_puts();
     for i in 0..200u64 {
         v.write(g, i * 100, &[i as u8; 100]).unwrap();
     }
     v.uploader.wait_for(g);
-    let puts = store.puts() - before;
+    let puts = store.block_puts() - before;
     // At most a handful of flushes of everything (the 20 files and g's few blocks),
     // where flushing only g re-uploaded its partial block at every write.
     assert!(puts <= 60, "{puts} uploads for 20 KB written");

@@ -13,7 +13,7 @@ pub struct FaultyStore {
     lose_acks_for: std::sync::Mutex<Option<String>>,
     /// Puts of keys with this prefix fail without landing.
     fail_puts_for: std::sync::Mutex<Option<String>>,
-    puts: AtomicU64,
+    block_puts: AtomicU64,
 }
 
 impl FaultyStore {
@@ -25,7 +25,7 @@ impl FaultyStore {
             fail_lists: AtomicBool::new(false),
             lose_acks_for: std::sync::Mutex::new(None),
             fail_puts_for: std::sync::Mutex::new(None),
-            puts: AtomicU64::new(0),
+            block_puts: AtomicU64::new(0),
         }
     }
     pub fn set_fail_puts(&self, fail: bool) {
@@ -48,8 +48,9 @@ impl FaultyStore {
             _ => Ok(()),
         }
     }
-    pub fn puts(&self) -> u64 {
-        self.puts.load(Ordering::SeqCst)
+    /// Blocks written (the lease thread's renewals, at any moment, are not counted).
+    pub fn block_puts(&self) -> u64 {
+        self.block_puts.load(Ordering::SeqCst)
     }
     pub fn set_fail_puts_for(&self, prefix: Option<&str>) {
         *self.fail_puts_for.lock().unwrap() = prefix.map(str::to_string);
@@ -62,7 +63,9 @@ impl FaultyStore {
         if self.fail_puts.load(Ordering::SeqCst) || failing_prefix {
             return Err(StoreError::Io(format!("{key}: injected put failure")));
         }
-        self.puts.fetch_add(1, Ordering::SeqCst);
+        if key.starts_with("blocks/") {
+            self.block_puts.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 }
