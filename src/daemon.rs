@@ -360,7 +360,7 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     fuse_config.n_threads = Some(settings.threads);
     fuse_config.clone_fd = true;
     let notifier = Arc::new(std::sync::OnceLock::new());
-    let adapter = FuseAdapter::new(volume.clone(), notifier.clone(), settings.io_uring);
+    let adapter = FuseAdapter::new(volume.clone(), notifier.clone());
     let access = if settings.allow_other {
         crate::fuse::Access::Anyone
     } else {
@@ -369,7 +369,8 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     };
     // Before the mount: fuser handles INIT while mounting, and whether INIT asks for
     // io_uring depends on the queue threads being ready.
-    let ring = crate::fuse::RingTransport::prepare(&adapter, settings.threads, access);
+    let ring =
+        crate::fuse::RingTransport::prepare(&adapter, settings.io_uring, settings.threads, access);
     let mounting = |e: std::io::Error| format!("mounting {}: {e}", mountpoint.display());
     let session = fuser::Session::new(adapter, mountpoint, &fuse_config).map_err(mounting)?;
     let dev = std::os::fd::AsFd::as_fd(&session)

@@ -37,9 +37,8 @@ pub struct FuseAdapter {
     /// Set once the session is up: lets a request handler tell the kernel to
     /// forget attributes it would otherwise keep for the whole TTL.
     notifier: Arc<OnceLock<fuser::Notifier>>,
-    /// `--io-uring`; whether the queue threads all started, so INIT may ask the
-    /// kernel for io_uring; and whether it agreed.
-    want_ring: bool,
+    /// Whether the io_uring queue threads all started (`--io-uring`), so INIT may
+    /// ask the kernel for io_uring; and whether it agreed.
     ring_prepared: Arc<AtomicBool>,
     ring_state: Arc<AtomicU8>,
 }
@@ -66,11 +65,7 @@ pub(crate) enum Sized {
 }
 
 impl FuseAdapter {
-    pub fn new(
-        volume: Arc<Volume>,
-        notifier: Arc<OnceLock<fuser::Notifier>>,
-        want_ring: bool,
-    ) -> FuseAdapter {
+    pub fn new(volume: Arc<Volume>, notifier: Arc<OnceLock<fuser::Notifier>>) -> FuseAdapter {
         let open_flags = if volume.config().read_only {
             FopenFlags::empty()
         } else {
@@ -88,7 +83,6 @@ impl FuseAdapter {
             ttl,
             open_flags,
             notifier,
-            want_ring,
             ring_prepared: Arc::new(AtomicBool::new(false)),
             ring_state: Arc::new(AtomicU8::new(RING_PENDING)),
         }

@@ -22,42 +22,57 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-// Opcodes (include/uapi/linux/fuse.h).
-const LOOKUP: u32 = 1;
-const GETATTR: u32 = 3;
-const SETATTR: u32 = 4;
-const READLINK: u32 = 5;
-const SYMLINK: u32 = 6;
-const MKNOD: u32 = 8;
-const MKDIR: u32 = 9;
-const UNLINK: u32 = 10;
-const RMDIR: u32 = 11;
-const RENAME: u32 = 12;
-const LINK: u32 = 13;
-const OPEN: u32 = 14;
-const READ: u32 = 15;
-const WRITE: u32 = 16;
-const STATFS: u32 = 17;
-const RELEASE: u32 = 18;
-const FSYNC: u32 = 20;
-const SETXATTR: u32 = 21;
-const GETXATTR: u32 = 22;
-const LISTXATTR: u32 = 23;
-const REMOVEXATTR: u32 = 24;
-const FLUSH: u32 = 25;
-const OPENDIR: u32 = 27;
-const READDIR: u32 = 28;
-const RELEASEDIR: u32 = 29;
-const FSYNCDIR: u32 = 30;
-const ACCESS: u32 = 34;
-const CREATE: u32 = 35;
-const DESTROY: u32 = 38;
-const IOCTL: u32 = 39;
-const FALLOCATE: u32 = 43;
-const READDIRPLUS: u32 = 44;
-const RENAME2: u32 = 45;
-const LSEEK: u32 = 46;
-const COPY_FILE_RANGE: u32 = 47;
+/// Opcodes (include/uapi/linux/fuse.h), and their names for the debug log.
+macro_rules! opcodes {
+    ($($name:ident = $code:literal),* $(,)?) => {
+        $(const $name: u32 = $code;)*
+
+        fn opcode_name(opcode: u32) -> Option<&'static str> {
+            match opcode {
+                $($code => Some(stringify!($name)),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+opcodes! {
+    LOOKUP = 1,
+    GETATTR = 3,
+    SETATTR = 4,
+    READLINK = 5,
+    SYMLINK = 6,
+    MKNOD = 8,
+    MKDIR = 9,
+    UNLINK = 10,
+    RMDIR = 11,
+    RENAME = 12,
+    LINK = 13,
+    OPEN = 14,
+    READ = 15,
+    WRITE = 16,
+    STATFS = 17,
+    RELEASE = 18,
+    FSYNC = 20,
+    SETXATTR = 21,
+    GETXATTR = 22,
+    LISTXATTR = 23,
+    REMOVEXATTR = 24,
+    FLUSH = 25,
+    OPENDIR = 27,
+    READDIR = 28,
+    RELEASEDIR = 29,
+    FSYNCDIR = 30,
+    ACCESS = 34,
+    CREATE = 35,
+    DESTROY = 38,
+    IOCTL = 39,
+    FALLOCATE = 43,
+    READDIRPLUS = 44,
+    RENAME2 = 45,
+    LSEEK = 46,
+    COPY_FILE_RANGE = 47,
+}
 
 // setattr's `valid` bits.
 const FATTR_MODE: u32 = 1 << 0;
@@ -122,12 +137,17 @@ impl RingTransport {
     /// that worked does INIT ask the kernel for io_uring. Once the kernel agrees, it
     /// holds every request until each queue has a slot, so a queue that could not be
     /// set up must not be left to chance.
-    pub fn prepare(adapter: &FuseAdapter, threads: usize, access: Access) -> RingTransport {
+    pub fn prepare(
+        adapter: &FuseAdapter,
+        wanted: bool,
+        threads: usize,
+        access: Access,
+    ) -> RingTransport {
         let mut transport = RingTransport {
             threads: Vec::new(),
             dev: Arc::new(OnceLock::new()),
         };
-        if !adapter.want_ring {
+        if !wanted {
             log::info!("FUSE transport: /dev/fuse");
             return transport;
         }
@@ -447,47 +467,7 @@ fn answer(adapter: &FuseAdapter, slot: &mut Slot, scratch: &mut Vec<u8>, access:
 /// The request's name in the debug log, as fuser's loop writes it (with the
 /// attribute name of xattr requests).
 fn describe(opcode: u32, input: &[u8]) -> String {
-    let known = [
-        (LOOKUP, "LOOKUP"),
-        (GETATTR, "GETATTR"),
-        (SETATTR, "SETATTR"),
-        (READLINK, "READLINK"),
-        (SYMLINK, "SYMLINK"),
-        (MKNOD, "MKNOD"),
-        (MKDIR, "MKDIR"),
-        (UNLINK, "UNLINK"),
-        (RMDIR, "RMDIR"),
-        (RENAME, "RENAME"),
-        (LINK, "LINK"),
-        (OPEN, "OPEN"),
-        (READ, "READ"),
-        (WRITE, "WRITE"),
-        (STATFS, "STATFS"),
-        (RELEASE, "RELEASE"),
-        (FSYNC, "FSYNC"),
-        (SETXATTR, "SETXATTR"),
-        (GETXATTR, "GETXATTR"),
-        (LISTXATTR, "LISTXATTR"),
-        (REMOVEXATTR, "REMOVEXATTR"),
-        (FLUSH, "FLUSH"),
-        (OPENDIR, "OPENDIR"),
-        (READDIR, "READDIR"),
-        (RELEASEDIR, "RELEASEDIR"),
-        (FSYNCDIR, "FSYNCDIR"),
-        (ACCESS, "ACCESS"),
-        (CREATE, "CREATE"),
-        (DESTROY, "DESTROY"),
-        (IOCTL, "IOCTL"),
-        (FALLOCATE, "FALLOCATE"),
-        (READDIRPLUS, "READDIRPLUS"),
-        (RENAME2, "RENAME2"),
-        (LSEEK, "LSEEK"),
-        (COPY_FILE_RANGE, "COPY_FILE_RANGE"),
-    ];
-    let op_name = known
-        .iter()
-        .find(|(code, _)| *code == opcode)
-        .map_or_else(|| format!("opcode {opcode}"), |(_, n)| n.to_string());
+    let op_name = opcode_name(opcode).map_or_else(|| format!("opcode {opcode}"), str::to_string);
     match opcode {
         GETXATTR | SETXATTR | REMOVEXATTR => match name(input) {
             Ok(n) => format!("{op_name} name {:?}", String::from_utf8_lossy(n)),
@@ -668,7 +648,7 @@ impl Reply<'_> {
     /// `struct fuse_dirent` (name padded to 8 bytes); false when it does not fit
     /// in `limit`.
     fn dirent(&mut self, limit: usize, ino: u64, next: u64, kind_mode: u32, name: &[u8]) -> bool {
-        let len = (24 + name.len()).next_multiple_of(8);
+        let len = dirent_len(name);
         if self.len + len > limit {
             return false;
         }
@@ -815,8 +795,7 @@ fn serve(
         READDIRPLUS => {
             let limit = (u32_at(op, 16) as usize).min(out.buf.len());
             for (next, e, a) in fs.dir_entries_plus(ino, u64_at(op, 0), u64_at(op, 8))? {
-                let dirent_len = (24 + e.name.len()).next_multiple_of(8);
-                if out.len + ENTRY_OUT_LEN + dirent_len > limit {
+                if out.len + ENTRY_OUT_LEN + dirent_len(&e.name) > limit {
                     break;
                 }
                 out.entry(&a, ttl, blksize);
@@ -867,6 +846,11 @@ fn write(fs: &FuseAdapter, req: &Request, op: &[u8; 128], data: &[u8]) -> Result
 }
 
 const ENTRY_OUT_LEN: usize = 40 + 88;
+
+/// `struct fuse_dirent` with its name, padded to 8 bytes.
+fn dirent_len(name: &[u8]) -> usize {
+    (24 + name.len()).next_multiple_of(8)
+}
 
 fn xattr(out: &mut Reply, s: Sized) {
     match s {
