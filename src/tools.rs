@@ -80,6 +80,15 @@ fn stored_bytes(volume: &Volume) -> u64 {
                         *v = (*v).max(u64::from(*len));
                     }
                     Extent::Inline(d) => inline += d.len() as u64,
+                    Extent::Patched {
+                        base, base_len, ..
+                    } => {
+                        if let Some(id) = base {
+                            let v = blocks.entry(*id).or_default();
+                            *v = (*v).max(u64::from(*base_len));
+                        }
+                        inline += e.patch_bytes();
+                    }
                 }
             }
         }
@@ -159,8 +168,8 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
                 }
             }
             for e in inode.extents.values() {
-                if let Extent::Block { id, .. } = e {
-                    referenced.entry(*id).or_default().push(inode.ino);
+                if let Some(id) = e.block_id() {
+                    referenced.entry(id).or_default().push(inode.ino);
                 }
             }
         }

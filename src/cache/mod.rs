@@ -325,6 +325,12 @@ impl BlockCache {
         small
     }
 
+    /// A buffer its owner is done with, for `buffer` to hand out again (its pages
+    /// are already mapped). One still shared is reused once the others let go.
+    pub fn recycle(&self, buf: Block) {
+        self.pool.give(buf);
+    }
+
     /// An empty buffer with room for at least `capacity` bytes, reused if one is free.
     pub fn buffer(&self, capacity: usize) -> Vec<u8> {
         let mut buf = self.pool.take();

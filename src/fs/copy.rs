@@ -184,6 +184,10 @@ impl Volume {
             if let Some(b) = dst_file.dirty.remove(&s.dst_slot) {
                 removed += b.data.len() as u64;
             }
+            let patched = extent.as_ref().map_or(0, Extent::patch_bytes);
+            if patched > 0 {
+                self.patched.lock().unwrap().note(dst, 0, patched);
+            }
             match extent {
                 Some(e) => state.index.set_extent(dst, s.dst_slot, e),
                 None => state.index.remove_extent(dst, s.dst_slot),

@@ -1,6 +1,7 @@
 //! File contents: dirty block buffers (write-back), reads that merge dirty and stored
 //! blocks, truncation, and sealing dirty blocks into the store.
 
+use super::patch::Patchable;
 use super::{Ctx, FsError, FsResult, MAX_FILE_SIZE, Volume};
 use crate::block::BlockId;
 use crate::index::{Extent, Ino, Kind, Timestamp, UploadStart};
@@ -14,6 +15,9 @@ use std::time::Duration;
 pub(super) struct DirtyBlock {
     pub(super) data: Arc<Vec<u8>>,
     pub(super) version: u64,
+    /// Set while the change can be stored as patches over the slot's stored
+    /// content (see `patch`); None: the buffer is uploaded whole.
+    pub(super) patchable: Option<Patchable>,
 }
 
 #[derive(Default)]
@@ -58,6 +62,7 @@ impl ReadData {
 enum Piece {
     Bytes(Vec<u8>),
     Block { id: BlockId, len: u64 },
+    Patched(Extent),
     Zeros,
 }
 
@@ -66,6 +71,9 @@ struct Sealed {
     slot: u64,
     version: u64,
     data: Arc<Vec<u8>>,
+    /// Store it as these patches instead, if the slot still holds the base they
+    /// were made against (the second extent; None: a hole).
+    patch: Option<(Extent, Option<Extent>)>,
 }
 
 impl Volume {
@@ -84,7 +92,7 @@ impl Volume {
         self.files.lock().unwrap().entry(ino).or_default().clone()
     }
 
-    fn next_version(&self) -> u64 {
+    pub(super) fn next_version(&self) -> u64 {
         self.versions.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -127,6 +135,7 @@ impl Volume {
                         id: *id,
                         len: u64::from(*len),
                     },
+                    (None, Some(e @ Extent::Patched { .. })) => Piece::Patched(e.clone()),
                     (None, None) => Piece::Zeros,
                 };
                 plan.push((slot, piece));
@@ -136,10 +145,7 @@ impl Volume {
             let ahead: Vec<BlockId> = read_plan
                 .prefetch
                 .filter(|slot| !dirty(slot))
-                .filter_map(|slot| match inode.extents.get(&slot) {
-                    Some(Extent::Block { id, .. }) => Some(*id),
-                    _ => None,
-                })
+                .filter_map(|slot| inode.extents.get(&slot).and_then(Extent::block_id))
                 .collect();
             self.touch_atime(&mut state, ino);
             let behind = match read_plan.streaming {
@@ -152,6 +158,7 @@ impl Volume {
         self.prefetch(ahead);
         let blocks = self.fetch_all(plan.iter().filter_map(|(_, p)| match p {
             Piece::Block { id, .. } => Some(*id),
+            Piece::Patched(e) => e.block_id(),
             _ => None,
         }))?;
         for id in &behind {
@@ -173,6 +180,21 @@ impl Volume {
                 Piece::Block { id, len } => {
                     let b = &blocks[id];
                     &b[..(*len as usize).min(b.len())]
+                }
+                Piece::Patched(e) => {
+                    let lo = start.max(slot_start);
+                    let hi = end.min(slot_start + e.len());
+                    if lo < hi {
+                        let base = e.block_id().map(|id| blocks[&id].as_slice());
+                        let dst = &mut out[(lo - start) as usize..(hi - start) as usize];
+                        e.read_into(
+                            base,
+                            (lo - slot_start) as usize,
+                            (hi - slot_start) as usize,
+                            dst,
+                        );
+                    }
+                    continue;
                 }
                 Piece::Zeros => &[],
             };
@@ -270,23 +292,33 @@ impl Volume {
     }
 
     /// The current bytes of one slot, for a partial overwrite that will fill it up
-    /// to `hi`.
-    fn slot_base(&self, ino: Ino, slot: u64, hi: usize) -> FsResult<Vec<u8>> {
+    /// to `hi`, and the extent they came from.
+    fn slot_base(&self, ino: Ino, slot: u64, hi: usize) -> FsResult<(Vec<u8>, Option<Extent>)> {
         let extent = {
             let state = self.state();
             Self::inode(&state, ino)?.extents.get(&slot).cloned()
         };
-        Ok(match extent {
+        let bytes = match &extent {
             None => self.slot_buffer(hi),
-            Some(Extent::Inline(b)) => b,
-            Some(Extent::Block { id, len }) => {
-                let b = self.cache.get(id)?;
-                let valid = &b[..(len as usize).min(b.len())];
-                let mut buf = self.slot_buffer(valid.len().max(hi));
-                buf.extend_from_slice(valid);
-                buf
-            }
-        })
+            Some(e) => self.slot_content(e, hi)?,
+        };
+        Ok((bytes, extent))
+    }
+
+    /// What a slot with this extent holds, in a buffer with room for `hi` bytes.
+    pub(super) fn slot_content(&self, extent: &Extent, hi: usize) -> FsResult<Vec<u8>> {
+        if let Extent::Inline(b) = extent {
+            return Ok(b.clone());
+        }
+        let block = match extent.block_id() {
+            Some(id) => Some(self.cache.get(id)?),
+            None => None,
+        };
+        let len = extent.len() as usize;
+        let mut buf = self.slot_buffer(len.max(hi));
+        buf.resize(len, 0);
+        extent.read_into(block.as_ref().map(|b| b.as_slice()), 0, len, &mut buf);
+        Ok(buf)
     }
 
     /// A buffer for a slot about to hold `filled` bytes. A mostly full one reuses a
@@ -347,20 +379,27 @@ impl Volume {
             let hi = (end.min(slot_start + bs) - slot_start) as usize;
             if let std::collections::btree_map::Entry::Vacant(e) = file.dirty.entry(slot) {
                 let whole = lo == 0 && hi as u64 == bs;
-                let base = if whole {
-                    self.slot_buffer(hi)
+                let (base, patchable) = if whole {
+                    (self.slot_buffer(hi), None)
                 } else {
-                    self.slot_base(ino, slot, hi)?
+                    let (bytes, extent) = self.slot_base(ino, slot, hi)?;
+                    (bytes, Patchable::over(extent))
                 };
                 added += base.len() as i64;
                 e.insert(DirtyBlock {
                     data: Arc::new(base),
                     version: 0,
+                    patchable,
                 });
             }
             let version = self.next_version();
             let block = file.dirty.get_mut(&slot).expect("inserted above");
             block.version = version;
+            if let Some(p) = &mut block.patchable
+                && !p.note(lo, hi)
+            {
+                block.patchable = None;
+            }
             let buf = Arc::make_mut(&mut block.data);
             if buf.len() < hi {
                 added += (hi - buf.len()) as i64;
@@ -467,6 +506,7 @@ impl Volume {
                     removed += (b.data.len() - keep) as u64;
                     Arc::make_mut(&mut b.data).truncate(keep);
                     b.version = version;
+                    b.patchable = None;
                 }
             }
             self.account_dirty(-(removed as i64));
@@ -591,6 +631,8 @@ impl Volume {
                 self.state().index.mark_data_flushed(ino);
                 return Ok(());
             }
+            let state = self.state();
+            let inode = state.index.get(ino);
             let sealed: Vec<Sealed> = file
                 .dirty
                 .iter()
@@ -598,10 +640,13 @@ impl Volume {
                     slot,
                     version: b.version,
                     data: b.data.clone(),
+                    patch: b.patchable.as_ref().and_then(|p| {
+                        let now = inode.and_then(|i| i.extents.get(&slot));
+                        self.patch_for(p, now, &b.data)
+                    }),
                 })
                 .collect();
-            let size = self.state().index.get(ino).map_or(0, |i| i.size);
-            (sealed, size)
+            (sealed, inode.map_or(0, |i| i.size))
         };
         let inline_max = u64::from(self.superblock.inline_max);
         let results = self.seal_all(&sealed, size <= inline_max);
@@ -609,23 +654,44 @@ impl Volume {
         let mut state = self.state();
         let mut first_error = None;
         let mut cleaned = 0u64;
+        let mut again = false;
+        // Buffers of slots stored as patches or inline: the cache has no hold on
+        // them, so the next slot loaded can reuse them.
+        let mut spare = Vec::new();
         for (s, result) in sealed.iter().zip(results) {
             match result {
                 Ok(extent) => {
-                    let current = file
-                        .dirty
-                        .get(&s.slot)
-                        .is_some_and(|b| b.version == s.version);
-                    let id = match &extent {
+                    let uploaded = match &extent {
                         Extent::Block { id, .. } => Some(*id),
-                        Extent::Inline(_) => None,
+                        _ => None,
                     };
-                    if current {
-                        state.index.set_extent(ino, s.slot, extent);
-                        file.dirty.remove(&s.slot);
-                        cleaned += s.data.len() as u64;
+                    let block = file
+                        .dirty
+                        .get_mut(&s.slot)
+                        .filter(|b| b.version == s.version);
+                    let now = state.index.get(ino).and_then(|i| i.extents.get(&s.slot));
+                    let moved = s.patch.as_ref().is_some_and(|(_, base)| now != base.as_ref());
+                    if let Some(block) = block {
+                        if moved {
+                            // The patches were made against what the slot held
+                            // before: upload the whole block instead.
+                            block.patchable = None;
+                            again = true;
+                        } else {
+                            let old = now.map_or(0, Extent::patch_bytes);
+                            self.patched
+                                .lock()
+                                .unwrap()
+                                .note(ino, old, extent.patch_bytes());
+                            state.index.set_extent(ino, s.slot, extent);
+                            let done = file.dirty.remove(&s.slot);
+                            cleaned += s.data.len() as u64;
+                            if uploaded.is_none() {
+                                spare.extend(done.map(|b| b.data));
+                            }
+                        }
                     }
-                    if let Some(id) = id {
+                    if let Some(id) = uploaded {
                         state.index.end_upload(id);
                     }
                 }
@@ -644,7 +710,36 @@ impl Volume {
             file.error = Some((self.next_error_seq(), e.clone()));
             return Err(e);
         }
+        drop(state);
+        drop(file);
+        drop(sealed);
+        for buf in spare {
+            self.cache.recycle(buf);
+        }
+        if again {
+            return self.flush_file(ino);
+        }
         Ok(())
+    }
+
+    /// The patches to store a dirty slot as, if it still has the base they go
+    /// over (`now`) and they fit the budget; with the base they need.
+    fn patch_for(
+        &self,
+        p: &Patchable,
+        now: Option<&Extent>,
+        data: &[u8],
+    ) -> Option<(Extent, Option<Extent>)> {
+        if now != p.base.as_ref() {
+            return None;
+        }
+        let patch = p.patch(data)?;
+        let more = patch.patch_bytes().saturating_sub(now.map_or(0, Extent::patch_bytes));
+        self.patched
+            .lock()
+            .unwrap()
+            .room_for(more)
+            .then(|| (patch, p.base.clone()))
     }
 
     /// Encodes and uploads blocks in parallel, bounded by `upload_threads`.
@@ -652,6 +747,9 @@ impl Volume {
         let seal = |s: &Sealed| -> FsResult<Extent> {
             if inline && s.slot == 0 {
                 return Ok(Extent::Inline(s.data.to_vec()));
+            }
+            if let Some((patch, _)) = &s.patch {
+                return Ok(patch.clone());
             }
             let id = self.upload_block(&s.data)?;
             Ok(Extent::Block {
@@ -705,7 +803,7 @@ impl Volume {
     }
 
     /// Forgets a file's data state once nothing is dirty and no writer holds it.
-    fn drop_clean_file_data(&self, ino: Ino) {
+    pub(super) fn drop_clean_file_data(&self, ino: Ino) {
         let mut files = self.files.lock().unwrap();
         let removable = files.get(&ino).is_some_and(|fd| {
             Arc::strong_count(fd) == 1

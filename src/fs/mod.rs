@@ -5,6 +5,7 @@ pub mod acl;
 mod copy;
 mod data;
 mod error;
+mod patch;
 mod persist;
 mod prefetch;
 pub use prefetch::{LOCAL_PREFETCH_WORKERS, REMOTE_PREFETCH_WORKERS};
@@ -293,6 +294,8 @@ pub struct Volume {
     graveyard: Mutex<Vec<Arc<Mutex<FileData>>>>,
     dirty_bytes: AtomicU64,
     versions: AtomicU64,
+    /// Files with slots stored as patches (`Extent::Patched`), for folding.
+    patched: Mutex<patch::PatchedFiles>,
     /// Sequence of write-back errors (per-descriptor reporting).
     error_seq: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -391,6 +394,7 @@ impl Volume {
             graveyard: Mutex::new(Vec::new()),
             dirty_bytes: AtomicU64::new(0),
             versions: AtomicU64::new(1),
+            patched: Mutex::default(),
             error_seq: AtomicU64::new(0),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),

@@ -84,6 +84,7 @@ impl Volume {
         }
         drop(journal);
         self.resume_frees();
+        self.note_loaded_patches();
         Ok(())
     }
 
@@ -384,6 +385,7 @@ impl Volume {
                     }
                 }
             }
+            self.fold_patches(false);
             self.delete_freed_blocks(self.config.free_grace);
         }
     }

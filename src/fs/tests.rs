@@ -645,6 +645,7 @@ mod model {
         Truncate(u64),
         Flush,
         Fsync,
+        Fold,
         Reload,
     }
 
@@ -652,9 +653,13 @@ mod model {
         prop_oneof![
             4 => (0u64..40_000, 1usize..9000, any::<u8>())
                 .prop_map(|(offset, len, byte)| Op::Write { offset, len, byte }),
+            // Small ones: stored as patches over the blocks at the next flush.
+            3 => (0u64..40_000, 1usize..300, any::<u8>())
+                .prop_map(|(offset, len, byte)| Op::Write { offset, len, byte }),
             1 => (0u64..40_000).prop_map(Op::Truncate),
             1 => Just(Op::Flush),
             1 => Just(Op::Fsync),
+            1 => Just(Op::Fold),
             1 => Just(Op::Reload),
         ]
     }
@@ -713,6 +718,7 @@ mod model {
                 }
                 Op::Flush => v.flush_file(f).unwrap(),
                 Op::Fsync => v.fsync(f).unwrap(),
+                Op::Fold => v.fold_patches(true),
                 Op::Reload => {
                     r.stop();
                     r = Running::start(&store, workers);
@@ -990,7 +996,7 @@ fn extent_ids(v: &Volume, ino: Ino) -> Vec<(u64, BlockId)> {
             .iter()
             .filter_map(|(&slot, e)| match e {
                 Extent::Block { id, .. } => Some((slot, *id)),
-                Extent::Inline(_) => None,
+                _ => None,
             })
             .collect()
     })
@@ -1211,16 +1217,96 @@ fn small_overwrites_inside_full_blocks_wait_for_the_flush() {
     v.write(f, 3 * bs - 10, &[7u8; 10]).unwrap();
     v.uploader.wait_for(f);
     assert_eq!(store.block_puts(), before + 1);
-    // The flush uploads each changed block once.
+    // The flush keeps the other blocks' few changed bytes as patches: no upload.
     v.flush_file(f).unwrap();
-    assert_eq!(store.block_puts(), before + 8);
+    assert_eq!(store.block_puts(), before + 1);
     let mut model = pattern(8 * BS as usize, 1);
     for i in 0..200u64 {
         model[((i % 8) * bs + 100 + i) as usize] = b'x';
     }
     model[3 * BS as usize - 10..3 * BS as usize].fill(7);
     assert_eq!(read_all(&v, f), model);
+    assert_eq!(patched_slots(&v, f), vec![0, 1, 3, 4, 5, 6, 7]);
+    // Folding makes them plain blocks again, each uploaded once.
+    v.fold_patches(true);
+    assert_eq!(store.block_puts(), before + 8);
+    assert!(patched_slots(&v, f).is_empty());
+    assert_eq!(read_all(&v, f), model);
     bg.stop();
+}
+
+fn patched_slots(v: &Volume, ino: Ino) -> Vec<u64> {
+    v.with_index(|ix| {
+        ix.get(ino)
+            .unwrap()
+            .extents
+            .iter()
+            .filter(|(_, e)| matches!(e, Extent::Patched { .. }))
+            .map(|(&slot, _)| slot)
+            .collect()
+    })
+}
+
+#[test]
+fn fsync_of_small_changes_stores_patches_that_survive_reload_follow_and_gc() {
+    let config = VolumeConfig {
+        commit_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let (store, v, bg) = counting_volume(config);
+    let bs = BS as usize;
+    let f = file(&v, ROOT_INO, "db");
+    let mut model = pattern(3 * bs + 1000, 7);
+    v.write(f, 0, &model).unwrap();
+    v.fsync(f).unwrap();
+    let follower = open_ro(&(store.clone() as Arc<dyn ObjectStore>));
+    let before = store.block_puts();
+    // A log appended and synced, and a page rewritten in place, as a database does.
+    for i in 0..6 {
+        let at = 3 * bs + 1000 + i * 100;
+        let rec = pattern(100, 100 + i as u32);
+        v.write(f, at as u64, &rec).unwrap();
+        model.extend_from_slice(&rec);
+        let page = pattern(200, 200 + i as u32);
+        v.write(f, bs as u64 + 512, &page).unwrap();
+        model[bs + 512..bs + 712].copy_from_slice(&page);
+        v.fsync(f).unwrap();
+    }
+    assert_eq!(store.block_puts(), before, "fsync uploaded a whole block");
+    assert_eq!(patched_slots(&v, f), vec![1, 3]);
+    assert_eq!(read_all(&v, f), model);
+    follower.refresh().unwrap();
+    assert_eq!(read_all(&follower, f), model);
+    // Cut inside the patched tail and grown again: zeros there, not old bytes.
+    v.setattr(f, SetAttr { size: Some(3 * BS as u64 + 1250), ..Default::default() }).unwrap();
+    v.setattr(f, SetAttr { size: Some(3 * BS as u64 + 1400), ..Default::default() }).unwrap();
+    model.truncate(3 * bs + 1250);
+    model.resize(3 * bs + 1400, 0);
+    v.fsync(f).unwrap();
+    assert_eq!(read_all(&v, f), model);
+    drop(follower);
+    bg.stop();
+    v.shutdown().unwrap();
+    drop(v);
+    // The next writer reads them (their base blocks stay referenced, so neither
+    // the freeing of blocks nor gc takes those away) and folds them.
+    let store: Arc<dyn ObjectStore> = store;
+    let v = open(&store);
+    assert_eq!(read_all(&v, f), model);
+    let bases: Vec<BlockId> = v.with_index(|ix| {
+        let inode = ix.get(f).unwrap();
+        let bases: Vec<BlockId> = inode.extents.values().filter_map(Extent::block_id).collect();
+        assert!(bases.iter().all(|id| ix.ledger().refs(id) > 0));
+        bases
+    });
+    assert_eq!(bases.len(), 4);
+    assert_eq!(v.patched.lock().unwrap().take_due(true).len(), 1);
+    v.note_loaded_patches();
+    v.fold_patches(true);
+    assert!(patched_slots(&v, f).is_empty());
+    assert_eq!(read_all(&v, f), model);
+    v.shutdown().unwrap();
+    assert_eq!(read_all(&open_ro(&store), f), model);
 }
 
 #[test]

@@ -129,6 +129,12 @@ impl Volume {
                         .is_some_and(|b| b.version == job.version);
                     if current {
                         let len = data.len() as u32;
+                        let patched = state
+                            .index
+                            .get(job.ino)
+                            .and_then(|i| i.extents.get(&job.slot))
+                            .map_or(0, Extent::patch_bytes);
+                        self.patched.lock().unwrap().note(job.ino, patched, 0);
                         state
                             .index
                             .set_extent(job.ino, job.slot, Extent::Block { id, len });

@@ -42,31 +42,100 @@ pub enum Kind {
 /// anything after them up to the file size reads as zeros.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Extent {
-    Block { id: BlockId, len: u32 },
+    Block {
+        id: BlockId,
+        len: u32,
+    },
     Inline(Vec<u8>),
+    /// A stored block (or zeros: `base` None) with small byte ranges written over
+    /// it, kept in the index: an fsync of a small change to a big file journals the
+    /// changed bytes instead of uploading a whole new block. The slot holds `len`
+    /// bytes: the first `base_len` bytes of `base`, zeros after them, then
+    /// `patches` (sorted, disjoint, each `(offset, bytes)`) laid over that. The
+    /// volume folds it into a plain block later (`Volume::fold_patches`).
+    Patched {
+        base: Option<BlockId>,
+        base_len: u32,
+        len: u32,
+        patches: Vec<(u32, Vec<u8>)>,
+    },
 }
 
 impl Extent {
     pub fn len(&self) -> u64 {
         match self {
-            Extent::Block { len, .. } => u64::from(*len),
+            Extent::Block { len, .. } | Extent::Patched { len, .. } => u64::from(*len),
             Extent::Inline(d) => d.len() as u64,
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn block_id(&self) -> Option<BlockId> {
+    /// The stored block this extent reads from, if any.
+    pub fn block_id(&self) -> Option<BlockId> {
         match self {
             Extent::Block { id, .. } => Some(*id),
+            Extent::Patched { base, .. } => *base,
             Extent::Inline(_) => None,
+        }
+    }
+    /// Bytes of patches a `Patched` extent keeps in the index.
+    pub fn patch_bytes(&self) -> u64 {
+        match self {
+            Extent::Patched { patches, .. } => patches.iter().map(|(_, b)| b.len() as u64).sum(),
+            _ => 0,
         }
     }
     /// Keeps only the first `keep` bytes.
     pub fn clip(&mut self, keep: u64) {
+        let keep32 = keep.min(u64::from(u32::MAX)) as u32;
         match self {
-            Extent::Block { len, .. } => *len = (*len).min(keep as u32),
+            Extent::Block { len, .. } => *len = (*len).min(keep32),
             Extent::Inline(d) => d.truncate(keep as usize),
+            Extent::Patched {
+                base_len,
+                len,
+                patches,
+                ..
+            } => {
+                *len = (*len).min(keep32);
+                *base_len = (*base_len).min(keep32);
+                patches.retain(|(at, _)| *at < keep32);
+                for (at, bytes) in patches.iter_mut() {
+                    bytes.truncate((keep32 - *at) as usize);
+                }
+            }
+        }
+    }
+
+    /// Bytes `lo..hi` of the slot (`hi` at most `len()`) into `out`, which must be
+    /// zeroed and `hi - lo` long; `block` is the plain base block, when there is one.
+    /// For `Block` and `Inline` extents too.
+    pub fn read_into(&self, block: Option<&[u8]>, lo: usize, hi: usize, out: &mut [u8]) {
+        let copy = |src: &[u8], at: usize, out: &mut [u8]| {
+            let (from, to) = (lo.max(at), hi.min(at + src.len()));
+            if from < to {
+                out[from - lo..to - lo].copy_from_slice(&src[from - at..to - at]);
+            }
+        };
+        let valid = |b: &'_ [u8], n: u32| -> usize { (n as usize).min(b.len()) };
+        match self {
+            Extent::Inline(d) => copy(d, 0, out),
+            Extent::Block { len, .. } => {
+                if let Some(b) = block {
+                    copy(&b[..valid(b, *len)], 0, out);
+                }
+            }
+            Extent::Patched {
+                base_len, patches, ..
+            } => {
+                if let Some(b) = block {
+                    copy(&b[..valid(b, *base_len)], 0, out);
+                }
+                for (at, bytes) in patches {
+                    copy(bytes, *at as usize, out);
+                }
+            }
         }
     }
 }
