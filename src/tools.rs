@@ -80,9 +80,7 @@ fn stored_bytes(volume: &Volume) -> u64 {
                         *v = (*v).max(u64::from(*len));
                     }
                     Extent::Inline(d) => inline += d.len() as u64,
-                    Extent::Patched {
-                        base, base_len, ..
-                    } => {
+                    Extent::Patched { base, base_len, .. } => {
                         if let Some(id) = base {
                             let v = blocks.entry(*id).or_default();
                             *v = (*v).max(u64::from(*base_len));

@@ -670,7 +670,10 @@ impl Volume {
                         .get_mut(&s.slot)
                         .filter(|b| b.version == s.version);
                     let now = state.index.get(ino).and_then(|i| i.extents.get(&s.slot));
-                    let moved = s.patch.as_ref().is_some_and(|(_, base)| now != base.as_ref());
+                    let moved = s
+                        .patch
+                        .as_ref()
+                        .is_some_and(|(_, base)| now != base.as_ref());
                     if let Some(block) = block {
                         if moved {
                             // The patches were made against what the slot held
@@ -734,7 +737,9 @@ impl Volume {
             return None;
         }
         let patch = p.patch(data)?;
-        let more = patch.patch_bytes().saturating_sub(now.map_or(0, Extent::patch_bytes));
+        let more = patch
+            .patch_bytes()
+            .saturating_sub(now.map_or(0, Extent::patch_bytes));
         self.patched
             .lock()
             .unwrap()

@@ -196,7 +196,9 @@ impl Volume {
     }
 
     /// Each patched slot becomes a dirty slot with its whole content, written back
-    /// as a plain block; a slot already dirty is just made to upload whole.
+    /// as a plain block; a slot already dirty is just made to upload whole. Flushes
+    /// even with nothing to fold: the file's data state is dropped after this, and
+    /// a flush is what ends a pending size (`Index::mark_data_flushed`).
     fn fold_file(&self, ino: Ino) -> FsResult<()> {
         let fd = self.file_data_or_new(ino);
         {
@@ -213,9 +215,6 @@ impl Volume {
                     None => Vec::new(),
                 }
             };
-            if slots.is_empty() {
-                return Ok(());
-            }
             let mut added = 0i64;
             for (slot, extent) in slots {
                 if let Some(block) = file.dirty.get_mut(&slot) {

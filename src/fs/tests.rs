@@ -1278,8 +1278,22 @@ fn fsync_of_small_changes_stores_patches_that_survive_reload_follow_and_gc() {
     follower.refresh().unwrap();
     assert_eq!(read_all(&follower, f), model);
     // Cut inside the patched tail and grown again: zeros there, not old bytes.
-    v.setattr(f, SetAttr { size: Some(3 * BS as u64 + 1250), ..Default::default() }).unwrap();
-    v.setattr(f, SetAttr { size: Some(3 * BS as u64 + 1400), ..Default::default() }).unwrap();
+    v.setattr(
+        f,
+        SetAttr {
+            size: Some(3 * BS as u64 + 1250),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    v.setattr(
+        f,
+        SetAttr {
+            size: Some(3 * BS as u64 + 1400),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     model.truncate(3 * bs + 1250);
     model.resize(3 * bs + 1400, 0);
     v.fsync(f).unwrap();
@@ -1295,7 +1309,11 @@ fn fsync_of_small_changes_stores_patches_that_survive_reload_follow_and_gc() {
     assert_eq!(read_all(&v, f), model);
     let bases: Vec<BlockId> = v.with_index(|ix| {
         let inode = ix.get(f).unwrap();
-        let bases: Vec<BlockId> = inode.extents.values().filter_map(Extent::block_id).collect();
+        let bases: Vec<BlockId> = inode
+            .extents
+            .values()
+            .filter_map(Extent::block_id)
+            .collect();
         assert!(bases.iter().all(|id| ix.ledger().refs(id) > 0));
         bases
     });
