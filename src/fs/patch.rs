@@ -190,9 +190,20 @@ impl Volume {
         for ino in due {
             if let Err(e) = self.fold_file(ino) {
                 log::warn!("folding the patches of inode {ino} into blocks: {e}");
+                // Tried again later.
+                let left = self.patch_bytes_of(ino);
+                self.patched.lock().unwrap().note(ino, 0, left);
             }
             self.drop_clean_file_data(ino);
         }
+    }
+
+    fn patch_bytes_of(&self, ino: Ino) -> u64 {
+        let state = self.state();
+        state
+            .index
+            .get(ino)
+            .map_or(0, |i| i.extents.values().map(Extent::patch_bytes).sum())
     }
 
     /// Each patched slot becomes a dirty slot with its whole content, written back
@@ -215,14 +226,13 @@ impl Volume {
                     None => Vec::new(),
                 }
             };
-            let mut added = 0i64;
             for (slot, extent) in slots {
                 if let Some(block) = file.dirty.get_mut(&slot) {
                     block.patchable = None;
                     continue;
                 }
                 let data = self.slot_content(&extent, 0)?;
-                added += data.len() as i64;
+                self.account_dirty(data.len() as i64);
                 let version = self.next_version();
                 file.dirty.insert(
                     slot,
@@ -233,7 +243,6 @@ impl Volume {
                     },
                 );
             }
-            self.account_dirty(added);
         }
         self.flush_file(ino)
     }

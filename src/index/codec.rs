@@ -24,7 +24,8 @@ pub enum FrameError {
 /// store's superblock 2 before it journals anything (`journal::upgrade_format`), so
 /// an objfs that reads only version 1 refuses the store instead of taking a segment
 /// it cannot decode for damage.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: extents may be `Extent::Patched` (same upgrade path).
+pub const FORMAT_VERSION: u32 = 3;
 
 pub struct Kind {
     pub name: &'static str,
