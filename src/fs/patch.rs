@@ -7,7 +7,7 @@
 
 use super::data::DirtyBlock;
 use super::{FsResult, Volume};
-use crate::index::{Extent, Ino};
+use crate::index::{Extent, Ino, Patch};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,7 +67,7 @@ impl Patchable {
         let len = u32::try_from(data.len()).ok()?;
         let ranges: Vec<(u32, u32)> = old
             .iter()
-            .map(|(at, b)| (*at, at + b.len() as u32))
+            .map(|p| (p.at, p.at + p.bytes.len() as u32))
             .chain(self.written.iter().copied())
             .map(|(lo, hi)| (lo.min(len), hi.min(len)))
             .filter(|(lo, hi)| lo < hi)
@@ -80,7 +80,10 @@ impl Patchable {
         }
         let patches = ranges
             .into_iter()
-            .map(|(lo, hi)| (lo, data[lo as usize..hi as usize].to_vec()))
+            .map(|(lo, hi)| Patch {
+                at: lo,
+                bytes: data[lo as usize..hi as usize].to_vec(),
+            })
             .collect();
         Some(Extent::Patched {
             base,
