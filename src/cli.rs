@@ -54,6 +54,10 @@ pub enum Command {
         /// Block size (power of two, 4K..64M; K/M/G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "1M")]
         block_size: String,
+        /// Store blocks compressed: zstd (each block that shrinks by at least an
+        /// eighth; the rest stay plain) or none.
+        #[arg(long, value_name = "CODEC", default_value = "none")]
+        compression: String,
         #[command(flatten)]
         store_args: StoreArgs,
     },

@@ -8,16 +8,24 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOC: objfs::alloc::PageAlignedLarge = objfs::alloc::PageAlignedLarge;
 
-fn mkfs(spec: &str, block_size: &str, opts: &objfs::store::StoreOptions) -> Result<(), String> {
+fn mkfs(
+    spec: &str,
+    block_size: &str,
+    compression: &str,
+    opts: &objfs::store::StoreOptions,
+) -> Result<(), String> {
     let size = objfs::util::parse_size(block_size).map_err(|e| format!("--block-size: {e}"))?;
     let size = superblock::validate_block_size(size).map_err(|e| format!("--block-size: {e}"))?;
+    let compression = objfs::block::Compression::parse(compression)
+        .ok_or_else(|| format!("--compression: unknown codec '{compression}' (zstd or none)"))?;
     let location = StoreLocation::parse_with(spec, opts)?;
     let store = location.open(true).map_err(|e| format!("{spec}: {e}"))?;
-    let sb = journal::mkfs(&*store, size).map_err(|e| format!("{spec}: {e}"))?;
+    let sb = journal::mkfs_with(&*store, size, compression).map_err(|e| format!("{spec}: {e}"))?;
     println!(
-        "created objfs filesystem in {spec} (uuid {}, block size {})",
+        "created objfs filesystem in {spec} (uuid {}, block size {}, compression {})",
         sb.uuid,
-        objfs::util::format_bytes(u64::from(sb.block_size))
+        objfs::util::format_bytes(u64::from(sb.block_size)),
+        sb.codec
     );
     Ok(())
 }
@@ -27,8 +35,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Mkfs {
             store,
             block_size,
+            compression,
             store_args,
-        } => mkfs(&store, &block_size, &store_args.options()?)?,
+        } => mkfs(&store, &block_size, &compression, &store_args.options()?)?,
         Command::Mount(args) => objfs::daemon::mount(&args)?,
         Command::Umount {
             mountpoint,

@@ -36,6 +36,7 @@ pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
     println!("store:          {spec}");
     println!("uuid:           {}", sb.uuid);
     println!("block size:     {}", format_bytes(u64::from(sb.block_size)));
+    println!("compression:    {}", sb.codec);
     println!("files:          {}", u.files);
     println!("directories:    {}", u.dirs);
     println!("other nodes:    {}", u.other);
@@ -44,7 +45,16 @@ pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
         u.logical_bytes,
         format_bytes(u.logical_bytes)
     );
-    println!("stored bytes:   {} ({})", stored, format_bytes(stored));
+    let plain = if sb.codec == "none" {
+        ""
+    } else {
+        ", before compression"
+    };
+    println!(
+        "stored bytes:   {} ({}{plain})",
+        stored,
+        format_bytes(stored)
+    );
     println!("inline bytes:   {}", u.inline_bytes);
     println!("blocks:         {}", u.blocks);
     let ratio = if stored == 0 {

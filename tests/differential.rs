@@ -722,9 +722,10 @@ struct Session {
 /// (every write flushes, partial overwrites read stored blocks back) with frequent
 /// commits and a snapshot every other one (taken while operations go on); frequent
 /// commits with serial uploads; 64 KiB blocks.
-fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>) {
+/// Mount options, and mkfs options (none: the first mount creates the filesystem).
+fn variant_args(variant: u64) -> (&'static [&'static str], &'static [&'static str]) {
     match variant % 4 {
-        0 => (&[], None),
+        0 => (&[], &[]),
         1 => (
             &[
                 "--dirty-limit",
@@ -736,7 +737,8 @@ fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>)
                 "--snapshot-every",
                 "2",
             ],
-            None,
+            // Blocks fetched again and again, stored compressed.
+            &["--compression", "zstd"],
         ),
         2 => (
             &[
@@ -746,23 +748,23 @@ fn variant_args(variant: u64) -> (&'static [&'static str], Option<&'static str>)
                 "1",
                 "--writeback-cache",
             ],
-            None,
+            &[],
         ),
         // Through io_uring queues where the kernel offers them (scripts/test.sh
         // turns the fuse module's switch on).
-        _ => (&["--io-uring"], Some("64K")),
+        _ => (&["--io-uring"], &["--block-size", "64K"]),
     }
 }
 
 fn describe_variant(variant: u64) -> String {
-    let (args, bs) = variant_args(variant);
+    let (args, mkfs) = variant_args(variant);
     let mut d = if args.is_empty() {
         "mount defaults".to_string()
     } else {
         format!("mount {}", args.join(" "))
     };
-    if let Some(bs) = bs {
-        d += &format!(", mkfs --block-size {bs}");
+    if !mkfs.is_empty() {
+        d += &format!(", mkfs {}", mkfs.join(" "));
     }
     d
 }
@@ -770,9 +772,11 @@ fn describe_variant(variant: u64) -> String {
 impl Session {
     fn new(limit: Duration, variant: u64) -> Session {
         let mut f = Fixture::new();
-        let (args, block_size) = variant_args(variant);
-        if let Some(bs) = block_size {
-            objfs_ok(&["mkfs", f.store_str(), "--block-size", bs]);
+        let (args, mkfs) = variant_args(variant);
+        if !mkfs.is_empty() {
+            let mut cmd = vec!["mkfs", f.store_str()];
+            cmd.extend_from_slice(mkfs);
+            objfs_ok(&cmd);
         }
         f.extra = args.iter().map(|a| a.to_string()).collect();
         f.mount();

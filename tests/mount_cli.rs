@@ -64,17 +64,18 @@ fn umount_errors_are_clear() {
     f.umount();
 }
 
+fn expect_err(args: &[&str], needle: &str) {
+    let out = objfs(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!err.contains("panicked"));
+}
+
 #[test]
 fn mount_errors_are_one_line_and_change_nothing() {
     let f = Fixture::new();
-    let expect_err = |args: &[&str], needle: &str| {
-        let out = objfs(args);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-        assert!(!err.contains("panicked"));
-    };
     let store = f.store_str();
     // Read-only mount of nothing never creates anything.
     expect_err(
@@ -275,4 +276,71 @@ fn umount_waits_for_the_final_flush_even_under_another_binary_name() {
     f.mount();
     let n = bash(&format!("find '{mnt}' -type f | wc -l"));
     assert_eq!(n.trim(), "2000");
+}
+
+fn stored_block_bytes(store: &std::path::Path) -> (u64, Vec<std::path::PathBuf>) {
+    let mut total = 0;
+    let mut files = Vec::new();
+    for dir in std::fs::read_dir(store.join("blocks")).unwrap() {
+        for e in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let e = e.unwrap();
+            total += e.metadata().unwrap().len();
+            files.push(e.path());
+        }
+    }
+    (total, files)
+}
+
+#[test]
+fn mkfs_compression_zstd_stores_compressible_blocks_smaller_and_reads_them_back() {
+    let f = Fixture::new();
+    expect_err(
+        &["mkfs", f.store_str(), "--compression", "lz5"],
+        "unknown codec",
+    );
+    assert!(!f.store.exists(), "a refused mkfs created the store");
+    objfs_ok(&["mkfs", f.store_str(), "--compression", "zstd"]);
+    f.mount();
+    // 6.9 MB of text, and 3 MiB of random bytes (stored plain: zstd cannot shrink them).
+    bash(&format!(
+        "seq 1 1000000 > {m}/text && head -c 3M /dev/urandom > {m}/random && cp {m}/random {t}/random",
+        m = f.mnt_str(),
+        t = f.tmp.path().display()
+    ));
+    f.umount();
+    let (stored, blocks) = stored_block_bytes(&f.store);
+    let logical = 6_888_896 + (3 << 20);
+    assert!(
+        stored < 3_500_000 + (3 << 20) / 10 * 11,
+        "{stored} bytes stored for {logical}"
+    );
+    assert!(objfs_ok(&["stat", f.store_str()]).contains("compression:    zstd"));
+    let out = objfs_ok(&["fsck", f.store_str(), "--verify-data"]);
+    assert!(out.contains("clean"), "{out}");
+    f.mount();
+    bash("sync; echo 3 > /proc/sys/vm/drop_caches");
+    bash(&format!(
+        "seq 1 1000000 | cmp - {m}/text && cmp {t}/random {m}/random",
+        m = f.mnt_str(),
+        t = f.tmp.path().display()
+    ));
+    f.umount();
+    // A damaged compressed block is an I/O error, never wrong bytes.
+    let smallest = blocks
+        .iter()
+        .min_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(smallest).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(smallest, &bytes).unwrap();
+    f.mount();
+    bash("sync; echo 3 > /proc/sys/vm/drop_caches");
+    let out = run_with_timeout(60, "cat", &[f.path("text").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

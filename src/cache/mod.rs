@@ -126,6 +126,7 @@ pub struct BlockCache {
     inflight: Mutex<HashMap<BlockId, Arc<Flight>>>,
     disk: Option<DiskCache>,
     pool: BufferPool,
+    compression: block::Compression,
 }
 
 impl BlockCache {
@@ -141,12 +142,19 @@ impl BlockCache {
             inflight: Mutex::new(HashMap::new()),
             disk: None,
             pool: BufferPool::default(),
+            compression: block::Compression::None,
         }
     }
 
     /// Adds a disk tier behind the memory cache.
     pub fn with_disk(mut self, disk: DiskCache) -> BlockCache {
         self.disk = Some(disk);
+        self
+    }
+
+    /// New blocks are stored compressed this way (when it saves space).
+    pub fn with_compression(mut self, compression: block::Compression) -> BlockCache {
+        self.compression = compression;
         self
     }
 
@@ -215,7 +223,7 @@ impl BlockCache {
         }
         let mut stored = self.pool.take();
         self.store.get_into(&id.key(), &mut stored)?;
-        let plain = match block::decode(id, stored) {
+        let plain = match block::decode_with(id, stored, |n| self.buffer(n)) {
             Ok(p) => Arc::new(self.fit(p)),
             Err(e) => {
                 log::error!("{e}");
@@ -229,11 +237,17 @@ impl BlockCache {
         Ok(plain)
     }
 
-    /// Uploads a plain block without copying it; durable after the store's next sync.
+    /// Uploads a plain block, compressed if the filesystem says so and it pays
+    /// (otherwise without copying it); durable after the store's next sync.
     pub fn upload_plain(&self, id: BlockId, plain: &[u8]) -> Result<(), CacheError> {
-        let trailer = block::trailer(block::CODEC_NONE);
-        self.store
-            .put_parts_unsynced(&id.key(), &[plain, &trailer])?;
+        match self.compression.compress(plain) {
+            Some(stored) => self.store.put_parts_unsynced(&id.key(), &[&stored])?,
+            None => {
+                let trailer = block::trailer(block::CODEC_NONE);
+                self.store
+                    .put_parts_unsynced(&id.key(), &[plain, &trailer])?
+            }
+        }
         // Only once the store has it: the cache never holds the only copy.
         if let Some(d) = &self.disk {
             d.put(&id, plain);

@@ -376,7 +376,9 @@ impl Volume {
         };
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
-            cache: Arc::new(Self::block_cache(&store, &config, &sb.uuid)),
+            cache: Arc::new(
+                Self::block_cache(&store, &config, &sb.uuid).with_compression(sb.compression()),
+            ),
             readahead: prefetch::Readahead::default(),
             prefetcher: prefetch::Prefetcher::new(config.prefetch_workers),
             uploader: upload::Uploader::default(),

@@ -180,6 +180,15 @@ pub fn upgrade_format(store: &dyn ObjectStore, sb: &Superblock) -> Result<Superb
 
 /// Creates a filesystem in an empty store.
 pub fn mkfs(store: &dyn ObjectStore, block_size: u32) -> Result<Superblock, IndexError> {
+    mkfs_with(store, block_size, crate::block::Compression::None)
+}
+
+/// `mkfs`, storing new blocks compressed as `compression` says.
+pub fn mkfs_with(
+    store: &dyn ObjectStore,
+    block_size: u32,
+    compression: crate::block::Compression,
+) -> Result<Superblock, IndexError> {
     match read_superblock(store) {
         Ok(_) | Err(IndexError::Frame { .. }) => {
             return Err(IndexError::AlreadyFormatted(store.describe()));
@@ -190,7 +199,7 @@ pub fn mkfs(store: &dyn ObjectStore, block_size: u32) -> Result<Superblock, Inde
     if !store.list("")?.is_empty() {
         return Err(IndexError::NotEmpty(store.describe()));
     }
-    let sb = Superblock::new(block_size);
+    let sb = Superblock::new(block_size, compression);
     // SAFETY of ownership: files belong to whoever runs mkfs, like a fresh ext4 root.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let index = Index::new_filesystem(block_size, uid, gid);

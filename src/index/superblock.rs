@@ -1,6 +1,7 @@
 //! `meta/superblock`: what a store holds and how to read it.
 
 use super::codec::{self, FrameError};
+use crate::block::Compression;
 use serde::{Deserialize, Serialize};
 
 pub const KEY: &str = "meta/superblock";
@@ -13,7 +14,7 @@ pub struct Superblock {
     pub format_version: u32,
     pub uuid: String,
     pub block_size: u32,
-    /// Block codec name; "none" until compression/encryption land.
+    /// How new blocks are stored: "none" or "zstd" (`block::Compression`).
     pub codec: String,
     /// Files up to this size keep their bytes inline in the index.
     pub inline_max: u32,
@@ -21,12 +22,12 @@ pub struct Superblock {
 }
 
 impl Superblock {
-    pub fn new(block_size: u32) -> Superblock {
+    pub fn new(block_size: u32, compression: Compression) -> Superblock {
         Superblock {
             format_version: codec::FORMAT_VERSION,
             uuid: crate::util::random_hex(16),
             block_size,
-            codec: "none".into(),
+            codec: compression.name().into(),
             inline_max: 4096.min(block_size),
             created_unix: crate::util::unix_now().0,
         }
@@ -38,7 +39,7 @@ impl Superblock {
 
     pub fn decode(bytes: &[u8]) -> Result<Superblock, FrameError> {
         let sb: Superblock = codec::decode(&codec::SUPERBLOCK, bytes)?;
-        if sb.codec != "none" {
+        if Compression::parse(&sb.codec).is_none() {
             return Err(FrameError::Decode(
                 "superblock",
                 format!("unknown block codec '{}'", sb.codec),
@@ -52,6 +53,10 @@ impl Superblock {
             ));
         }
         Ok(sb)
+    }
+
+    pub fn compression(&self) -> Compression {
+        Compression::parse(&self.codec).unwrap_or(Compression::None)
     }
 }
 
