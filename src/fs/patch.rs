@@ -18,6 +18,8 @@ pub(super) const SLOT_MAX: u64 = 64 << 10;
 const BUDGET: u64 = 16 << 20;
 /// Written ranges closer than this are kept as one patch.
 const GAP: u32 = 256;
+/// Most patches one slot keeps (each costs a few bytes of index beyond its data).
+const SLOT_PATCHES: usize = 1024;
 /// A file's patches are folded once it has had none added for this long.
 const IDLE: Duration = Duration::from_secs(30);
 
@@ -29,6 +31,8 @@ pub(super) struct Patchable {
     pub(super) base: Option<Extent>,
     /// Written ranges, sorted, disjoint, `(start, end)` within the slot.
     written: Vec<(u32, u32)>,
+    /// Bytes `written` covers.
+    covered: u64,
 }
 
 impl Patchable {
@@ -39,15 +43,32 @@ impl Patchable {
             base => Some(Patchable {
                 base,
                 written: Vec::new(),
+                covered: 0,
             }),
         }
     }
 
-    /// Notes a write of `lo..hi`; false once the writes are too big for patches.
+    /// Notes a write of `lo..hi`; false once the writes are too big or too many
+    /// for patches. Joins the ranges it overlaps or comes near (a sequential
+    /// writer's next write joins the last one).
     pub(super) fn note(&mut self, lo: usize, hi: usize) -> bool {
-        self.written.push((lo as u32, hi as u32));
-        self.written = merged(std::mem::take(&mut self.written));
-        covered(&self.written) <= SLOT_MAX
+        let (mut lo, mut hi) = (lo as u32, hi as u32);
+        // The ranges this one joins: from the first ending at or after lo - GAP, to
+        // the last starting at or before hi + GAP.
+        let first = self
+            .written
+            .partition_point(|r| r.1.saturating_add(GAP) < lo);
+        let end = self
+            .written
+            .partition_point(|r| r.0 <= hi.saturating_add(GAP));
+        for r in &self.written[first..end.max(first)] {
+            self.covered -= u64::from(r.1 - r.0);
+            lo = lo.min(r.0);
+            hi = hi.max(r.1);
+        }
+        self.written.splice(first..end.max(first), [(lo, hi)]);
+        self.covered += u64::from(hi - lo);
+        self.covered <= SLOT_MAX && self.written.len() <= SLOT_PATCHES
     }
 
     /// The base with the written bytes of `data` (the slot's whole new content)
@@ -75,7 +96,7 @@ impl Patchable {
         let ranges = merged(ranges);
         let bytes = covered(&ranges);
         // Half the slot or more: a new block costs little more and reads faster.
-        if bytes > SLOT_MAX || bytes * 2 > u64::from(len) {
+        if bytes > SLOT_MAX || bytes * 2 > u64::from(len) || ranges.len() > SLOT_PATCHES {
             return None;
         }
         let patches = ranges
@@ -294,6 +315,27 @@ mod tests {
         assert!(p.patch(&vec![1; 4000]).is_some());
         assert!(!p.note(0, SLOT_MAX as usize + 1));
         assert!(Patchable::over(Some(Extent::Inline(vec![1]))).is_none());
+    }
+
+    #[test]
+    fn noted_writes_join_like_merged_ranges() {
+        let mut p = Patchable::over(None).unwrap();
+        let mut all = Vec::new();
+        let mut x = 12345u32;
+        for _ in 0..300 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let lo = (x >> 8) % 200_000;
+            let len = (x >> 3) % 300 + 1;
+            assert!(p.note(lo as usize, (lo + len) as usize));
+            all.push((lo, lo + len));
+            assert_eq!(p.written, merged(all.clone()));
+            assert_eq!(p.covered, covered(&p.written));
+        }
+        let mut many = Patchable::over(None).unwrap();
+        let ok: Vec<bool> = (0..SLOT_PATCHES + 1)
+            .map(|i| many.note(i * 1000, i * 1000 + 1))
+            .collect();
+        assert!(ok[..SLOT_PATCHES].iter().all(|&b| b) && !ok[SLOT_PATCHES]);
     }
 
     #[test]
