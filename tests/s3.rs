@@ -10,16 +10,23 @@ use garage::{BUCKET, Garage};
 use std::time::Duration;
 
 fn s3_fixture(g: &Garage, prefix: &str) -> Fixture {
+    s3_fixture_with(g, prefix, &[])
+}
+
+fn s3_fixture_with(g: &Garage, prefix: &str, mkfs: &[&str]) -> Fixture {
     let spec = format!("s3://{BUCKET}/{prefix}");
     let f = Fixture::with_store(&spec, &g.env());
-    f.objfs_ok(&["mkfs", &spec]);
+    let mut args = vec!["mkfs", spec.as_str()];
+    args.extend_from_slice(mkfs);
+    f.objfs_ok(&args);
     f
 }
 
 #[test]
 fn tree_copy_random_writes_rename_and_remount() {
     let g = Garage::start();
-    let f = s3_fixture(&g, "fs1");
+    // Compressed: the sample tree's text shrinks, the random file stays plain.
+    let f = s3_fixture_with(&g, "fs1", &["--compression", "zstd"]);
     f.mount();
     let src = f.tmp.path().join("src");
     make_sample_tree(&src);
@@ -45,6 +52,7 @@ fn tree_copy_random_writes_rename_and_remount() {
     assert!(out.contains("clean"), "{out}");
     let out = f.objfs_ok(&["stat", f.store_str()]);
     assert!(out.contains("files:          16"), "{out}");
+    assert!(out.contains("compression:    zstd"), "{out}");
 }
 
 #[test]
