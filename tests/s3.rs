@@ -41,6 +41,16 @@ fn tree_copy_random_writes_rename_and_remount() {
          cp {m}/r {m}/r2 && cmp {m}/r {m}/r2",
         f.tmp.path().display()
     ));
+    // statfs on S3: a fixed 1 PiB less the files' sizes (two files of 3 MiB here).
+    let avail: u64 = bash(&format!("df -B1 --output=avail {m} | tail -1"))
+        .trim()
+        .parse()
+        .unwrap();
+    let pib = 1u64 << 50;
+    assert!(
+        avail <= pib - (6 << 20) && avail > pib - (100 << 20),
+        "{avail}"
+    );
     f.remount();
     bash(&format!(
         "diff -r --no-dereference '{src}' '{m}/moved' && test ! -e {m}/copy && md5sum < {m}/r | cmp - {}/sum && \

@@ -296,6 +296,8 @@ pub struct Volume {
     versions: AtomicU64,
     /// Files with slots stored as patches (`Extent::Patched`), for folding.
     patched: Mutex<patch::PatchedFiles>,
+    /// `used_bytes`' last sum, and when it was taken.
+    used_bytes: Mutex<Option<(Instant, u64)>>,
     /// Sequence of write-back errors (per-descriptor reporting).
     error_seq: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -397,6 +399,7 @@ impl Volume {
             dirty_bytes: AtomicU64::new(0),
             versions: AtomicU64::new(1),
             patched: Mutex::default(),
+            used_bytes: Mutex::default(),
             error_seq: AtomicU64::new(0),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -1137,12 +1140,26 @@ impl Volume {
         inos.map(|i| self.attr(&state, i).ok()).collect()
     }
 
+    /// The size of all files together, summed at most once a second: the sum walks
+    /// every inode under the state lock (tens of ms for a million files), and some
+    /// programs call statfs before every write.
+    fn used_bytes(&self) -> u64 {
+        let mut cached = self.used_bytes.lock().unwrap();
+        if let Some((at, used)) = *cached
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return used;
+        }
+        let used = self.state().index.inodes().map(|i| i.size).sum();
+        *cached = Some((Instant::now(), used));
+        used
+    }
+
     pub fn statfs(&self) -> FsResult<FsStats> {
         let space = self.store.space()?;
         let files = self.state().index.inode_count() as u64;
         let free_bytes = if space.unbounded {
-            let used: u64 = self.state().index.inodes().map(|i| i.size).sum();
-            space.total_bytes.saturating_sub(used)
+            space.total_bytes.saturating_sub(self.used_bytes())
         } else {
             space.free_bytes
         };
