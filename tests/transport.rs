@@ -86,3 +86,26 @@ fn requests_go_through_dev_fuse_by_default() {
     f.remount();
     workout(&f);
 }
+
+#[test]
+fn a_queue_that_cannot_register_turns_io_uring_off_and_the_mount_serves_on() {
+    if !kernel_offers_io_uring() {
+        eprintln!("skipped: the kernel offers no io_uring queues");
+        return;
+    }
+    let mut f = Fixture::new();
+    f.extra = vec!["--io-uring".into()];
+    // Honoured by debug builds only: queue 0 fails to register its slot.
+    f.env = vec![("OBJFS_TEST_RING_REGISTER_FAILS".into(), "1".into())];
+    f.mount();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || f
+            .log_text()
+            .contains("turned off for this mount")),
+        "{}",
+        f.log_text()
+    );
+    // The kernel would otherwise hold every request for the queue that never came.
+    workout(&f);
+    f.umount();
+}

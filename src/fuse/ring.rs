@@ -336,6 +336,12 @@ fn serve_queue(
     let mut slot = Slot::new();
     let mut scratch = Vec::new();
     let mut registered = false;
+    if registration_fails_for_a_test(qid) {
+        log::error!("FUSE io_uring queue {qid}: registration failed (test fault)");
+        give_up_on_the_ring(fd);
+        std::mem::forget(slot);
+        return;
+    }
     let mut next = register_entry(fd, qid, &slot);
     loop {
         let res = match submit_and_wait(&mut ring, &next) {
@@ -400,6 +406,14 @@ fn submit_and_wait(ring: &mut Ring, entry: &squeue::Entry128) -> std::io::Result
             return Ok(cqe.result());
         }
     }
+}
+
+/// Debug builds only (the tests' binary): OBJFS_TEST_RING_REGISTER_FAILS makes queue
+/// 0 fail as a queue that cannot register its slot does, so the fallback is tested.
+fn registration_fails_for_a_test(qid: u16) -> bool {
+    cfg!(debug_assertions)
+        && qid == 0
+        && std::env::var_os("OBJFS_TEST_RING_REGISTER_FAILS").is_some()
 }
 
 /// A queue that cannot get its slot registered would leave the kernel holding every
