@@ -263,7 +263,7 @@ impl Volume {
 
     /// Fetches distinct blocks: cached ones at once, missing ones all at the same
     /// time (`util::in_parallel`).
-    fn fetch_all(
+    pub(super) fn fetch_all(
         &self,
         ids: impl Iterator<Item = BlockId>,
     ) -> FsResult<std::collections::HashMap<BlockId, crate::cache::Block>> {
@@ -484,7 +484,11 @@ impl Volume {
             return Err(FsError::FileTooBig);
         }
         let bs = self.block_size;
-        let fd = self.file_data(ino, false);
+        // Under the file's data lock even when it has no dirty data: a fold
+        // (`fold_file`) copying the slots out meanwhile must see the cut. (The data
+        // state made for this goes at the next `flush_all`, which first ends any
+        // pending size.)
+        let fd = Some(self.file_data_or_new(ino));
         let mut guard = fd.as_ref().map(|f| f.lock().unwrap());
         let mut state = self.state();
         match Self::inode(&state, ino)?.kind {
@@ -596,14 +600,13 @@ impl Volume {
                 &vec![0; (end - last_whole * bs) as usize],
             )?;
         }
-        let fd = self.file_data(ino, false);
-        let mut guard = fd.as_ref().map(|f| f.lock().unwrap());
+        // Under the file's data lock even without dirty data (see `truncate_locked`).
+        let fd = self.file_data_or_new(ino);
+        let mut file = fd.lock().unwrap();
         let mut state = self.state();
         let mut removed = 0u64;
         for slot in first_whole..last_whole {
-            if let Some(file) = guard.as_mut()
-                && let Some(b) = file.dirty.remove(&slot)
-            {
+            if let Some(b) = file.dirty.remove(&slot) {
                 removed += b.data.len() as u64;
             }
             state.index.remove_extent(ino, slot);

@@ -142,6 +142,11 @@ pub(super) struct PatchedFiles {
 }
 
 impl PatchedFiles {
+    #[cfg(test)]
+    pub(super) fn total(&self) -> u64 {
+        self.total
+    }
+
     /// Whether `more` patch bytes still fit the budget.
     pub(super) fn room_for(&self, more: u64) -> bool {
         self.total + more <= BUDGET
@@ -193,8 +198,15 @@ impl Volume {
                 .index
                 .inodes()
                 .filter_map(|i| {
-                    let bytes: u64 = i.extents.values().map(Extent::patch_bytes).sum();
-                    (bytes > 0).then_some((i.ino, bytes))
+                    let mut patched = i
+                        .extents
+                        .values()
+                        .filter(|e| matches!(e, Extent::Patched { .. }))
+                        .peekable();
+                    patched.peek()?;
+                    // At least 1: a slot cut down to no patches is folded too.
+                    let bytes: u64 = patched.map(Extent::patch_bytes).sum();
+                    Some((i.ino, bytes.max(1)))
                 })
                 .collect()
         };
@@ -235,6 +247,19 @@ impl Volume {
     /// even with nothing to fold: the file's data state is dropped after this, and
     /// a flush is what ends a pending size (`Index::mark_data_flushed`).
     fn fold_file(&self, ino: Ino) -> FsResult<()> {
+        // The bases fetched all at once, before the file's writers are held up.
+        let bases: Vec<crate::block::BlockId> = {
+            let state = self.state();
+            state.index.get(ino).map_or(Vec::new(), |inode| {
+                inode
+                    .extents
+                    .values()
+                    .filter(|e| matches!(e, Extent::Patched { .. }))
+                    .filter_map(Extent::block_id)
+                    .collect()
+            })
+        };
+        self.fetch_all(bases.into_iter())?;
         let fd = self.file_data_or_new(ino);
         {
             let mut file = fd.lock().unwrap();

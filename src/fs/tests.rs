@@ -2016,3 +2016,257 @@ fn xattr_names_stop_where_listxattr_could_no_longer_list_them() {
         .unwrap();
     assert_eq!(v.getxattr(f, &name(256)).unwrap(), b"v");
 }
+
+/// Two files under random writes (large and small: patches), truncation, hole
+/// punching, copies between them, flushes, folds and reloads, against a byte model;
+/// after every step also: each block's reference count is the number of extents
+/// reading it, patched extents are well formed, and folds leave no patches.
+mod two_files_model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write {
+            f: usize,
+            offset: u64,
+            len: usize,
+            byte: u8,
+        },
+        Truncate(usize, u64),
+        Punch(usize, u64, u64),
+        Copy {
+            from: usize,
+            src: u64,
+            len: u64,
+            dst: u64,
+        },
+        Flush(usize),
+        FlushAll,
+        Fold,
+        Reload,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0usize..2, 0u64..40_000, 1usize..9000, any::<u8>())
+                .prop_map(|(f, offset, len, byte)| Op::Write { f, offset, len, byte }),
+            4 => (0usize..2, 0u64..40_000, 1usize..300, any::<u8>())
+                .prop_map(|(f, offset, len, byte)| Op::Write { f, offset, len, byte }),
+            1 => (0usize..2, 0u64..40_000).prop_map(|(f, s)| Op::Truncate(f, s)),
+            1 => (0usize..2, 0u64..40_000, 1u64..12_000).prop_map(|(f, o, l)| Op::Punch(f, o, l)),
+            1 => (0usize..2, 0u64..40_000, 1u64..20_000, 0u64..40_000)
+                .prop_map(|(from, src, len, dst)| Op::Copy { from, src, len, dst }),
+            2 => (0usize..2).prop_map(Op::Flush),
+            1 => Just(Op::FlushAll),
+            1 => Just(Op::Fold),
+            1 => Just(Op::Reload),
+        ]
+    }
+
+    fn start(store: &Arc<dyn ObjectStore>, workers: bool) -> (Arc<Volume>, Option<Background>) {
+        let cfg = VolumeConfig {
+            upload_threads: 3,
+            ..Default::default()
+        };
+        let v = Arc::new(Volume::load(store.clone(), cfg).unwrap());
+        let bg = workers.then(|| v.start_background());
+        (v, bg)
+    }
+
+    fn check_blocks(v: &Volume, files: [Ino; 2]) -> Result<(), TestCaseError> {
+        let state = v.state();
+        let mut want: HashMap<BlockId, u32> = HashMap::new();
+        for f in files {
+            for e in state.index.get(f).unwrap().extents.values() {
+                if let Some(id) = e.block_id() {
+                    *want.entry(id).or_default() += 1;
+                }
+                if let Extent::Patched {
+                    base_len,
+                    len,
+                    patches,
+                    ..
+                } = e
+                {
+                    prop_assert!(base_len <= len);
+                    for p in patches {
+                        prop_assert!(p.at as usize + p.bytes.len() <= *len as usize);
+                    }
+                }
+            }
+        }
+        for (id, n) in &want {
+            prop_assert_eq!(state.index.ledger().refs(id), *n);
+        }
+        Ok(())
+    }
+
+    fn run(ops: Vec<Op>, workers: bool) -> Result<(), TestCaseError> {
+        let store = new_store();
+        let (mut v, mut bg) = start(&store, workers);
+        let fs = [file(&v, ROOT_INO, "a"), file(&v, ROOT_INO, "b")];
+        let mut model: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        for op in ops {
+            match op {
+                Op::Write {
+                    f,
+                    offset,
+                    len,
+                    byte,
+                } => {
+                    v.write(fs[f], offset, &vec![byte; len]).unwrap();
+                    let end = offset as usize + len;
+                    if model[f].len() < end {
+                        model[f].resize(end, 0);
+                    }
+                    model[f][offset as usize..end].fill(byte);
+                }
+                Op::Truncate(f, size) => {
+                    let set = SetAttr {
+                        size: Some(size),
+                        ..Default::default()
+                    };
+                    v.setattr(fs[f], set).unwrap();
+                    model[f].resize(size as usize, 0);
+                }
+                Op::Punch(f, o, l) => {
+                    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    v.fallocate(fs[f], o, l, mode).unwrap();
+                    let n = model[f].len();
+                    let (a, b) = ((o as usize).min(n), ((o + l) as usize).min(n));
+                    model[f][a..b].fill(0);
+                }
+                Op::Copy {
+                    from,
+                    src,
+                    len,
+                    dst,
+                } => {
+                    let to = 1 - from;
+                    let n = v.copy_range(fs[from], src, fs[to], dst, len).unwrap() as usize;
+                    let s = src as usize;
+                    let avail = model[from].len().saturating_sub(s).min(len as usize);
+                    prop_assert!(n <= avail);
+                    if n > 0 {
+                        let bytes = model[from][s..s + n].to_vec();
+                        let end = dst as usize + n;
+                        if model[to].len() < end {
+                            model[to].resize(end, 0);
+                        }
+                        model[to][dst as usize..end].copy_from_slice(&bytes);
+                    }
+                }
+                Op::Flush(f) => v.flush_file(fs[f]).unwrap(),
+                Op::FlushAll => {
+                    v.flush_all().unwrap();
+                    if !workers {
+                        prop_assert_eq!(v.dirty_bytes(), 0, "dirty bytes drift");
+                    }
+                }
+                Op::Fold => {
+                    v.flush_all().unwrap();
+                    v.fold_patches(true);
+                    if !workers {
+                        prop_assert_eq!(v.dirty_bytes(), 0, "dirty bytes drift after a fold");
+                        prop_assert!(patched_slots(&v, fs[0]).is_empty());
+                        prop_assert!(patched_slots(&v, fs[1]).is_empty());
+                        prop_assert_eq!(v.patched.lock().unwrap().total(), 0);
+                    }
+                }
+                Op::Reload => {
+                    if let Some(b) = bg.take() {
+                        b.stop();
+                    }
+                    v.shutdown().unwrap();
+                    drop(v);
+                    (v, bg) = start(&store, workers);
+                }
+            }
+            for f in 0..2 {
+                prop_assert_eq!(v.getattr(fs[f]).unwrap().size, model[f].len() as u64);
+                prop_assert_eq!(read_all(&v, fs[f]), model[f].clone(), "file {}", f);
+            }
+            check_blocks(&v, fs)?;
+        }
+        if let Some(b) = bg.take() {
+            b.stop();
+        }
+        v.shutdown().unwrap();
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn two_files_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            run(ops, false)?;
+        }
+
+        #[test]
+        fn two_files_match_the_model_with_write_back_workers(
+            ops in proptest::collection::vec(op(), 1..60)
+        ) {
+            run(ops, true)?;
+        }
+    }
+}
+
+#[test]
+fn a_fold_and_a_truncate_at_the_same_time_leave_no_stale_bytes_past_the_cut() {
+    let hooks = Arc::new(HookStore {
+        inner: new_store(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    // A cache too small to keep a block: the fold reads the base from the store
+    // while it holds the file's data lock.
+    let config = VolumeConfig {
+        cache_size: 1,
+        ..Default::default()
+    };
+    let v = Arc::new(Volume::load(store, config).unwrap());
+    let bs = BS as usize;
+    let f = file(&v, ROOT_INO, "f");
+    let data = pattern(2 * bs, 77);
+    v.write(f, 0, &data).unwrap();
+    v.flush_file(f).unwrap();
+    v.write(f, bs as u64 + 100, b"patch").unwrap();
+    v.flush_file(f).unwrap();
+    assert_eq!(patched_slots(&v, f), vec![1]);
+    // The fold's second read of the base (the first fetches ahead, unlocked) starts
+    // a truncate into that slot and gives it time.
+    let key = block_key(&data[bs..]);
+    let (again, w) = (hooks.clone(), v.clone());
+    let cutter: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    let slot = cutter.clone();
+    hooks.on(key.clone(), move || {
+        again.on(key, move || {
+            let t = std::thread::spawn(move || {
+                let cut = SetAttr {
+                    size: Some(bs as u64 + 50),
+                    ..Default::default()
+                };
+                w.setattr(f, cut).unwrap();
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            *slot.lock().unwrap() = Some(t);
+        });
+    });
+    v.fold_patches(true);
+    assert!(hooks.fired());
+    cutter.lock().unwrap().take().unwrap().join().unwrap();
+    // Grown again by a write: zeros between the cut and the new byte.
+    v.write(f, 2 * bs as u64 - 1, b"z").unwrap();
+    let mut model = data.clone();
+    model[bs + 100..bs + 105].copy_from_slice(b"patch");
+    model.truncate(bs + 50);
+    model.resize(2 * bs - 1, 0);
+    model.push(b'z');
+    assert_eq!(read_all(&v, f), model);
+    v.sync_all().unwrap();
+    assert_eq!(
+        read_all(&open_ro(&(hooks as Arc<dyn ObjectStore>)), f),
+        model
+    );
+}

@@ -103,16 +103,23 @@ impl Extent {
             Extent::Block { len, .. } => *len = (*len).min(keep32),
             Extent::Inline(d) => d.truncate(keep as usize),
             Extent::Patched {
+                base,
                 base_len,
                 len,
                 patches,
-                ..
             } => {
                 *len = (*len).min(keep32);
                 *base_len = (*base_len).min(keep32);
                 patches.retain(|p| p.at < keep32);
                 for p in patches.iter_mut() {
                     p.bytes.truncate((keep32 - p.at) as usize);
+                }
+                // Cut down to its base: a plain block (zeros past `len` read the
+                // same as zeros past `base_len` up to the file's size).
+                if patches.is_empty()
+                    && let Some(id) = *base
+                {
+                    *self = Extent::Block { id, len: *base_len };
                 }
             }
         }
