@@ -600,7 +600,7 @@ impl Volume {
                 &vec![0; (end - last_whole * bs) as usize],
             )?;
         }
-        // Under the file's data lock even without dirty data (see `truncate_locked`).
+        // Under the file's data lock even without dirty data (see `truncate`).
         let fd = self.file_data_or_new(ino);
         let mut file = fd.lock().unwrap();
         let mut state = self.state();
@@ -634,22 +634,38 @@ impl Volume {
                 self.state().index.mark_data_flushed(ino);
                 return Ok(());
             }
-            let state = self.state();
-            let inode = state.index.get(ino);
+            // Which dirty slots still hold the base their patches would go over:
+            // compared under the state lock, the patches made after it.
+            let (unmoved, size) = {
+                let state = self.state();
+                let inode = state.index.get(ino);
+                let unmoved: Vec<bool> = file
+                    .dirty
+                    .iter()
+                    .map(|(slot, b)| {
+                        b.patchable.as_ref().is_some_and(|p| {
+                            inode.and_then(|i| i.extents.get(slot)) == p.base.as_ref()
+                        })
+                    })
+                    .collect();
+                (unmoved, inode.map_or(0, |i| i.size))
+            };
             let sealed: Vec<Sealed> = file
                 .dirty
                 .iter()
-                .map(|(&slot, b)| Sealed {
+                .zip(unmoved)
+                .map(|((&slot, b), unmoved)| Sealed {
                     slot,
                     version: b.version,
                     data: b.data.clone(),
-                    patch: b.patchable.as_ref().and_then(|p| {
-                        let now = inode.and_then(|i| i.extents.get(&slot));
-                        self.patch_for(p, now, &b.data)
-                    }),
+                    patch: b
+                        .patchable
+                        .as_ref()
+                        .filter(|_| unmoved)
+                        .and_then(|p| self.patch_for(p, &b.data)),
                 })
                 .collect();
-            (sealed, inode.map_or(0, |i| i.size))
+            (sealed, size)
         };
         let inline_max = u64::from(self.superblock.inline_max);
         let results = self.seal_all(&sealed, size <= inline_max);
@@ -728,21 +744,13 @@ impl Volume {
         Ok(())
     }
 
-    /// The patches to store a dirty slot as, if it still has the base they go
-    /// over (`now`) and they fit the budget; with the base they need.
-    fn patch_for(
-        &self,
-        p: &Patchable,
-        now: Option<&Extent>,
-        data: &[u8],
-    ) -> Option<(Extent, Option<Extent>)> {
-        if now != p.base.as_ref() {
-            return None;
-        }
+    /// The patches to store a dirty slot as (over its base, which the slot still
+    /// holds), if they fit the budget; with the base they need.
+    fn patch_for(&self, p: &Patchable, data: &[u8]) -> Option<(Extent, Option<Extent>)> {
         let patch = p.patch(data)?;
         let more = patch
             .patch_bytes()
-            .saturating_sub(now.map_or(0, Extent::patch_bytes));
+            .saturating_sub(p.base.as_ref().map_or(0, Extent::patch_bytes));
         self.patched
             .lock()
             .unwrap()
