@@ -51,8 +51,12 @@ impl Compression {
         let bound = plain.len() - plain.len() / 8 - TRAILER_LEN;
         let mut out = Vec::with_capacity(bound + TRAILER_LEN);
         // A result that would not fit the bound fails: stored plain.
-        let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?;
-        c.compress_to_buffer(plain, &mut out).ok()?;
+        COMPRESSOR.with_borrow_mut(|c| {
+            if c.is_none() {
+                *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+            }
+            c.as_mut()?.compress_to_buffer(plain, &mut out).ok()
+        })?;
         if out.len() > bound {
             return None;
         }
@@ -164,11 +168,25 @@ fn expand(
     let mut plain = buffer(size);
     plain.clear();
     plain.reserve_exact(size);
-    let mut d = zstd::bulk::Decompressor::new().map_err(|_| BlockError::HashMismatch(id))?;
-    match d.decompress_to_buffer(frame, &mut plain) {
-        Ok(n) if n == size => Ok(plain),
+    let expanded = DECOMPRESSOR.with_borrow_mut(|d| {
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new().ok();
+        }
+        d.as_mut()?.decompress_to_buffer(frame, &mut plain).ok()
+    });
+    match expanded {
+        Some(n) if n == size => Ok(plain),
         _ => Err(BlockError::HashMismatch(id)),
     }
+}
+
+// zstd contexts are costly to set up (tables of several hundred KiB): one per
+// thread, reused for every block.
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 #[cfg(test)]
