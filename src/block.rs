@@ -12,8 +12,8 @@ const MAGIC: [u8; 3] = *b"OBK";
 pub const CODEC_NONE: u8 = 0;
 pub const CODEC_ZSTD: u8 = 1;
 pub const TRAILER_LEN: usize = 4;
-/// The largest plain block a stored one may expand to (the largest block size).
-const MAX_PLAIN: u64 = 64 << 20;
+/// The largest plain block any filesystem has (its largest block size).
+pub const MAX_PLAIN: usize = 64 << 20;
 /// zstd's fastest level: about as fast as the disk on one core, and most of the
 /// size saving of the slower ones for text and binaries.
 const ZSTD_LEVEL: i32 = 1;
@@ -42,26 +42,35 @@ impl Compression {
         }
     }
 
-    /// The stored form of a plain block when compressing it saves at least an
-    /// eighth; None: store it plain (`trailer(CODEC_NONE)` after the bytes).
-    pub fn compress(self, plain: &[u8]) -> Option<Vec<u8>> {
+    /// The stored form of a plain block into `out` (trailer included) when
+    /// compressing it saves at least an eighth; false: store it plain
+    /// (`trailer(CODEC_NONE)` after the bytes).
+    pub fn compress_into(self, plain: &[u8], out: &mut Vec<u8>) -> bool {
         if self == Compression::None || plain.len() < 512 {
-            return None;
+            return false;
         }
         let bound = plain.len() - plain.len() / 8 - TRAILER_LEN;
-        let mut out = Vec::with_capacity(bound + TRAILER_LEN);
-        // A result that would not fit the bound fails: stored plain.
-        COMPRESSOR.with_borrow_mut(|c| {
+        out.clear();
+        out.reserve_exact(bound + TRAILER_LEN);
+        // zstd writes at most `capacity` bytes: a result that would not fit the
+        // bound fails, and the block is stored plain.
+        let written = COMPRESSOR.with_borrow_mut(|c| {
             if c.is_none() {
                 *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
             }
-            c.as_mut()?.compress_to_buffer(plain, &mut out).ok()
-        })?;
-        if out.len() > bound {
-            return None;
+            c.as_mut()?.compress_to_buffer(plain, out).ok()
+        });
+        if written.is_none() || out.len() > bound {
+            return false;
         }
         out.extend_from_slice(&trailer(CODEC_ZSTD));
-        Some(out)
+        true
+    }
+
+    /// `compress_into` a new buffer.
+    pub fn compress(self, plain: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        self.compress_into(plain, &mut out).then_some(out)
     }
 }
 
@@ -114,6 +123,8 @@ pub enum BlockError {
     UnknownCodec(BlockId, u8),
     #[error("block {0:?} is corrupt: its content does not match its hash")]
     HashMismatch(BlockId),
+    #[error("block {0:?} is corrupt: its compressed data does not expand")]
+    BadFrame(BlockId),
 }
 
 /// Plain bytes -> (id, bytes to store).
@@ -125,12 +136,31 @@ pub fn encode(plain: &[u8]) -> (BlockId, Vec<u8>) {
     (id, out)
 }
 
+/// Buffers for `decode_with`: where a compressed block is expanded, and what to do
+/// with the stored bytes after that.
+pub trait Buffers {
+    fn take(&self, capacity: usize) -> Vec<u8>;
+    fn give_back(&self, buf: Vec<u8>);
+}
+
+/// Fresh buffers, dropped after use.
+pub struct NewBuffers;
+
+impl Buffers for NewBuffers {
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        Vec::with_capacity(capacity)
+    }
+    fn give_back(&self, _: Vec<u8>) {}
+}
+
 /// Stored bytes -> plain bytes, verified against the id they were fetched under.
-/// `buffer` gives the buffer a compressed block is expanded into.
+/// A compressed block may expand to at most `max_plain` bytes (the filesystem's
+/// block size): a damaged or hostile size field must not make us allocate more.
 pub fn decode_with(
     id: BlockId,
     mut stored: Vec<u8>,
-    buffer: impl FnOnce(usize) -> Vec<u8>,
+    max_plain: usize,
+    buffers: &impl Buffers,
 ) -> Result<Vec<u8>, BlockError> {
     let n = stored.len();
     if n < 4 || stored[n - 3..] != MAGIC {
@@ -141,7 +171,11 @@ pub fn decode_with(
             stored.truncate(n - 4);
             stored
         }
-        CODEC_ZSTD => expand(id, &stored[..n - 4], buffer)?,
+        CODEC_ZSTD => {
+            let plain = expand(id, &stored[..n - 4], max_plain, buffers);
+            buffers.give_back(stored);
+            plain?
+        }
         codec => return Err(BlockError::UnknownCodec(id, codec)),
     };
     if BlockId::of(&plain) != id {
@@ -151,21 +185,21 @@ pub fn decode_with(
 }
 
 pub fn decode(id: BlockId, stored: Vec<u8>) -> Result<Vec<u8>, BlockError> {
-    decode_with(id, stored, Vec::with_capacity)
+    decode_with(id, stored, MAX_PLAIN, &NewBuffers)
 }
 
-/// A zstd frame back to its bytes: never more than a block can hold (a damaged or
-/// hostile size field must not make us allocate gigabytes).
+/// A zstd frame back to its bytes, at most `max_plain` of them.
 fn expand(
     id: BlockId,
     frame: &[u8],
-    buffer: impl FnOnce(usize) -> Vec<u8>,
+    max_plain: usize,
+    buffers: &impl Buffers,
 ) -> Result<Vec<u8>, BlockError> {
     let size = match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(size)) if size <= MAX_PLAIN => size as usize,
-        _ => return Err(BlockError::HashMismatch(id)),
+        Ok(Some(size)) if size <= max_plain.min(MAX_PLAIN) as u64 => size as usize,
+        _ => return Err(BlockError::BadFrame(id)),
     };
-    let mut plain = buffer(size);
+    let mut plain = buffers.take(size);
     plain.clear();
     plain.reserve_exact(size);
     let expanded = DECOMPRESSOR.with_borrow_mut(|d| {
@@ -176,7 +210,10 @@ fn expand(
     });
     match expanded {
         Some(n) if n == size => Ok(plain),
-        _ => Err(BlockError::HashMismatch(id)),
+        _ => {
+            buffers.give_back(plain);
+            Err(BlockError::BadFrame(id))
+        }
     }
 }
 
@@ -248,6 +285,18 @@ mod tests {
         big.extend_from_slice(&(1u64 << 40).to_le_bytes());
         big.extend_from_slice(&trailer(CODEC_ZSTD));
         assert!(decode(id, big).is_err());
+    }
+
+    #[test]
+    fn a_frame_expanding_past_the_block_size_is_refused() {
+        let plain = vec![7u8; 65536];
+        let id = BlockId::of(&plain);
+        let stored = Compression::Zstd.compress(&plain).unwrap();
+        assert_eq!(
+            decode_with(id, stored.clone(), 4096, &NewBuffers),
+            Err(BlockError::BadFrame(id))
+        );
+        assert_eq!(decode_with(id, stored, 65536, &NewBuffers).unwrap(), plain);
     }
 
     #[test]

@@ -89,8 +89,8 @@ fn requests_go_through_dev_fuse_by_default() {
 
 #[test]
 fn a_queue_that_cannot_register_turns_io_uring_off_and_the_mount_serves_on() {
-    if !kernel_offers_io_uring() {
-        eprintln!("skipped: the kernel offers no io_uring queues");
+    if !kernel_offers_io_uring() || !cfg!(debug_assertions) {
+        eprintln!("skipped: no io_uring queues, or a release build (no fault hook)");
         return;
     }
     let mut f = Fixture::new();

@@ -127,6 +127,18 @@ pub struct BlockCache {
     disk: Option<DiskCache>,
     pool: BufferPool,
     compression: block::Compression,
+    /// The filesystem's block size: no stored block may expand past it.
+    max_plain: usize,
+}
+
+/// Expansion buffers from the pool, and stored bytes back to it.
+impl block::Buffers for BlockCache {
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        self.buffer(capacity)
+    }
+    fn give_back(&self, buf: Vec<u8>) {
+        self.pool.give(Arc::new(buf));
+    }
 }
 
 impl BlockCache {
@@ -143,6 +155,7 @@ impl BlockCache {
             disk: None,
             pool: BufferPool::default(),
             compression: block::Compression::None,
+            max_plain: block::MAX_PLAIN,
         }
     }
 
@@ -152,9 +165,11 @@ impl BlockCache {
         self
     }
 
-    /// New blocks are stored compressed this way (when it saves space).
-    pub fn with_compression(mut self, compression: block::Compression) -> BlockCache {
+    /// New blocks are stored compressed this way (when it saves space); no block
+    /// is larger than `block_size`.
+    pub fn with_format(mut self, compression: block::Compression, block_size: u32) -> BlockCache {
         self.compression = compression;
+        self.max_plain = block_size as usize;
         self
     }
 
@@ -223,7 +238,7 @@ impl BlockCache {
         }
         let mut stored = self.pool.take();
         self.store.get_into(&id.key(), &mut stored)?;
-        let plain = match block::decode_with(id, stored, |n| self.buffer(n)) {
+        let plain = match block::decode_with(id, stored, self.max_plain, self) {
             Ok(p) => Arc::new(self.fit(p)),
             Err(e) => {
                 log::error!("{e}");
@@ -240,14 +255,18 @@ impl BlockCache {
     /// Uploads a plain block, compressed if the filesystem says so and it pays
     /// (otherwise without copying it); durable after the store's next sync.
     pub fn upload_plain(&self, id: BlockId, plain: &[u8]) -> Result<(), CacheError> {
-        match self.compression.compress(plain) {
-            Some(stored) => self.store.put_parts_unsynced(&id.key(), &[&stored])?,
-            None => {
-                let trailer = block::trailer(block::CODEC_NONE);
-                self.store
-                    .put_parts_unsynced(&id.key(), &[plain, &trailer])?
-            }
-        }
+        let mut packed = match self.compression {
+            block::Compression::None => Vec::new(),
+            block::Compression::Zstd => self.buffer(plain.len()),
+        };
+        let put = if self.compression.compress_into(plain, &mut packed) {
+            self.store.put_parts_unsynced(&id.key(), &[&packed])
+        } else {
+            let trailer = block::trailer(block::CODEC_NONE);
+            self.store.put_parts_unsynced(&id.key(), &[plain, &trailer])
+        };
+        self.pool.give(Arc::new(packed));
+        put?;
         // Only once the store has it: the cache never holds the only copy.
         if let Some(d) = &self.disk {
             d.put(&id, plain);

@@ -379,7 +379,8 @@ impl Volume {
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
             cache: Arc::new(
-                Self::block_cache(&store, &config, &sb.uuid).with_compression(sb.compression()),
+                Self::block_cache(&store, &config, &sb.uuid)
+                    .with_format(sb.compression(), sb.block_size),
             ),
             readahead: prefetch::Readahead::default(),
             prefetcher: prefetch::Prefetcher::new(config.prefetch_workers),
@@ -491,7 +492,9 @@ impl Volume {
     /// Fetches a block from the store and checks its hash.
     pub fn verify_block(&self, id: BlockId) -> FsResult<()> {
         let stored = self.store.get(&id.key())?;
-        crate::block::decode(id, stored).map_err(|e| FsError::Io(e.to_string()))?;
+        let max = self.block_size as usize;
+        crate::block::decode_with(id, stored, max, &crate::block::NewBuffers)
+            .map_err(|e| FsError::Io(e.to_string()))?;
         Ok(())
     }
 

@@ -294,19 +294,25 @@ impl ObjectStore for LocalStore {
 
     fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> StoreResult<()> {
         let path = self.path_of(key)?;
-        // Replacing an existing object with an unsynced copy could tear a committed
-        // block in a crash; an intact one already holds these bytes. (One torn by an
-        // earlier crash before it was ever committed is replaced.)
+        // An intact object already holding these bytes is left alone.
         if same_content(&path, parts) {
             return Ok(());
         }
+        // Any other existing object is replaced durably: an unsynced copy could tear
+        // in a crash, and the one it replaces may be a committed block stored another
+        // way (compressed, or by another zstd version), not a torn one.
+        let replacing = path.exists();
         let dir = self.ensure_parent(&path, key)?;
-        let tmp = self.write_temp(&dir, key, parts, false)?;
+        let tmp = self.write_temp(&dir, key, parts, replacing)?;
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::from_io(key, e));
         }
-        self.unsynced_puts.fetch_add(1, Ordering::SeqCst);
+        if replacing {
+            sync_dir(&dir).map_err(|e| StoreError::from_io(key, e))?;
+        } else {
+            self.unsynced_puts.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -466,11 +472,14 @@ mod tests {
             &fs::metadata(dir.path().join("blocks/ab/x")).unwrap(),
         );
         assert_eq!(inode, again, "an intact object is left alone");
+        // Any other object there (torn, or the same block stored another way) is
+        // replaced durably at once: not left to a later sync.
         fs::write(dir.path().join("blocks/ab/x"), b"ab").unwrap();
         store
             .put_parts_unsynced("blocks/ab/x", &[b"abc", b"def"])
             .unwrap();
         assert_eq!(store.get("blocks/ab/x").unwrap(), b"abcdef");
+        assert_eq!(store.unsynced_puts.load(Ordering::SeqCst), 1);
         store.sync().unwrap();
     }
 
