@@ -68,6 +68,7 @@ impl Compression {
     }
 
     /// `compress_into` a new buffer.
+    #[cfg(test)]
     pub fn compress(self, plain: &[u8]) -> Option<Vec<u8>> {
         let mut out = Vec::new();
         self.compress_into(plain, &mut out).then_some(out)
@@ -127,7 +128,8 @@ pub enum BlockError {
     BadFrame(BlockId),
 }
 
-/// Plain bytes -> (id, bytes to store).
+/// Plain bytes -> (id, bytes to store), uncompressed (tests build stored blocks).
+#[cfg(test)]
 pub fn encode(plain: &[u8]) -> (BlockId, Vec<u8>) {
     let id = BlockId::of(plain);
     let mut out = Vec::with_capacity(plain.len() + 4);
@@ -184,6 +186,7 @@ pub fn decode_with(
     Ok(plain)
 }
 
+#[cfg(test)]
 pub fn decode(id: BlockId, stored: Vec<u8>) -> Result<Vec<u8>, BlockError> {
     decode_with(id, stored, MAX_PLAIN, &NewBuffers)
 }

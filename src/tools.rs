@@ -45,7 +45,7 @@ pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
         u.logical_bytes,
         format_bytes(u.logical_bytes)
     );
-    let plain = if sb.codec == "none" {
+    let plain = if sb.compression() == crate::block::Compression::None {
         ""
     } else {
         ", before compression"
