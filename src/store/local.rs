@@ -137,19 +137,30 @@ impl LocalStore {
     }
 }
 
-/// True if the file at `path` holds exactly the concatenation of `parts`.
-fn same_content(path: &Path, parts: &[&[u8]]) -> bool {
-    let Ok(existing) = fs::read(path) else {
-        return false;
+/// What the file at `path` holds against the concatenation of `parts`.
+enum Existing {
+    Absent,
+    Same,
+    Other,
+}
+
+fn existing(path: &Path, parts: &[&[u8]]) -> Existing {
+    let existing = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Existing::Absent,
+        Err(_) => return Existing::Other,
     };
     let mut rest = existing.as_slice();
     for part in parts {
         match rest.split_at_checked(part.len()) {
             Some((head, tail)) if head == *part => rest = tail,
-            _ => return false,
+            _ => return Existing::Other,
         }
     }
-    rest.is_empty()
+    match rest.is_empty() {
+        true => Existing::Same,
+        false => Existing::Other,
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -294,14 +305,15 @@ impl ObjectStore for LocalStore {
 
     fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> StoreResult<()> {
         let path = self.path_of(key)?;
-        // An intact object already holding these bytes is left alone.
-        if same_content(&path, parts) {
-            return Ok(());
-        }
-        // Any other existing object is replaced durably: an unsynced copy could tear
-        // in a crash, and the one it replaces may be a committed block stored another
-        // way (compressed, or by another zstd version), not a torn one.
-        let replacing = path.exists();
+        // An intact object already holding these bytes is left alone. Any other
+        // existing object is replaced durably: an unsynced copy could tear in a
+        // crash, and the one it replaces may be a committed block stored another way
+        // (compressed, or by another zstd version), not a torn one.
+        let replacing = match existing(&path, parts) {
+            Existing::Same => return Ok(()),
+            Existing::Other => true,
+            Existing::Absent => false,
+        };
         let dir = self.ensure_parent(&path, key)?;
         let tmp = self.write_temp(&dir, key, parts, replacing)?;
         if let Err(e) = fs::rename(&tmp, &path) {
