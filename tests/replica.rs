@@ -78,29 +78,37 @@ fn replica_reloads_after_the_writer_compacts() {
     std::fs::write(w.path("a"), b"1").unwrap();
     bash(&format!("sync {}/a", w.mnt_str()));
     let r = reader(&w);
-    for i in 0..8 {
-        std::fs::write(w.path(&format!("f{i}")), format!("{i}")).unwrap();
-        bash(&format!("sync {}/f{i}", w.mnt_str()));
+    let newest = || {
+        std::fs::read_dir(w.store.join("meta"))
+            .unwrap()
+            .filter_map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .into_string()
+                    .unwrap()
+                    .strip_prefix("snapshot-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap()
+    };
+    // Snapshots are written by a thread of their own while commits go on: sync files
+    // until two have landed.
+    let mut n = 0;
+    while newest() < 2 && n < 200 {
+        std::fs::write(w.path(&format!("f{n}")), format!("{n}")).unwrap();
+        bash(&format!("sync {}/f{n}", w.mnt_str()));
+        n += 1;
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let newest = std::fs::read_dir(w.store.join("meta"))
-        .unwrap()
-        .filter_map(|e| {
-            e.unwrap()
-                .file_name()
-                .into_string()
-                .unwrap()
-                .strip_prefix("snapshot-")?
-                .parse::<u64>()
-                .ok()
-        })
-        .max()
-        .unwrap();
     assert!(
-        newest >= 2,
-        "the writer compacted (snapshot generation {newest})"
+        newest() >= 2,
+        "the writer compacted (snapshot generation {})",
+        newest()
     );
     eventually("files written across compactions", || {
-        (0..8).all(|i| {
+        (0..n).all(|i| {
             std::fs::read(r.path(&format!("f{i}"))).is_ok_and(|d| d == format!("{i}").as_bytes())
         })
     });

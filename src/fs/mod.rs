@@ -289,6 +289,8 @@ pub struct Volume {
     state: Mutex<State>,
     /// Serializes commits and snapshots; lock order: journal -> file data -> state.
     journal: Mutex<Journal>,
+    /// Snapshots run on their own thread while commits go on (`persist`).
+    snapshots: persist::SnapshotTrigger,
     files: Mutex<HashMap<Ino, Arc<Mutex<FileData>>>>,
     /// Data of destroyed files, discarded once the state lock is released.
     graveyard: Mutex<Vec<Arc<Mutex<FileData>>>>,
@@ -405,6 +407,7 @@ impl Volume {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             free_queue: Mutex::new(VecDeque::new()),
+            snapshots: persist::SnapshotTrigger::default(),
             load_report: loaded.report,
             load_fixes,
             lease: Mutex::new(lease),

@@ -30,6 +30,8 @@ impl Background {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Snapshots are written in line again (the unmount's last one, for one).
+        self.volume.snapshots.enabled.store(false, Ordering::SeqCst);
         // Queued uploads finish; later flushes upload synchronously.
         self.volume.uploader.close();
         for t in self.uploads.drain(..) {
@@ -53,6 +55,21 @@ fn wait(stop: &(Mutex<bool>, Condvar), period: Duration) -> bool {
         .unwrap();
     !*guard
 }
+
+/// A snapshot writes the whole index (77 MB for 500,000 files), so under the journal
+/// lock it held up every commit, and with it every fsync, for as long as it took.
+/// With background threads running, the commit that finds one due only flags it,
+/// and the snapshot thread writes it while later commits go on (see
+/// `Journal::begin_snapshot`).
+#[derive(Default)]
+pub(super) struct SnapshotTrigger {
+    /// The snapshot thread runs.
+    enabled: AtomicBool,
+    due: AtomicBool,
+}
+
+/// How often the snapshot thread looks for a snapshot a commit found due.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(50);
 
 /// Written by the writer only, read by the next writer; no follower reads it.
 const PENDING_FREES_KEY: &str = "meta/pending-frees";
@@ -138,9 +155,72 @@ impl Volume {
             // generation instead of another segment (see `Journal::snapshot_owed`).
             return self.snapshot_locked(&mut journal);
         }
-        let changes = self.state().index.take_changes();
         // Blocks before the index that points at them: every block these changes
-        // reference was installed before they were taken, so this sync covers it.
+        // reference was installed before they were taken, so the sync in
+        // `commit_taken` covers it.
+        let changes = self.state().index.take_changes();
+        self.commit_taken(&mut journal, changes)?;
+        let cfg = &self.config;
+        if journal.segments >= cfg.snapshot_segments || journal.bytes >= cfg.snapshot_bytes {
+            if self.snapshots.enabled.load(Ordering::SeqCst) {
+                self.snapshots.due.store(true, Ordering::SeqCst);
+            } else if let Err(e) = self.snapshot_locked(&mut journal) {
+                // Retried at the next commit; the journal is intact.
+                log::warn!("snapshot failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot without holding the journal lock while it is encoded and
+    /// stored: pending changes are committed as a segment first, so the snapshot holds
+    /// exactly the current snapshot and chain; commits meanwhile start the next
+    /// generation's chain over a bridge. If the snapshot fails, that chain goes on and
+    /// a later snapshot takes its place; nothing committed depends on it.
+    pub fn snapshot_in_background(&self) -> FsResult<()> {
+        let (generation, view) = {
+            let mut journal = self.journal.lock().unwrap();
+            if journal.snapshot_owed() {
+                // A failed segment PUT: the next commit writes one the old way.
+                return Ok(());
+            }
+            self.check_lease()?;
+            let (changes, view) = {
+                let mut state = self.state();
+                let changes = state.index.take_changes();
+                let view = state.index.snapshot_view(journal.next_generation());
+                (changes, view)
+            };
+            self.commit_taken(&mut journal, changes)?;
+            let generation = journal.begin_snapshot();
+            debug_assert_eq!(generation, view.generation());
+            (generation, view)
+        };
+        let landed = crate::index::journal::put_snapshot(&*self.store, generation, &view);
+        drop(view);
+        let remove = self
+            .journal
+            .lock()
+            .unwrap()
+            .end_snapshot(generation, landed.is_ok());
+        landed?;
+        log::info!("wrote snapshot generation {generation}");
+        // A writer that lost its lease meanwhile leaves the store to the new one.
+        if let Some(before) = remove
+            && self.check_lease().is_ok()
+        {
+            crate::index::journal::remove_generations_before(&*self.store, before);
+        }
+        Ok(())
+    }
+
+    /// Writes `changes`, taken from the index, as one segment (after the blocks they
+    /// reference); on failure they go back to the index for the next commit.
+    fn commit_taken(
+        &self,
+        journal: &mut crate::index::journal::Journal,
+        changes: crate::index::Changes,
+    ) -> FsResult<()> {
         if let Err(e) = self.store.sync() {
             self.state().index.restore(changes);
             return Err(e.into());
@@ -156,13 +236,6 @@ impl Volume {
             return Err(e.into());
         }
         self.queue_frees(changes.unreferenced);
-        let cfg = &self.config;
-        if journal.segments >= cfg.snapshot_segments || journal.bytes >= cfg.snapshot_bytes {
-            // A failed compaction is retried at the next commit; the journal is intact.
-            if let Err(e) = self.snapshot_locked(&mut journal) {
-                log::warn!("snapshot failed: {e}");
-            }
-        }
         Ok(())
     }
 
@@ -355,9 +428,11 @@ impl Volume {
                 .spawn(move || body(&volume, &signal))
                 .expect("spawn background thread")
         };
+        self.snapshots.enabled.store(true, Ordering::SeqCst);
         let threads = vec![
             spawn("objfs-commit", Volume::commit_loop),
             spawn("objfs-lease", Volume::lease_loop),
+            spawn("objfs-snapshot", Volume::snapshot_loop),
         ];
         Background {
             stop,
@@ -387,6 +462,18 @@ impl Volume {
             }
             self.fold_patches(false);
             self.delete_freed_blocks(self.config.free_grace);
+        }
+    }
+
+    fn snapshot_loop(&self, stop: &(Mutex<bool>, Condvar)) {
+        while wait(stop, SNAPSHOT_POLL) {
+            if self.is_fenced() || !self.snapshots.due.swap(false, Ordering::SeqCst) {
+                continue;
+            }
+            if let Err(e) = self.snapshot_in_background() {
+                // The next commit past the thresholds asks again.
+                log::warn!("snapshot failed: {e}");
+            }
         }
     }
 

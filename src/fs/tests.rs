@@ -1494,6 +1494,129 @@ fn while_snapshots_fail_fsync_fails_and_nothing_is_lost_once_they_work() {
     }
 }
 
+/// Waits up to 20 s for a snapshot of at least `generation` in `store`.
+fn wait_for_snapshot(store: &Arc<dyn ObjectStore>, generation: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let newest = store
+            .list("meta/snapshot-")
+            .unwrap()
+            .iter()
+            .filter_map(|k| k.strip_prefix("meta/snapshot-")?.parse::<u64>().ok())
+            .max();
+        if newest.is_some_and(|g| g >= generation) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn fsync_does_not_wait_for_a_snapshot_being_written() {
+    let hooks = Arc::new(HookStore {
+        inner: new_store(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let config = VolumeConfig {
+        snapshot_segments: 2,
+        commit_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let v = Arc::new(Volume::load(store.clone(), config).unwrap());
+    let bg = v.start_background();
+    // The first snapshot's PUT stalls until the test has fsynced more files.
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    hooks.on(crate::index::journal::snapshot_key(1), move || {
+        started_tx.send(()).unwrap();
+        let _ = release_rx.recv_timeout(Duration::from_secs(30));
+    });
+    let mut files = Vec::new();
+    let mut write_and_fsync = |i: usize| {
+        let f = file(&v, ROOT_INO, &format!("f{i}"));
+        v.write(f, 0, format!("data {i}").as_bytes()).unwrap();
+        v.fsync(f).unwrap();
+        files.push(f);
+    };
+    let t = Instant::now();
+    for i in 0..2 {
+        write_and_fsync(i);
+    }
+    started
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the snapshot started");
+    for i in 2..6 {
+        write_and_fsync(i);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "fsync waited for the snapshot ({:?})",
+        t.elapsed()
+    );
+    // Committed while the snapshot was in flight: found over the bridge.
+    let during = open_ro(&hooks.inner);
+    for (i, &f) in files.iter().enumerate() {
+        assert_eq!(read_all(&during, f), format!("data {i}").as_bytes());
+    }
+    let _ = release.send(());
+    assert!(wait_for_snapshot(&store, 1), "the snapshot never landed");
+    bg.stop();
+    v.shutdown().unwrap();
+    let after = open_ro(&hooks.inner);
+    for (i, &f) in files.iter().enumerate() {
+        assert_eq!(read_all(&after, f), format!("data {i}").as_bytes());
+    }
+}
+
+#[test]
+fn while_background_snapshots_fail_fsync_works_and_nothing_is_lost() {
+    let (faulty, store, v) = faulty_volume(VolumeConfig {
+        snapshot_segments: 2,
+        commit_interval: Duration::from_secs(3600),
+        ..Default::default()
+    });
+    let v = Arc::new(v);
+    let bg = v.start_background();
+    faulty.set_fail_puts_for(Some("meta/snapshot"));
+    let mut files = Vec::new();
+    for i in 0..12 {
+        let f = file(&v, ROOT_INO, &format!("f{i}"));
+        v.write(f, 0, format!("data {i}").as_bytes()).unwrap();
+        v.fsync(f).unwrap();
+        files.push(f);
+        // Give the snapshot thread a chance to try (and fail) between commits.
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    let check = |store: &Arc<dyn ObjectStore>| {
+        let after = open_ro(store);
+        assert!(
+            after.load_report.clean(),
+            "{:?}",
+            after.load_report.warnings
+        );
+        for (i, &f) in files.iter().enumerate() {
+            assert_eq!(read_all(&after, f), format!("data {i}").as_bytes());
+        }
+    };
+    check(&store);
+    assert!(
+        store.list("meta/snapshot-").unwrap().len() == 1,
+        "a snapshot landed while PUTs failed"
+    );
+    faulty.set_fail_puts_for(None);
+    for i in 0..3 {
+        let f = file(&v, ROOT_INO, &format!("last{i}"));
+        v.fsync(f).unwrap();
+    }
+    assert!(wait_for_snapshot(&store, 2), "no snapshot once PUTs work");
+    check(&store);
+    bg.stop();
+    v.shutdown().unwrap();
+    check(&store);
+}
+
 #[test]
 fn a_follower_that_loads_mid_stream_reads_every_block_after_the_flush() {
     let config = VolumeConfig {

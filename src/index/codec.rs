@@ -25,7 +25,10 @@ pub enum FrameError {
 /// an objfs that reads only version 1 refuses the store instead of taking a segment
 /// it cannot decode for damage.
 /// 3: extents may be `Extent::Patched` (same upgrade path).
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: the first segment of a generation may name the last segment of the one before
+/// as its `prev` (a bridge, written while that generation's snapshot is in flight);
+/// an older objfs would stop replay there.
+pub const FORMAT_VERSION: u32 = 4;
 
 pub struct Kind {
     pub name: &'static str,

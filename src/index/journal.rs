@@ -131,6 +131,8 @@ pub struct Journal {
     generation: u64,
     seq: u64,
     last_key: Option<String>,
+    /// What the first segment of this generation names as `prev` (followers check it).
+    first_prev: FirstPrev,
     /// Segments and bytes since the snapshot: compaction triggers.
     pub segments: u64,
     pub bytes: u64,
@@ -382,6 +384,157 @@ fn move_aside(store: &dyn ObjectStore, key: &str) -> Result<(), IndexError> {
     Ok(())
 }
 
+/// What the first segment of a chain must name as its predecessor.
+#[derive(Clone, Debug, PartialEq)]
+enum FirstPrev {
+    /// The chain of the snapshot a load started from: nothing, or a bridge from the
+    /// generation before, which the snapshot covers.
+    Any,
+    /// A chain reached over a bridge: exactly the key it bridges from.
+    Exactly(String),
+}
+
+/// A position in one generation's chain of segments.
+struct Chain {
+    generation: u64,
+    seq: u64,
+    last_key: Option<String>,
+    first_prev: FirstPrev,
+}
+
+impl Chain {
+    /// What the first segment of the next generation's chain names as `prev` when it
+    /// was written while that generation's snapshot was not yet durable.
+    fn bridge(&self) -> String {
+        self.last_key
+            .clone()
+            .unwrap_or_else(|| snapshot_key(self.generation))
+    }
+
+    fn follows(&self, segment: &Segment, seq: u64) -> bool {
+        let prev_ok = match (seq, &self.first_prev) {
+            (1, FirstPrev::Any) => true,
+            (1, FirstPrev::Exactly(bridge)) => segment.prev.as_ref() == Some(bridge),
+            _ => segment.prev == self.last_key,
+        };
+        prev_ok && segment.generation == self.generation && segment.seq == seq
+    }
+}
+
+/// Applies `chain`'s segments after its position to `index`. True when it ran to the
+/// chain's end; false when damage or a gap stopped it (a warning in `report`).
+fn replay_chain(
+    store: &dyn ObjectStore,
+    chain: &mut Chain,
+    index: &mut Index,
+    report: &mut LoadReport,
+) -> Result<bool, IndexError> {
+    for (&s, keys) in list_segments(store, chain.generation)?.range(chain.seq + 1..) {
+        if s != chain.seq + 1 {
+            let w = format!(
+                "journal gap: segment {} missing; replay stopped",
+                chain.seq + 1
+            );
+            log::warn!("{w}");
+            report.warnings.push(w);
+            return Ok(false);
+        }
+        if keys.len() > 1 {
+            return Err(fork(chain.generation, s, keys));
+        }
+        let key = &keys[0];
+        let segment = store.get(key).map_err(IndexError::from).and_then(|bytes| {
+            report.journal_bytes += bytes.len() as u64;
+            codec::decode::<Segment>(&codec::SEGMENT, &bytes).map_err(|err| IndexError::Frame {
+                key: key.clone(),
+                err,
+            })
+        });
+        let segment = match segment {
+            Err(IndexError::Store(e)) if !matches!(e, StoreError::NotFound(_)) => {
+                return Err(IndexError::Store(e));
+            }
+            Ok(seg) if chain.follows(&seg, s) => seg,
+            Err(e) if e.is_too_new() => return Err(e),
+            Ok(_) => {
+                let w = format!("{key}: does not follow the previous segment; replay stopped");
+                log::warn!("{w}");
+                report.warnings.push(w);
+                return Ok(false);
+            }
+            Err(e) => {
+                let w = format!("torn or corrupt journal segment, replay stopped there: {e}");
+                log::warn!("{w}");
+                report.warnings.push(w);
+                return Ok(false);
+            }
+        };
+        report.records += segment.records.len() as u64;
+        for record in segment.records {
+            index.apply(record);
+        }
+        index.set_next_ino(segment.next_ino);
+        chain.seq = s;
+        chain.last_key = Some(key.clone());
+        report.segments += 1;
+    }
+    Ok(true)
+}
+
+/// The chain that goes on from the end of `chain` in a newer generation whose
+/// snapshot is missing (still being written when the store was last used, or its PUT
+/// failed): its first segment names `chain`'s last one (`Chain::bridge`). Only the
+/// next generation that has segments can hold it.
+enum Bridge {
+    To(Chain),
+    /// No newer generation has segments.
+    End,
+    /// This newer generation has segments, and they do not go on from here.
+    Unlinked(u64),
+}
+
+fn bridged_chain(store: &dyn ObjectStore, chain: &Chain) -> Result<Bridge, IndexError> {
+    let next = store
+        .list(JOURNAL_PREFIX)?
+        .iter()
+        .filter_map(|k| parse_segment_key(k).map(|p| p.0))
+        .filter(|&g| g > chain.generation)
+        .min();
+    let Some(generation) = next else {
+        return Ok(Bridge::End);
+    };
+    let segments = list_segments(store, generation)?;
+    let Some(keys) = segments.get(&1) else {
+        return Ok(Bridge::Unlinked(generation));
+    };
+    let bridge = chain.bridge();
+    for key in keys {
+        let prev = match store.get(key) {
+            Ok(bytes) => match codec::decode::<Segment>(&codec::SEGMENT, &bytes) {
+                Ok(segment) => segment.prev,
+                Err(err) if matches!(err, FrameError::TooNew { .. }) => {
+                    return Err(IndexError::Frame {
+                        key: key.clone(),
+                        err,
+                    });
+                }
+                Err(_) => None,
+            },
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if prev.as_ref() == Some(&bridge) {
+            return Ok(Bridge::To(Chain {
+                generation,
+                seq: 0,
+                last_key: None,
+                first_prev: FirstPrev::Exactly(bridge),
+            }));
+        }
+    }
+    Ok(Bridge::Unlinked(generation))
+}
+
 /// Recovery: the newest readable snapshot, then its chain of segments in order.
 pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexError> {
     let superblock = read_superblock(&*store)?;
@@ -427,54 +580,32 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
     let mut index = Index::from_snapshot(body, superblock.block_size);
     report.generation = generation;
 
-    let mut last_key: Option<String> = None;
-    let mut seq = 0;
-    for (&s, keys) in &list_segments(&*store, generation)? {
-        if s != seq + 1 {
-            let w = format!("journal gap: segment {} missing; replay stopped", seq + 1);
-            log::warn!("{w}");
-            report.warnings.push(w);
-            break;
-        }
-        if keys.len() > 1 {
-            return Err(fork(generation, s, keys));
-        }
-        let key = &keys[0];
-        let segment = store.get(key).map_err(IndexError::from).and_then(|bytes| {
-            report.journal_bytes += bytes.len() as u64;
-            codec::decode::<Segment>(&codec::SEGMENT, &bytes).map_err(|err| IndexError::Frame {
-                key: key.clone(),
-                err,
-            })
-        });
-        let segment = match segment {
-            Err(IndexError::Store(e)) if !matches!(e, StoreError::NotFound(_)) => {
-                return Err(IndexError::Store(e));
-            }
-            Ok(seg) if seg.prev == last_key && seg.generation == generation && seg.seq == s => seg,
-            Err(e) if e.is_too_new() => return Err(e),
-            Ok(_) => {
-                let w = format!("{key}: does not follow the previous segment; replay stopped");
+    let mut chain = Chain {
+        generation,
+        seq: 0,
+        last_key: None,
+        first_prev: FirstPrev::Any,
+    };
+    while replay_chain(&*store, &mut chain, &mut index, &mut report)? {
+        match bridged_chain(&*store, &chain)? {
+            Bridge::To(next) => chain = next,
+            Bridge::End => break,
+            Bridge::Unlinked(newer) => {
+                let w = format!(
+                    "journal segments of generation {newer} do not continue the replayed journal; not replayed"
+                );
                 log::warn!("{w}");
                 report.warnings.push(w);
                 break;
             }
-            Err(e) => {
-                let w = format!("torn or corrupt journal segment, replay stopped there: {e}");
-                log::warn!("{w}");
-                report.warnings.push(w);
-                break;
-            }
-        };
-        report.records += segment.records.len() as u64;
-        for record in segment.records {
-            index.apply(record);
         }
-        index.set_next_ino(segment.next_ino);
-        seq = s;
-        last_key = Some(key.clone());
-        report.segments += 1;
     }
+    let Chain {
+        generation,
+        seq,
+        last_key,
+        first_prev,
+    } = chain;
     let orphans = index.finish_load();
     report.reclaimed_orphans = orphans.len();
     if !orphans.is_empty() {
@@ -496,6 +627,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         generation,
         seq,
         last_key,
+        first_prev,
         segments: report.segments,
         bytes: report.journal_bytes,
         clean: report.clean(),
@@ -520,7 +652,9 @@ pub enum Followed {
 }
 
 impl Journal {
-    /// For read-only followers: the records the writer committed since we last looked.
+    /// For read-only followers: the records the writer committed since we last looked,
+    /// over bridges into newer generations too (a writer goes on committing while its
+    /// snapshot is written).
     pub fn follow(&mut self) -> Result<Followed, IndexError> {
         if list_snapshots(&*self.store)?
             .last()
@@ -529,9 +663,46 @@ impl Journal {
             return Ok(Followed::NewGeneration);
         }
         let mut records = Vec::new();
+        loop {
+            match self.follow_chain(&mut records)? {
+                Some(true) => {}
+                Some(false) => break,
+                None => return Ok(Followed::NewGeneration),
+            }
+            match bridged_chain(&*self.store, &self.chain())? {
+                Bridge::To(next) => {
+                    self.generation = next.generation;
+                    self.seq = 0;
+                    self.last_key = None;
+                    self.first_prev = next.first_prev;
+                }
+                // Not yet: the writer's snapshot may still land (then a reload).
+                Bridge::End | Bridge::Unlinked(_) => break,
+            }
+        }
+        Ok(if records.is_empty() {
+            Followed::Nothing
+        } else {
+            Followed::Records(records)
+        })
+    }
+
+    fn chain(&self) -> Chain {
+        Chain {
+            generation: self.generation,
+            seq: self.seq,
+            last_key: self.last_key.clone(),
+            first_prev: self.first_prev.clone(),
+        }
+    }
+
+    /// Reads the current chain's new segments into `records`: Some(true) when it
+    /// reached the chain's end, Some(false) when it must wait (a segment not there yet
+    /// or not following), None when compaction removed the chain.
+    fn follow_chain(&mut self, records: &mut Vec<Record>) -> Result<Option<bool>, IndexError> {
         for (&s, keys) in list_segments(&*self.store, self.generation)?.range(self.seq + 1..) {
             if s != self.seq + 1 {
-                break;
+                return Ok(Some(false));
             }
             if keys.len() > 1 {
                 return Err(fork(self.generation, s, keys));
@@ -540,7 +711,7 @@ impl Journal {
             let bytes = match self.store.get(key) {
                 Ok(b) => b,
                 // Compaction removed it between list and get.
-                Err(StoreError::NotFound(_)) => return Ok(Followed::NewGeneration),
+                Err(StoreError::NotFound(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
             let segment: Segment =
@@ -548,19 +719,15 @@ impl Journal {
                     key: key.clone(),
                     err,
                 })?;
-            if segment.prev != self.last_key {
+            if !self.chain().follows(&segment, s) {
                 log::warn!("{key} does not follow the segment we read last; waiting");
-                break;
+                return Ok(Some(false));
             }
             records.extend(segment.records);
             self.seq = s;
             self.last_key = Some(key.clone());
         }
-        Ok(if records.is_empty() {
-            Followed::Nothing
-        } else {
-            Followed::Records(records)
-        })
+        Ok(Some(true))
     }
 
     pub fn generation(&self) -> u64 {
@@ -628,6 +795,49 @@ impl Journal {
         Ok(())
     }
 
+    /// Starts a snapshot written while commits go on: the next generation is taken
+    /// now (its key is never used for anything else), and later commits form its
+    /// chain, whose first segment names the current chain's last one (a bridge). Until
+    /// `put_snapshot` lands, a load reaches those segments over the bridge from the
+    /// current snapshot and chain, which stay until `end_snapshot`; the snapshot must
+    /// hold exactly what they hold (the caller commits pending changes first).
+    pub fn begin_snapshot(&mut self) -> u64 {
+        debug_assert!(
+            !self.snapshot_owed,
+            "a background snapshot while one is owed"
+        );
+        let generation = self.next_generation();
+        let bridge = self.chain().bridge();
+        self.floor = generation;
+        self.generation = generation;
+        self.seq = 0;
+        // The next commit names it as `prev`.
+        self.last_key = Some(bridge.clone());
+        self.first_prev = FirstPrev::Exactly(bridge);
+        self.segments = 0;
+        self.bytes = 0;
+        generation
+    }
+
+    /// After `put_snapshot` of a `begin_snapshot` generation: the older generations
+    /// may go if it landed (returned for `remove_generations_before`, which needs no
+    /// lock); if it failed, its chain goes on over the bridge and a later snapshot
+    /// takes its place.
+    pub fn end_snapshot(&mut self, generation: u64, landed: bool) -> Option<u64> {
+        if !landed {
+            return None;
+        }
+        if self.clean {
+            Some(generation)
+        } else {
+            log::warn!(
+                "kept objects older than generation {generation} after recovering from damage (fsck can inspect them)"
+            );
+            self.clean = true;
+            None
+        }
+    }
+
     /// Writes the whole index (a `SnapshotBody`, or what encodes as one) as the next
     /// generation, then removes what it replaces.
     pub fn write_snapshot(
@@ -636,8 +846,7 @@ impl Journal {
         body: &impl serde::Serialize,
     ) -> Result<(), IndexError> {
         debug_assert_eq!(generation, self.next_generation());
-        let bytes = codec::encode(&codec::SNAPSHOT, body);
-        if let Err(e) = self.store.put(&snapshot_key(generation), &bytes) {
+        if let Err(e) = put_snapshot(&*self.store, generation, body) {
             // It may exist now or later: the next one goes above it, and nothing
             // else is written before that one succeeds.
             self.floor = self.floor.max(generation);
@@ -650,10 +859,11 @@ impl Journal {
         self.floor = generation;
         self.seq = 0;
         self.last_key = None;
+        self.first_prev = FirstPrev::Any;
         self.segments = 0;
         self.bytes = 0;
         if self.clean {
-            self.remove_generations_before(generation);
+            remove_generations_before(&*self.store, generation);
         } else {
             log::warn!(
                 "kept generation {old_gen} objects after recovering from damage (fsck can inspect them)"
@@ -662,31 +872,42 @@ impl Journal {
         }
         Ok(())
     }
+}
 
-    /// Only after a newer snapshot is durable; failures here just leave garbage.
-    fn remove_generations_before(&self, generation: u64) {
-        let old = |key: &String| {
-            parse_segment_key(key)
-                .map(|(g, _, _)| g)
-                .or_else(|| parse_snapshot_key(key))
-                .is_some_and(|g| g < generation)
-        };
-        let keys = match self.store.list("meta/") {
-            Ok(k) => k,
-            Err(e) => {
-                log::warn!("listing old generations: {e}");
-                return;
-            }
-        };
-        // Segments first, so a crash midway never leaves segments without their snapshot.
-        let (segments, others): (Vec<String>, Vec<String>) = keys
-            .into_iter()
-            .filter(old)
-            .partition(|k| k.starts_with(JOURNAL_PREFIX));
-        for key in segments.iter().chain(others.iter()) {
-            if let Err(e) = self.store.delete(key) {
-                log::warn!("deleting {key}: {e}");
-            }
+/// Encodes and stores the whole index as snapshot `generation`.
+pub fn put_snapshot(
+    store: &dyn ObjectStore,
+    generation: u64,
+    body: &impl serde::Serialize,
+) -> Result<(), IndexError> {
+    let bytes = codec::encode(&codec::SNAPSHOT, body);
+    store.put(&snapshot_key(generation), &bytes)?;
+    Ok(())
+}
+
+/// Only after a newer snapshot is durable; failures here just leave garbage.
+pub fn remove_generations_before(store: &dyn ObjectStore, generation: u64) {
+    let old = |key: &String| {
+        parse_segment_key(key)
+            .map(|(g, _, _)| g)
+            .or_else(|| parse_snapshot_key(key))
+            .is_some_and(|g| g < generation)
+    };
+    let keys = match store.list("meta/") {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!("listing old generations: {e}");
+            return;
+        }
+    };
+    // Segments first, so a crash midway never leaves segments without their snapshot.
+    let (segments, others): (Vec<String>, Vec<String>) = keys
+        .into_iter()
+        .filter(old)
+        .partition(|k| k.starts_with(JOURNAL_PREFIX));
+    for key in segments.iter().chain(others.iter()) {
+        if let Err(e) = store.delete(key) {
+            log::warn!("deleting {key}: {e}");
         }
     }
 }
@@ -765,6 +986,125 @@ mod tests {
         );
         let r = load(store, "w3").unwrap();
         assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+    }
+
+    /// Applies what a follower reads to its index; true when it read anything.
+    fn follow_into(reader: &mut Loaded) -> bool {
+        match reader.journal.follow().unwrap() {
+            Followed::Nothing => false,
+            Followed::Records(records) => {
+                for r in records {
+                    reader.index.apply(r);
+                }
+                true
+            }
+            Followed::NewGeneration => {
+                *reader = load(reader.journal.store.clone(), "reader").unwrap();
+                true
+            }
+        }
+    }
+
+    #[test]
+    fn commits_during_a_snapshot_are_found_over_the_bridge_whether_or_not_it_lands() {
+        for chain_before in [&["a", "b"][..], &[][..]] {
+            let (store, mut l) = with_segments(chain_before, "w1");
+            let mut reader = load(store.clone(), "reader").unwrap();
+            let view = l.index.snapshot_view(l.journal.next_generation());
+            let generation = l.journal.begin_snapshot();
+            assert_eq!(generation, view.generation());
+            // Commits while the snapshot is being written: the next generation's chain.
+            for name in ["c", "d"] {
+                add_file(&mut l.index, name);
+                l.journal.commit(&l.index.take_changes()).unwrap();
+            }
+            let mut all: Vec<String> = chain_before.iter().map(|s| s.to_string()).collect();
+            all.extend(["c".to_string(), "d".to_string()]);
+            // The snapshot never lands: the old snapshot, its chain and the bridge.
+            let r = load(store.clone(), "w2").unwrap();
+            assert_eq!(names(&r.index), all, "after {chain_before:?}");
+            assert!(r.report.clean(), "{:?}", r.report.warnings);
+            assert_eq!(r.journal.generation(), generation);
+            assert!(follow_into(&mut reader));
+            assert_eq!(names(&reader.index), all);
+
+            // It lands: loads start from it, and the old generation goes.
+            put_snapshot(&*store, generation, &view).unwrap();
+            let before = l.journal.end_snapshot(generation, true).unwrap();
+            remove_generations_before(&*store, before);
+            assert!(
+                store
+                    .list("meta/")
+                    .unwrap()
+                    .iter()
+                    .all(|k| !k.contains(&format!("{:020}", generation - 1)))
+            );
+            let r = load(store.clone(), "w3").unwrap();
+            assert_eq!(names(&r.index), all);
+            assert!(r.report.clean(), "{:?}", r.report.warnings);
+            assert_eq!(r.report.segments, 2);
+            // The follower that crossed the bridge goes on in the same chain, and so
+            // does one that starts from the new snapshot.
+            let mut late = load(store.clone(), "late").unwrap();
+            add_file(&mut l.index, "e");
+            l.journal.commit(&l.index.take_changes()).unwrap();
+            all.push("e".to_string());
+            for follower in [&mut reader, &mut late] {
+                assert!(follow_into(follower));
+                assert_eq!(names(&follower.index), all);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_snapshot_leaves_its_chain_to_the_next_one() {
+        let (store, mut l) = with_segments(&["a"], "w1");
+        let late = l.index.snapshot_view(l.journal.next_generation());
+        let first = l.journal.begin_snapshot();
+        l.journal.end_snapshot(first, false);
+        add_file(&mut l.index, "b");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        // A second snapshot in the background, over the first one's bridged chain.
+        let view = l.index.snapshot_view(l.journal.next_generation());
+        let second = l.journal.begin_snapshot();
+        assert!(second > first);
+        add_file(&mut l.index, "c");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        // Neither landed: two bridges.
+        let r = load(store.clone(), "w2").unwrap();
+        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+        assert!(r.report.clean(), "{:?}", r.report.warnings);
+        put_snapshot(&*store, second, &view).unwrap();
+        let r = load(store.clone(), "w3").unwrap();
+        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+        assert_eq!(r.report.generation, second);
+        // The first one lands late (a PUT still in flight): older than the second.
+        put_snapshot(&*store, first, &late).unwrap();
+        let r = load(store, "w4").unwrap();
+        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_newer_chain_that_does_not_bridge_from_the_end_is_not_replayed() {
+        let (store, mut l) = with_segments(&["a", "b"], "w1");
+        l.journal.begin_snapshot();
+        add_file(&mut l.index, "c");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        // The old chain's last segment is lost: the bridge names a segment that is
+        // not the end of what replays, so the newer chain must not be applied.
+        store.delete(&segment_key(0, 2, "w1")).unwrap();
+        let r = load(store, "w2").unwrap();
+        assert_eq!(names(&r.index), vec!["a"]);
+        assert!(
+            r.report
+                .warnings
+                .iter()
+                .any(|w| w.contains("do not continue")),
+            "{:?}",
+            r.report.warnings
+        );
+        // A writer seals that off with a fresh snapshot and keeps the objects.
+        assert!(r.journal.needs_fresh_snapshot());
     }
 
     #[test]
