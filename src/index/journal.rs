@@ -851,7 +851,7 @@ impl Journal {
             // else is written before that one succeeds.
             self.floor = self.floor.max(generation);
             self.snapshot_owed = true;
-            return Err(e.into());
+            return Err(e);
         }
         self.snapshot_owed = false;
         let old_gen = self.generation;
