@@ -45,22 +45,38 @@ pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
         u.logical_bytes,
         format_bytes(u.logical_bytes)
     );
-    let plain = if sb.compression() == crate::block::Compression::None {
-        ""
-    } else {
-        ", before compression"
-    };
     println!(
-        "stored bytes:   {} ({}{plain})",
-        stored,
-        format_bytes(stored)
+        "stored bytes:   {} ({}; each distinct block once, plus inline bytes)",
+        stored.plain,
+        format_bytes(stored.plain)
     );
+    let objects = objects_in_store(&volume, &stored).map_err(|e| format!("{spec}: {e}"))?;
+    println!(
+        "in the store:   {} ({}) in {} block objects{}",
+        objects.referenced_bytes,
+        format_bytes(objects.referenced_bytes),
+        objects.referenced,
+        match sb.compression() {
+            crate::block::Compression::None => String::new(),
+            _ => format!(
+                ", compressed to {:.0}% of their plain size",
+                percent(objects.referenced_bytes, stored.plain - stored.inline)
+            ),
+        }
+    );
+    if objects.unreferenced > 0 {
+        println!(
+            "unreferenced:   {} block objects, {} (not in the committed index: a mounted writer's newest blocks, or garbage that objfs gc deletes)",
+            objects.unreferenced,
+            format_bytes(objects.unreferenced_bytes)
+        );
+    }
     println!("inline bytes:   {}", u.inline_bytes);
     println!("blocks:         {}", u.blocks);
-    let ratio = if stored == 0 {
+    let ratio = if stored.plain == 0 {
         1.0
     } else {
-        u.logical_bytes as f64 / stored as f64
+        u.logical_bytes as f64 / stored.plain as f64
     };
     println!("dedup ratio:    {ratio:.2}");
     println!(
@@ -76,24 +92,31 @@ pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
     Ok(())
 }
 
-/// Bytes the filesystem's content occupies in the store: each distinct block once,
-/// plus inline bytes.
-fn stored_bytes(volume: &Volume) -> u64 {
+/// What the filesystem's content occupies, as the index says.
+struct Stored {
+    /// Each distinct block's plain length once, plus inline and patch bytes.
+    plain: u64,
+    inline: u64,
+    /// The distinct blocks.
+    blocks: HashSet<BlockId>,
+}
+
+fn stored_bytes(volume: &Volume) -> Stored {
     let mut blocks: HashMap<BlockId, u64> = HashMap::new();
     let mut inline = 0;
+    let mut count = |id: &BlockId, len: u64| {
+        let v = blocks.entry(*id).or_default();
+        *v = (*v).max(len);
+    };
     volume.with_index(|index| {
         for inode in index.inodes() {
             for e in inode.extents.values() {
                 match e {
-                    Extent::Block { id, len } => {
-                        let v = blocks.entry(*id).or_default();
-                        *v = (*v).max(u64::from(*len));
-                    }
+                    Extent::Block { id, len } => count(id, u64::from(*len)),
                     Extent::Inline(d) => inline += d.len() as u64,
                     Extent::Patched { base, base_len, .. } => {
                         if let Some(id) = base {
-                            let v = blocks.entry(*id).or_default();
-                            *v = (*v).max(u64::from(*base_len));
+                            count(id, u64::from(*base_len));
                         }
                         inline += e.patch_bytes();
                     }
@@ -101,7 +124,46 @@ fn stored_bytes(volume: &Volume) -> u64 {
             }
         }
     });
-    blocks.values().sum::<u64>() + inline
+    Stored {
+        plain: blocks.values().sum::<u64>() + inline,
+        inline,
+        blocks: blocks.into_keys().collect(),
+    }
+}
+
+/// The block objects in the store, as its listing says (sizes after compression).
+#[derive(Default)]
+struct Objects {
+    referenced: u64,
+    referenced_bytes: u64,
+    unreferenced: u64,
+    unreferenced_bytes: u64,
+}
+
+fn objects_in_store(volume: &Volume, stored: &Stored) -> Result<Objects, String> {
+    let mut objects = Objects::default();
+    let listed = volume
+        .store()
+        .list_sizes("blocks/")
+        .map_err(|e| e.to_string())?;
+    for (key, size) in listed {
+        let id = key.rsplit('/').next().and_then(BlockId::from_hex);
+        if id.is_some_and(|id| stored.blocks.contains(&id)) {
+            objects.referenced += 1;
+            objects.referenced_bytes += size;
+        } else {
+            objects.unreferenced += 1;
+            objects.unreferenced_bytes += size;
+        }
+    }
+    Ok(objects)
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    match whole {
+        0 => 100.0,
+        _ => part as f64 * 100.0 / whole as f64,
+    }
 }
 
 /// Fixes what is safe (see fs::repair), under the writer lease.

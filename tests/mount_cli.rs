@@ -314,7 +314,21 @@ fn mkfs_compression_zstd_stores_compressible_blocks_smaller_and_reads_them_back(
         stored < 3_500_000 + (3 << 20) / 10 * 11,
         "{stored} bytes stored for {logical}"
     );
-    assert!(objfs_ok(&["stat", f.store_str()]).contains("compression:    zstd"));
+    let out = objfs_ok(&["stat", f.store_str()]);
+    assert!(out.contains("compression:    zstd"), "{out}");
+    // stat sums the objects' sizes as stored, after compression.
+    assert!(
+        out.contains(&format!("in the store:   {stored} (")),
+        "{stored}: {out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "in {} block objects, compressed to ",
+            blocks.len()
+        )),
+        "{out}"
+    );
+    assert!(compressed_percent(&out) < 75.0, "{out}");
     let out = objfs_ok(&["fsck", f.store_str(), "--verify-data"]);
     assert!(out.contains("clean"), "{out}");
     f.mount();
@@ -343,4 +357,13 @@ fn mkfs_compression_zstd_stores_compressible_blocks_smaller_and_reads_them_back(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The percentage in `objfs stat`'s "compressed to N% of their plain size".
+fn compressed_percent(stat: &str) -> f64 {
+    let rest = stat
+        .split("compressed to ")
+        .nth(1)
+        .expect("a compression figure");
+    rest.split('%').next().unwrap().parse().unwrap()
 }

@@ -63,6 +63,14 @@ fn tree_copy_random_writes_rename_and_remount() {
     let out = f.objfs_ok(&["stat", f.store_str()]);
     assert!(out.contains("files:          16"), "{out}");
     assert!(out.contains("compression:    zstd"), "{out}");
+    // Object sizes come from the bucket's listing: the text shrank.
+    let percent: f64 = out
+        .split("compressed to ")
+        .nth(1)
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no compression figure: {out}"));
+    assert!(percent > 0.0 && percent < 100.0, "{out}");
 }
 
 #[test]

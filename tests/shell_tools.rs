@@ -152,8 +152,23 @@ fn stat_reports_dedup_and_statfs_reports_space() {
     assert!(out.contains("directories:    2"), "{out}");
     assert!(out.contains("blocks:         3"), "{out}");
     assert!(out.contains("dedup ratio:    3.00"), "{out}");
+    // Three 1 MiB blocks and their 4-byte trailers, as the store lists them.
+    assert!(
+        out.contains("in the store:   3145740 (3.0 MiB) in 3 block objects\n"),
+        "{out}"
+    );
+    assert!(!out.contains("unreferenced"), "{out}");
     let out = objfs_ok(&["fsck", f.store_str()]);
     assert!(out.contains("clean"), "{out}");
+    // An object no file references (what a writer killed mid-upload leaves).
+    let junk = f.store.join("blocks/ab").join("ab".repeat(32));
+    std::fs::create_dir_all(junk.parent().unwrap()).unwrap();
+    std::fs::write(&junk, b"not referenced").unwrap();
+    let out = objfs_ok(&["stat", f.store_str()]);
+    assert!(
+        out.contains("unreferenced:   1 block objects, 14 B"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -105,6 +105,12 @@ impl ObjectStore for FaultyStore {
         }
         self.inner.list(prefix)
     }
+    fn list_sizes(&self, prefix: &str) -> StoreResult<Vec<(String, u64)>> {
+        if self.fail_lists.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(format!("{prefix}: injected list failure")));
+        }
+        self.inner.list_sizes(prefix)
+    }
     fn space(&self) -> StoreResult<StoreSpace> {
         self.inner.space()
     }

@@ -116,12 +116,15 @@ impl LocalStore {
         Ok(dir)
     }
 
+    /// Keys under `dir` starting with `prefix` into `out`, with their sizes when
+    /// `sizes` (a stat each), else 0.
     fn collect(
         &self,
         dir: &Path,
         rel: &str,
         prefix: &str,
-        out: &mut Vec<String>,
+        sizes: bool,
+        out: &mut Vec<(String, u64)>,
     ) -> StoreResult<()> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
@@ -146,13 +149,36 @@ impl LocalStore {
             if is_dir {
                 let as_dir = format!("{key}/");
                 if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
-                    self.collect(&entry.path(), &key, prefix, out)?;
+                    self.collect(&entry.path(), &key, prefix, sizes, out)?;
                 }
             } else if key.starts_with(prefix) {
-                out.push(key);
+                let len = match sizes {
+                    true => match entry.metadata() {
+                        Ok(m) => m.len(),
+                        // Deleted since the directory was read.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(StoreError::from_io(&key, e)),
+                    },
+                    false => 0,
+                };
+                out.push((key, len));
             }
         }
         Ok(())
+    }
+
+    fn walk(&self, prefix: &str, sizes: bool) -> StoreResult<Vec<(String, u64)>> {
+        // Start the walk at the deepest directory the prefix fully names.
+        let (dir_rel, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let start = if dir_rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir_rel)
+        };
+        let mut out = Vec::new();
+        self.collect(&start, dir_rel, prefix, sizes, &mut out)?;
+        out.sort();
+        Ok(out)
     }
 }
 
@@ -452,17 +478,12 @@ impl ObjectStore for LocalStore {
     }
 
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
-        // Start the walk at the deepest directory the prefix fully names.
-        let (dir_rel, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
-        let start = if dir_rel.is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(dir_rel)
-        };
-        let mut out = Vec::new();
-        self.collect(&start, dir_rel, prefix, &mut out)?;
-        out.sort();
-        Ok(out)
+        let listed = self.walk(prefix, false)?;
+        Ok(listed.into_iter().map(|(key, _)| key).collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> StoreResult<Vec<(String, u64)>> {
+        self.walk(prefix, true)
     }
 
     fn space(&self) -> StoreResult<StoreSpace> {

@@ -54,6 +54,15 @@ impl ObjectStore for MemoryStore {
             .collect())
     }
 
+    fn list_sizes(&self, prefix: &str) -> StoreResult<Vec<(String, u64)>> {
+        let objects = self.objects.lock().unwrap();
+        Ok(objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.len() as u64))
+            .collect())
+    }
+
     fn space(&self) -> StoreResult<StoreSpace> {
         Ok(StoreSpace {
             total_bytes: 1 << 40,

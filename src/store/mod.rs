@@ -82,6 +82,16 @@ pub trait ObjectStore: Send + Sync {
     fn delete(&self, key: &str) -> StoreResult<()>;
     /// All keys starting with `prefix`, sorted.
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>>;
+    /// `list` with each object's size in bytes (as stored: after compression).
+    fn list_sizes(&self, prefix: &str) -> StoreResult<Vec<(String, u64)>> {
+        self.list(prefix)?
+            .into_iter()
+            .map(|key| {
+                let len = self.get(&key)?.len() as u64;
+                Ok((key, len))
+            })
+            .collect()
+    }
     fn exists(&self, key: &str) -> StoreResult<bool> {
         match self.get(key) {
             Ok(_) => Ok(true),
@@ -190,6 +200,10 @@ pub(crate) mod contract {
         assert_eq!(store.list("a/").unwrap(), vec!["a/b", "a/c"]);
         assert_eq!(store.list("").unwrap(), vec!["a/b", "a/c", "b/x"]);
         assert_eq!(store.get("b/x").unwrap(), b"");
+        let sized = |prefix: &str| store.list_sizes(prefix).unwrap();
+        assert_eq!(sized("a/"), vec![("a/b".into(), 3), ("a/c".into(), 5)]);
+        assert_eq!(sized("a/c"), vec![("a/c".into(), 5)]);
+        assert_eq!(sized("").last(), Some(&("b/x".into(), 0)));
         store.delete("a/b").unwrap();
         store.delete("a/b").unwrap();
         assert!(!store.exists("a/b").unwrap());

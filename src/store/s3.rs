@@ -312,6 +312,14 @@ impl ObjectStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .list_sizes(prefix)?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> StoreResult<Vec<(String, u64)>> {
         // object_store lists whole path segments: list the directory part, then
         // filter by the full (possibly partial-name) prefix.
         let dir = prefix.rsplit_once('/').map_or("", |(d, _)| d);
@@ -324,10 +332,13 @@ impl ObjectStore for S3Store {
             client.list(dir_path.as_ref()).try_collect::<Vec<_>>().await
         });
         let metas = listed.map_err(|e| map_err(prefix, e))?;
-        let mut keys: Vec<String> = metas
+        let mut keys: Vec<(String, u64)> = metas
             .into_iter()
-            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(str::to_string))
-            .filter(|k| k.starts_with(prefix))
+            .filter_map(|m| {
+                let key = m.location.as_ref().strip_prefix(&strip)?.to_string();
+                Some((key, m.size))
+            })
+            .filter(|(k, _)| k.starts_with(prefix))
             .collect();
         keys.sort();
         Ok(keys)
