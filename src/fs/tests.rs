@@ -633,6 +633,45 @@ fn snapshots_compact_the_journal() {
     );
 }
 
+#[test]
+fn a_big_index_is_compacted_after_more_journal_than_a_small_one() {
+    let store = new_store();
+    let cfg = VolumeConfig {
+        snapshot_segments: 2,
+        ..Default::default()
+    };
+    let v = Volume::load(store.clone(), cfg).unwrap();
+    let snapshots = || {
+        store
+            .list("meta/snapshot-")
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap()
+    };
+    for i in 0..3000 {
+        file(&v, ROOT_INO, &format!("a-file-with-a-longer-name-{i}"));
+    }
+    v.commit().unwrap();
+    let f = file(&v, ROOT_INO, "small");
+    v.commit().unwrap();
+    // Two segments, one of them big: compacted.
+    let big = snapshots();
+    assert_ne!(big, "meta/snapshot-00000000000000000000");
+    // Small commits: a few hundred bytes each, far from an eighth of the snapshot.
+    for i in 0..31 {
+        v.write(f, i * 10, b"0123456789").unwrap();
+        v.fsync(f).unwrap();
+        assert_eq!(snapshots(), big, "compacted after {} small commits", i + 1);
+    }
+    // Sixteen times `snapshot_segments` are due whatever their size.
+    v.write(f, 400, b"x").unwrap();
+    v.fsync(f).unwrap();
+    assert_ne!(snapshots(), big);
+    let after = open_ro(&store);
+    assert_eq!(read_all(&after, f).len(), 401);
+}
+
 mod model {
     //! Random file operations checked against a plain byte vector after every step,
     //! including reloads of the volume from the store.

@@ -136,6 +136,9 @@ pub struct Journal {
     /// Segments and bytes since the snapshot: compaction triggers.
     pub segments: u64,
     pub bytes: u64,
+    /// Bytes of the newest snapshot (as loaded or written): a big index is
+    /// compacted less often (`Volume::snapshot_due`).
+    pub snapshot_size: u64,
     /// False when recovery hit damage: old objects are then kept as evidence.
     clean: bool,
     /// The highest generation any object in the store names: a new snapshot goes
@@ -429,7 +432,9 @@ fn replay_chain(
     index: &mut Index,
     report: &mut LoadReport,
 ) -> Result<bool, IndexError> {
-    for (&s, keys) in list_segments(store, chain.generation)?.range(chain.seq + 1..) {
+    let segments = list_segments(store, chain.generation)?;
+    let mut fetched = fetch_run(store, &segments, chain.seq + 1).into_iter();
+    for (&s, keys) in segments.range(chain.seq + 1..) {
         if s != chain.seq + 1 {
             let w = format!(
                 "journal gap: segment {} missing; replay stopped",
@@ -443,7 +448,11 @@ fn replay_chain(
             return Err(fork(chain.generation, s, keys));
         }
         let key = &keys[0];
-        let segment = store.get(key).map_err(IndexError::from).and_then(|bytes| {
+        let bytes = match fetched.next() {
+            Some(fetched) => fetched,
+            None => store.get(key),
+        };
+        let segment = bytes.map_err(IndexError::from).and_then(|bytes| {
             report.journal_bytes += bytes.len() as u64;
             codec::decode::<Segment>(&codec::SEGMENT, &bytes).map_err(|err| IndexError::Frame {
                 key: key.clone(),
@@ -479,6 +488,51 @@ fn replay_chain(
         report.segments += 1;
     }
     Ok(true)
+}
+
+/// Segment GETs in flight at once during a load.
+const LOAD_FETCHES: usize = 16;
+
+/// The bytes of the segments from `first` on, in order, up to the first gap or fork
+/// (the replay reports those), fetched `LOAD_FETCHES` at a time: on S3 a long
+/// journal would otherwise cost one round trip after another.
+fn fetch_run(
+    store: &dyn ObjectStore,
+    segments: &BTreeMap<u64, Vec<String>>,
+    first: u64,
+) -> Vec<Result<Vec<u8>, StoreError>> {
+    let keys: Vec<&String> = segments
+        .range(first..)
+        .zip(first..)
+        .take_while(|((s, keys), want)| **s == *want && keys.len() == 1)
+        .map(|((_, keys), _)| &keys[0])
+        .collect();
+    if keys.len() < 2 {
+        return Vec::new();
+    }
+    let lanes: Vec<usize> = (0..LOAD_FETCHES.min(keys.len())).collect();
+    let per_lane = crate::util::in_parallel(
+        &lanes,
+        |&lane| {
+            keys.iter()
+                .skip(lane)
+                .step_by(lanes.len())
+                .map(|key| store.get(key))
+                .collect::<Vec<_>>()
+        },
+        |_| Vec::new(),
+    );
+    // Lane i holds keys i, i + lanes, ...: interleave them back into key order. A
+    // lane that panicked is short; its keys are fetched again in the replay loop.
+    let mut lanes_iter: Vec<_> = per_lane.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for i in 0..keys.len() {
+        match lanes_iter[i % lanes.len()].next() {
+            Some(result) => out.push(result),
+            None => break,
+        }
+    }
+    out
 }
 
 /// The chain that goes on from the end of `chain` in a newer generation whose
@@ -630,6 +684,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         first_prev,
         segments: report.segments,
         bytes: report.journal_bytes,
+        snapshot_size: report.snapshot_bytes,
         clean: report.clean(),
         floor,
         snapshot_owed: false,
@@ -823,10 +878,9 @@ impl Journal {
     /// may go if it landed (returned for `remove_generations_before`, which needs no
     /// lock); if it failed, its chain goes on over the bridge and a later snapshot
     /// takes its place.
-    pub fn end_snapshot(&mut self, generation: u64, landed: bool) -> Option<u64> {
-        if !landed {
-            return None;
-        }
+    pub fn end_snapshot(&mut self, generation: u64, landed: Option<u64>) -> Option<u64> {
+        let size = landed?;
+        self.snapshot_size = size;
         if self.clean {
             Some(generation)
         } else {
@@ -846,12 +900,15 @@ impl Journal {
         body: &impl serde::Serialize,
     ) -> Result<(), IndexError> {
         debug_assert_eq!(generation, self.next_generation());
-        if let Err(e) = put_snapshot(&*self.store, generation, body) {
-            // It may exist now or later: the next one goes above it, and nothing
-            // else is written before that one succeeds.
-            self.floor = self.floor.max(generation);
-            self.snapshot_owed = true;
-            return Err(e);
+        match put_snapshot(&*self.store, generation, body) {
+            Ok(size) => self.snapshot_size = size,
+            Err(e) => {
+                // It may exist now or later: the next one goes above it, and nothing
+                // else is written before that one succeeds.
+                self.floor = self.floor.max(generation);
+                self.snapshot_owed = true;
+                return Err(e);
+            }
         }
         self.snapshot_owed = false;
         let old_gen = self.generation;
@@ -874,15 +931,15 @@ impl Journal {
     }
 }
 
-/// Encodes and stores the whole index as snapshot `generation`.
+/// Encodes and stores the whole index as snapshot `generation`; its size.
 pub fn put_snapshot(
     store: &dyn ObjectStore,
     generation: u64,
     body: &impl serde::Serialize,
-) -> Result<(), IndexError> {
+) -> Result<u64, IndexError> {
     let bytes = codec::encode(&codec::SNAPSHOT, body);
     store.put(&snapshot_key(generation), &bytes)?;
-    Ok(())
+    Ok(bytes.len() as u64)
 }
 
 /// Only after a newer snapshot is durable; failures here just leave garbage.
@@ -1030,7 +1087,7 @@ mod tests {
 
             // It lands: loads start from it, and the old generation goes.
             put_snapshot(&*store, generation, &view).unwrap();
-            let before = l.journal.end_snapshot(generation, true).unwrap();
+            let before = l.journal.end_snapshot(generation, Some(1)).unwrap();
             remove_generations_before(&*store, before);
             assert!(
                 store
@@ -1061,7 +1118,7 @@ mod tests {
         let (store, mut l) = with_segments(&["a"], "w1");
         let late = l.index.snapshot_view(l.journal.next_generation());
         let first = l.journal.begin_snapshot();
-        l.journal.end_snapshot(first, false);
+        l.journal.end_snapshot(first, None);
         add_file(&mut l.index, "b");
         l.journal.commit(&l.index.take_changes()).unwrap();
         // A second snapshot in the background, over the first one's bridged chain.
@@ -1284,6 +1341,29 @@ mod tests {
         let faulty = Arc::new(crate::store::FaultyStore::new(store.clone()));
         faulty.set_fail_gets(true);
         assert!(matches!(load(faulty, "y"), Err(IndexError::Store(_))));
+    }
+
+    #[test]
+    fn a_long_journal_is_fetched_in_parallel_and_replayed_in_order() {
+        let names_in: Vec<String> = (0..50).map(|i| format!("f{i:02}")).collect();
+        let refs: Vec<&str> = names_in.iter().map(String::as_str).collect();
+        let (store, _l) = with_segments(&refs, "w");
+        let r = load(store.clone(), "x").unwrap();
+        assert_eq!(names(&r.index), names_in);
+        assert!(r.report.clean(), "{:?}", r.report.warnings);
+        assert_eq!(r.report.segments, 50);
+        // A torn segment in the middle stops replay right there.
+        let key = segment_key(0, 37, "w");
+        let mut bytes = store.get(&key).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        store.put(&key, &bytes).unwrap();
+        let r = load(store, "y").unwrap();
+        assert_eq!(names(&r.index), names_in[..36]);
+        assert!(
+            r.report.warnings.iter().any(|w| w.contains("torn")),
+            "{:?}",
+            r.report.warnings
+        );
     }
 
     #[test]
