@@ -206,6 +206,9 @@ impl Volume {
             self.commit_taken(&mut journal, changes)?;
             let generation = journal.begin_snapshot();
             debug_assert_eq!(generation, view.generation());
+            // Commits that found one due while this waited for the lock counted the
+            // chain this replaces.
+            self.snapshots.due.store(false, Ordering::SeqCst);
             (generation, view)
         };
         let landed = crate::index::journal::put_snapshot(&*self.store, generation, &view);

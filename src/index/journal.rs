@@ -718,11 +718,29 @@ impl Journal {
             return Ok(Followed::NewGeneration);
         }
         let mut records = Vec::new();
+        match self.follow_chains(&mut records) {
+            Ok(true) => {}
+            Ok(false) => return Ok(Followed::NewGeneration),
+            // Our position has moved past what was read: hand it over, and let the
+            // next look meet the error again.
+            Err(e) if !records.is_empty() => log::warn!("following the journal: {e}"),
+            Err(e) => return Err(e),
+        }
+        Ok(if records.is_empty() {
+            Followed::Nothing
+        } else {
+            Followed::Records(records)
+        })
+    }
+
+    /// Reads new segments into `records`, over bridges; false when compaction
+    /// removed the chain (reload).
+    fn follow_chains(&mut self, records: &mut Vec<Record>) -> Result<bool, IndexError> {
         loop {
-            match self.follow_chain(&mut records)? {
+            match self.follow_chain(records)? {
                 Some(true) => {}
-                Some(false) => break,
-                None => return Ok(Followed::NewGeneration),
+                Some(false) => return Ok(true),
+                None => return Ok(false),
             }
             match bridged_chain(&*self.store, &self.chain())? {
                 Bridge::To(next) => {
@@ -732,14 +750,9 @@ impl Journal {
                     self.first_prev = next.first_prev;
                 }
                 // Not yet: the writer's snapshot may still land (then a reload).
-                Bridge::End | Bridge::Unlinked(_) => break,
+                Bridge::End | Bridge::Unlinked(_) => return Ok(true),
             }
         }
-        Ok(if records.is_empty() {
-            Followed::Nothing
-        } else {
-            Followed::Records(records)
-        })
     }
 
     fn chain(&self) -> Chain {
@@ -881,6 +894,13 @@ impl Journal {
     pub fn end_snapshot(&mut self, generation: u64, landed: Option<u64>) -> Option<u64> {
         let size = landed?;
         self.snapshot_size = size;
+        if self.generation == generation && self.seq == 0 {
+            // No commit has crossed the bridge yet, and the chain it names goes now:
+            // the generation's first segment follows its snapshot, and so does the
+            // next snapshot's bridge (`Chain::bridge`).
+            self.last_key = None;
+            self.first_prev = FirstPrev::Any;
+        }
         if self.clean {
             Some(generation)
         } else {
@@ -1111,6 +1131,25 @@ mod tests {
                 assert_eq!(names(&follower.index), all);
             }
         }
+    }
+
+    #[test]
+    fn a_snapshot_right_after_one_that_landed_bridges_from_it() {
+        let (store, mut l) = with_segments(&["a", "b"], "w1");
+        // A background snapshot lands with no commit meanwhile, and the old
+        // generation goes.
+        let view = l.index.snapshot_view(l.journal.next_generation());
+        let first = l.journal.begin_snapshot();
+        put_snapshot(&*store, first, &view).unwrap();
+        let before = l.journal.end_snapshot(first, Some(1)).unwrap();
+        remove_generations_before(&*store, before);
+        // The next one begins at once; a commit while it is written; then a crash.
+        l.journal.begin_snapshot();
+        add_file(&mut l.index, "c");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        let r = load(store.clone(), "w2").unwrap();
+        assert!(r.report.clean(), "{:?}", r.report.warnings);
+        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
     }
 
     #[test]
