@@ -112,6 +112,18 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// For tests: the current holder looks like a process of this machine that is gone
+/// (as after a crash), so the next writer takes over at once.
+#[cfg(test)]
+pub(crate) fn mark_holder_dead(store: &dyn ObjectStore) {
+    let (generation, mut holder) = current(store).unwrap().expect("a lease");
+    holder.start_time = 1;
+    holder.boot_id = boot_id();
+    store
+        .put(&key(generation), &codec::encode(&LEASE, &holder))
+        .unwrap();
+}
+
 fn key(generation: u64) -> String {
     format!("{PREFIX}{generation:020}")
 }
@@ -177,6 +189,9 @@ pub struct Lease {
     generation: u64,
     holder: Holder,
     ttl: Duration,
+    /// The previous holder never released the store (it crashed, or lost the store
+    /// while still running): requests it sent may still land.
+    took_over: bool,
 }
 
 impl Lease {
@@ -188,6 +203,7 @@ impl Lease {
         mountpoint: &str,
     ) -> Result<Lease, LeaseError> {
         let now = crate::util::unix_now().0;
+        let mut took_over = false;
         let next = match current(&*store)? {
             Some((_, h)) if h.is_live(now) => return Err(LeaseError::Held(Box::new(h))),
             Some((g, h)) => {
@@ -196,6 +212,7 @@ impl Lease {
                         "taking over the lease of {} (expired or its process is gone)",
                         h.describe()
                     );
+                    took_over = true;
                 }
                 g + 1
             }
@@ -227,6 +244,7 @@ impl Lease {
             generation: next,
             holder,
             ttl,
+            took_over,
         };
         // Stores that ignore conditional create: read back to see who really won.
         lease.check_still_ours()?;
@@ -236,6 +254,12 @@ impl Lease {
 
     pub fn holder(&self) -> &Holder {
         &self.holder
+    }
+
+    /// See `took_over`: the journal is sealed above anything the previous writer
+    /// may still land (`Journal::seal_after_takeover`).
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 
     pub fn ttl(&self) -> Duration {

@@ -369,7 +369,7 @@ impl Volume {
             }
             Ok((fixes, loaded))
         });
-        let (load_fixes, loaded) = match loaded {
+        let (load_fixes, mut loaded) = match loaded {
             Ok(l) => l,
             Err(e) => {
                 if let Some(mut l) = lease {
@@ -378,6 +378,9 @@ impl Volume {
                 return Err(FsError::Io(e.to_string()));
             }
         };
+        if lease.as_ref().is_some_and(Lease::took_over) {
+            loaded.journal.seal_after_takeover();
+        }
         let block_size = u64::from(loaded.superblock.block_size);
         let volume = Volume {
             cache: Arc::new(

@@ -1005,6 +1005,36 @@ fn a_writer_that_cannot_renew_its_lease_stops_writing() {
 }
 
 #[test]
+fn a_writer_that_takes_over_seals_above_what_the_old_one_may_still_land() {
+    let store = new_store();
+    let old = open(&store);
+    let before = file(&old, ROOT_INO, "before");
+    old.commit().unwrap();
+    // The old writer's snapshot PUT is in flight (its generation taken, nothing
+    // written yet) when it crashes.
+    let stale = {
+        let journal = old.journal.lock().unwrap();
+        old.state().index.snapshot_view(journal.next_generation())
+    };
+    drop(old);
+    crate::lease::mark_holder_dead(&*store);
+    let new = open(&store);
+    let after = file(&new, ROOT_INO, "after");
+    new.commit().unwrap();
+    // The PUT lands late, under a generation the new writer's chain would have had.
+    crate::index::journal::put_snapshot(&*store, stale.generation(), &stale).unwrap();
+    let reader = open_ro(&store);
+    assert!(reader.getattr(before).is_ok());
+    assert!(
+        reader.getattr(after).is_ok(),
+        "a late snapshot of the old writer hid the new writer's commit"
+    );
+    // The old generations went with the seal; the late one is below it.
+    let snapshots = store.list("meta/snapshot-").unwrap();
+    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+}
+
+#[test]
 fn hard_links_stop_at_link_max() {
     let v = open(&new_store());
     let f = file(&v, ROOT_INO, "f");

@@ -48,6 +48,9 @@ impl IndexError {
 }
 
 const SNAPSHOT_PREFIX: &str = "meta/snapshot-";
+/// Generations a writer skips after a takeover (`Journal::seal_after_takeover`): more
+/// than a writer could take in snapshot attempts before its lease ran out.
+pub const TAKEOVER_GAP: u64 = 1 << 20;
 const JOURNAL_PREFIX: &str = "meta/journal-";
 /// Segments of a losing branch, set aside by `resolve_forks` (never read by `load`).
 pub const FORKED_PREFIX: &str = "meta/forked/";
@@ -144,6 +147,8 @@ pub struct Journal {
     /// The highest generation any object in the store names: a new snapshot goes
     /// above it, never over an existing one.
     floor: u64,
+    /// The next snapshot seals the store after a takeover (`seal_after_takeover`).
+    sealing: bool,
     /// A segment or snapshot PUT failed. It may have landed all the same, or land
     /// later (an S3 request still in flight after the client gave up), so its key is
     /// never written again: rewriting a segment would change what a follower may
@@ -687,6 +692,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
         snapshot_size: report.snapshot_bytes,
         clean: report.clean(),
         floor,
+        sealing: false,
         snapshot_owed: false,
     };
     Ok(Loaded {
@@ -813,7 +819,19 @@ impl Journal {
     }
 
     pub fn needs_fresh_snapshot(&self) -> bool {
-        !self.clean
+        !self.clean || self.sealing
+    }
+
+    /// After taking the store over from a writer that never released it: the next
+    /// snapshot goes `TAKEOVER_GAP` generations above anything in the store. That
+    /// writer may have had a snapshot or segment PUT in flight (an S3 request the
+    /// server completes after the client is gone, or a writer cut off from the store
+    /// that sends it late), under a generation it took without writing anything yet.
+    /// Landing later, such a snapshot would sit above this writer's chain and hide
+    /// its commits from every load; now it lands below the seal and is ignored.
+    pub fn seal_after_takeover(&mut self) {
+        self.floor = self.floor.max(self.generation).saturating_add(TAKEOVER_GAP);
+        self.sealing = true;
     }
 
     /// Writes one segment holding `changes`; durable when it returns.
@@ -921,7 +939,10 @@ impl Journal {
     ) -> Result<(), IndexError> {
         debug_assert_eq!(generation, self.next_generation());
         match put_snapshot(&*self.store, generation, body) {
-            Ok(size) => self.snapshot_size = size,
+            Ok(size) => {
+                self.snapshot_size = size;
+                self.sealing = false;
+            }
             Err(e) => {
                 // It may exist now or later: the next one goes above it, and nothing
                 // else is written before that one succeeds.
