@@ -673,6 +673,29 @@ fn back_to_back_background_snapshots_keep_commits_reachable() {
 }
 
 #[test]
+fn a_load_that_races_a_compaction_loads_again_instead_of_reporting_damage() {
+    let hooks = Arc::new(HookStore {
+        inner: new_store(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let v = Arc::new(open(&store));
+    let a = file(&v, ROOT_INO, "a");
+    v.commit().unwrap();
+    let b = file(&v, ROOT_INO, "b");
+    v.commit().unwrap();
+    let last = store.list("meta/journal-").unwrap().pop().unwrap();
+    // A reader (a follower reloading, fsck on a mounted store) has listed the
+    // journal; the writer compacts it before the reader gets its last segment.
+    let writer = v.clone();
+    hooks.on(last, move || writer.snapshot_in_background().unwrap());
+    let loaded = crate::index::journal::load(store.clone(), "reader").unwrap();
+    assert!(hooks.fired());
+    assert!(loaded.report.clean(), "{:?}", loaded.report.warnings);
+    assert!(loaded.index.get(a).is_some() && loaded.index.get(b).is_some());
+}
+
+#[test]
 fn a_big_index_is_compacted_after_more_journal_than_a_small_one() {
     let store = new_store();
     let cfg = VolumeConfig {

@@ -112,6 +112,9 @@ pub struct LoadReport {
     pub warnings: Vec<String>,
     pub snapshot_bytes: u64,
     pub journal_bytes: u64,
+    /// An object listed during the load was gone when read: a writer compacted the
+    /// journal meanwhile (`load` then loads again).
+    pub vanished: bool,
 }
 
 impl LoadReport {
@@ -477,6 +480,7 @@ fn replay_chain(
                 return Ok(false);
             }
             Err(e) => {
+                report.vanished |= matches!(e, IndexError::Store(StoreError::NotFound(_)));
                 let w = format!("torn or corrupt journal segment, replay stopped there: {e}");
                 log::warn!("{w}");
                 report.warnings.push(w);
@@ -579,7 +583,8 @@ fn bridged_chain(store: &dyn ObjectStore, chain: &Chain) -> Result<Bridge, Index
                 }
                 Err(_) => None,
             },
-            Err(StoreError::NotFound(_)) => None,
+            // Listed, then gone: a writer compacted meanwhile (a load starts again,
+            // a follower reloads).
             Err(e) => return Err(e.into()),
         };
         if prev.as_ref() == Some(&bridge) {
@@ -594,8 +599,35 @@ fn bridged_chain(store: &dyn ObjectStore, chain: &Chain) -> Result<Bridge, Index
     Ok(Bridge::Unlinked(generation))
 }
 
-/// Recovery: the newest readable snapshot, then its chain of segments in order.
+/// Loads at most this many times while a writer compacts under the load.
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Recovery (`load_once`), again when objects vanished under it: a follower
+/// reloading, or `fsck` or `stat` reading a mounted store, can list objects that the
+/// writer deletes before they are read (the old generation after a snapshot), which
+/// would read as damage.
 pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexError> {
+    let mut attempt = 1;
+    loop {
+        let vanished = match load_once(store.clone(), writer) {
+            Ok(loaded) if loaded.report.vanished => Ok(loaded),
+            Err(IndexError::Store(StoreError::NotFound(key))) => {
+                Err(IndexError::Store(StoreError::NotFound(key)))
+            }
+            other => return other,
+        };
+        if attempt >= LOAD_ATTEMPTS {
+            return vanished;
+        }
+        log::info!(
+            "objects vanished during the load (a writer compacted meanwhile); loading again"
+        );
+        attempt += 1;
+    }
+}
+
+/// Recovery: the newest readable snapshot, then its chain of segments in order.
+fn load_once(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexError> {
     let superblock = read_superblock(&*store)?;
     let mut report = LoadReport::default();
     let gens = list_snapshots(&*store)?;
@@ -622,6 +654,7 @@ pub fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexEr
                 return Err(IndexError::Store(e));
             }
             Err(e) => {
+                report.vanished |= matches!(e, IndexError::Store(StoreError::NotFound(_)));
                 let w = format!("skipping unreadable snapshot: {e}");
                 log::warn!("{w}");
                 report.warnings.push(w);
@@ -748,7 +781,11 @@ impl Journal {
                 Some(false) => return Ok(true),
                 None => return Ok(false),
             }
-            match bridged_chain(&*self.store, &self.chain())? {
+            let bridge = match bridged_chain(&*self.store, &self.chain()) {
+                Err(IndexError::Store(StoreError::NotFound(_))) => return Ok(false),
+                other => other?,
+            };
+            match bridge {
                 Bridge::To(next) => {
                     self.generation = next.generation;
                     self.seq = 0;
