@@ -291,6 +291,8 @@ pub struct Volume {
     journal: Mutex<Journal>,
     /// Snapshots run on their own thread while commits go on (`persist`).
     snapshots: persist::SnapshotTrigger,
+    /// `meta/pending-frees` may exist (found at load, or not known to be absent).
+    pending_frees_listed: AtomicBool,
     files: Mutex<HashMap<Ino, Arc<Mutex<FileData>>>>,
     /// Data of destroyed files, discarded once the state lock is released.
     graveyard: Mutex<Vec<Arc<Mutex<FileData>>>>,
@@ -411,6 +413,7 @@ impl Volume {
             next_handle: AtomicU64::new(1),
             free_queue: Mutex::new(VecDeque::new()),
             snapshots: persist::SnapshotTrigger::default(),
+            pending_frees_listed: AtomicBool::new(false),
             load_report: loaded.report,
             load_fixes,
             lease: Mutex::new(lease),

@@ -108,7 +108,10 @@ impl Volume {
     /// Blocks the last writer freed shortly before it unmounted: deleted after a new
     /// grace period, if still unreferenced then.
     fn resume_frees(&self) {
-        match self.store.get(PENDING_FREES_KEY) {
+        let found = self.store.get(PENDING_FREES_KEY);
+        let absent = matches!(found, Err(StoreError::NotFound(_)));
+        self.pending_frees_listed.store(!absent, Ordering::Relaxed);
+        match found {
             Ok(bytes) => match decode_block_ids(&bytes) {
                 Some(ids) => self.queue_frees(ids),
                 None => {
@@ -134,6 +137,10 @@ impl Volume {
             .map(|(_, id)| *id)
             .collect();
         let result = if ids.is_empty() {
+            if !self.pending_frees_listed.load(Ordering::Relaxed) {
+                // Nothing to replace: spares a DELETE per unmount.
+                return;
+            }
             self.store.delete(PENDING_FREES_KEY)
         } else {
             self.store.put(PENDING_FREES_KEY, &encode_block_ids(&ids))

@@ -2021,6 +2021,7 @@ impl ObjectStore for HookStore {
         self.inner.put_if_absent(key, data)
     }
     fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
+        self.touch(key);
         self.inner.delete(key)
     }
     fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
@@ -2245,6 +2246,19 @@ fn blocks_freed_just_before_unmount_are_deleted_by_the_next_writer() {
     let v = open(&store);
     assert_eq!(v.delete_freed_blocks(Duration::ZERO), 0);
     assert_eq!(read_all(&v, c), b_data);
+    v.shutdown().unwrap();
+    drop(v);
+    // No list before, none after: the unmount sends no DELETE for it.
+    let hooks = Arc::new(HookStore {
+        inner: store,
+        hook: Mutex::new(None),
+    });
+    let hooked: Arc<dyn ObjectStore> = hooks.clone();
+    let v = open(&hooked);
+    // Set after the load's GET of it: only a DELETE would touch it now.
+    hooks.on("meta/pending-frees".into(), || ());
+    v.shutdown().unwrap();
+    assert!(!hooks.fired(), "a DELETE of a list that does not exist");
 }
 
 #[test]
