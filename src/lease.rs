@@ -112,6 +112,16 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// For tests: another writer takes the next lease generation, as a takeover does.
+#[cfg(test)]
+pub(crate) fn simulate_takeover(store: &dyn ObjectStore) {
+    let (generation, mut holder) = current(store).unwrap().expect("a lease");
+    holder.writer = "0ther000".into();
+    store
+        .put(&key(generation + 1), &codec::encode(&LEASE, &holder))
+        .unwrap();
+}
+
 /// For tests: the current holder looks like a process of this machine that is gone
 /// (as after a crash), so the next writer takes over at once.
 #[cfg(test)]
@@ -279,6 +289,25 @@ impl Lease {
             None => Err(LeaseError::Lost(
                 "nobody (our lease object vanished)".into(),
             )),
+        }
+    }
+
+    /// After each journal commit: no newer lease exists and ours is still there (two
+    /// GETs, no listing). A writer that stalled past its lease between its check and
+    /// its PUT may have been taken over; the new writer loaded the store before
+    /// that PUT landed, so the commit must not be acknowledged. A takeover always
+    /// creates the next generation first, and a second one deletes ours.
+    pub fn probe_still_ours(&self) -> Result<bool, LeaseError> {
+        match self.store.get(&key(self.generation + 1)) {
+            Ok(_) => return Ok(false),
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match self.store.get(&key(self.generation)) {
+            Ok(bytes) => Ok(codec::decode::<Holder>(&LEASE, &bytes)
+                .is_ok_and(|h| h.writer == self.holder.writer)),
+            Err(StoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -218,9 +218,13 @@ fn remount_shim(work: &Path) -> PathBuf {
     let dir = work.join("shim-bin");
     std::fs::create_dir_all(&dir).unwrap();
     let shim = dir.join("mount");
-    std::fs::write(&shim, format!("#!/bin/sh\nexec {real} -i \"$@\"\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Written by a child process: a file this one writes could still be open for
+    // writing in a child another test thread forks meanwhile, and running it would
+    // fail with "Text file busy".
+    bash(&format!(
+        "printf '#!/bin/sh\\nexec {real} -i \"$@\"\\n' > '{0}' && chmod 755 '{0}'",
+        shim.display()
+    ));
     dir
 }
 

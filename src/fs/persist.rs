@@ -204,14 +204,14 @@ impl Volume {
                 return Ok(());
             }
             self.check_lease()?;
-            let (changes, view) = {
+            let (changes, view, next_ino) = {
                 let mut state = self.state();
                 let changes = state.index.take_changes();
                 let view = state.index.snapshot_view(journal.next_generation());
-                (changes, view)
+                (changes, view, state.index.next_ino())
             };
             self.commit_taken(&mut journal, changes)?;
-            let generation = journal.begin_snapshot();
+            let generation = journal.begin_snapshot(next_ino)?;
             debug_assert_eq!(generation, view.generation());
             // Commits that found one due while this waited for the lock counted the
             // chain this replaces.
@@ -247,18 +247,47 @@ impl Volume {
             self.state().index.restore(changes);
             return Err(e.into());
         }
-        if !changes.is_empty()
-            && let Err(e) = journal.commit(&changes)
-        {
-            log::error!("journal commit failed: {e}");
-            if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
-                self.fence(&e.to_string());
+        if !changes.is_empty() {
+            if let Err(e) = journal.commit(&changes) {
+                log::error!("journal commit failed: {e}");
+                if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
+                    self.fence(&e.to_string());
+                }
+                self.state().index.restore(changes);
+                return Err(e.into());
             }
-            self.state().index.restore(changes);
-            return Err(e.into());
+            // The segment is in the store; it counts only if no other writer took
+            // the store meanwhile.
+            if let Err(e) = self.confirm_lease() {
+                if self.is_fenced() {
+                    journal.set_aside_last_commit();
+                }
+                return Err(e);
+            }
         }
         self.queue_frees(changes.unreferenced);
         Ok(())
+    }
+
+    /// See `Lease::probe_still_ours`. A taken-over volume is fenced and the commit
+    /// reported failed; the new writer never reads the segment (its takeover
+    /// snapshot is above it, see `Journal::seal_after_takeover`).
+    fn confirm_lease(&self) -> FsResult<()> {
+        let probe = match self.lease.lock().unwrap().as_ref() {
+            Some(lease) => lease.probe_still_ours(),
+            None => return Ok(()),
+        };
+        match probe {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.fence("another writer took the store over during a commit");
+                Err(FsError::ReadOnly)
+            }
+            Err(e) => {
+                log::error!("checking the writer lease after a commit: {e}");
+                Err(FsError::Io(e.to_string()))
+            }
+        }
     }
 
     /// Metadata is written only under a valid lease.

@@ -695,6 +695,69 @@ fn a_load_that_races_a_compaction_loads_again_instead_of_reporting_damage() {
     assert!(loaded.index.get(a).is_some() && loaded.index.get(b).is_some());
 }
 
+/// As above, but the first of the two snapshots lands while its PUT reports a
+/// timeout. (Found by review.)
+#[test]
+fn back_to_back_snapshots_the_first_landing_but_reported_failed_lose_nothing() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let v = Volume::load(
+        store.clone(),
+        VolumeConfig {
+            snapshot_segments: 1000,
+            commit_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = file(&v, ROOT_INO, "a");
+    v.fsync(a).unwrap();
+    faulty.set_lose_acks_for(Some("meta/snapshot"));
+    assert!(v.snapshot_in_background().is_err());
+    faulty.set_lose_acks_for(None);
+    // The second one's PUT never lands (the daemon dies while it is written).
+    faulty.set_fail_puts_for(Some("meta/snapshot"));
+    assert!(v.snapshot_in_background().is_err());
+    faulty.set_fail_puts_for(None);
+    let b = file(&v, ROOT_INO, "b");
+    v.write(b, 0, b"acknowledged").unwrap();
+    v.fsync(b).unwrap();
+    let after = open_ro(&store);
+    assert!(
+        after.load_report.clean(),
+        "{:?}",
+        after.load_report.warnings
+    );
+    assert_eq!(read_all(&after, b), b"acknowledged");
+}
+
+#[test]
+fn a_load_that_sees_a_compaction_half_done_loads_again() {
+    let hooks = Arc::new(HookStore {
+        inner: new_store(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let v = Arc::new(open(&store));
+    let a = file(&v, ROOT_INO, "a");
+    v.commit().unwrap();
+    let b = file(&v, ROOT_INO, "b");
+    v.commit().unwrap();
+    let first = store.list("meta/journal-").unwrap().remove(0);
+    // After the reader read the old snapshot: a new one lands, and the writer has
+    // deleted the old chain's first segment (its cleanup goes in key order).
+    let (writer, inner) = (v.clone(), hooks.inner.clone());
+    hooks.on(crate::index::journal::snapshot_key(0), move || {
+        let view = writer.state().index.snapshot_view(1);
+        crate::index::journal::put_snapshot(&*inner, 1, &view).unwrap();
+        inner.delete(&first).unwrap();
+    });
+    let loaded = crate::index::journal::load(store.clone(), "reader").unwrap();
+    assert!(hooks.fired());
+    assert!(loaded.report.clean(), "{:?}", loaded.report.warnings);
+    assert!(loaded.index.get(a).is_some() && loaded.index.get(b).is_some());
+}
+
 #[test]
 fn a_big_index_is_compacted_after_more_journal_than_a_small_one() {
     let store = new_store();
@@ -882,9 +945,10 @@ fn one_writer_at_a_time_and_a_fenced_writer_stops() {
 }
 
 #[test]
-fn a_second_writer_on_a_store_without_cas_is_detected_as_a_fork() {
-    // Two volumes that both believe they hold the lease (as on Garage): the second
-    // commit at the same sequence number fences its writer.
+fn a_second_writer_on_a_store_without_cas_stops_the_first_at_its_commit() {
+    // Two volumes that both believe they hold the lease (as on Garage): the lease
+    // object names the second, so the first one's commit, checked against it, fails
+    // and its segment is set aside; the second goes on.
     let store = new_store();
     let a = open(&store);
     let b = Volume::load(store.clone(), VolumeConfig::default());
@@ -901,13 +965,46 @@ fn a_second_writer_on_a_store_without_cas_is_detected_as_a_fork() {
     };
     a.mkdir(root(), ROOT_INO, b"from-a", 0o755).unwrap();
     b.mkdir(root(), ROOT_INO, b"from-b", 0o755).unwrap();
-    a.commit().unwrap();
-    assert!(b.commit().is_err());
-    assert!(b.is_fenced());
+    assert!(a.commit().is_err());
+    assert!(a.is_fenced());
     assert_eq!(
-        b.mkdir(root(), ROOT_INO, b"x", 0o755),
+        a.mkdir(root(), ROOT_INO, b"x", 0o755),
         Err(FsError::ReadOnly)
     );
+    b.commit().unwrap();
+    let after = open_ro(&store);
+    assert!(
+        after.load_report.clean(),
+        "{:?}",
+        after.load_report.warnings
+    );
+    assert!(after.lookup(ROOT_INO, b"from-b").is_ok());
+    assert!(after.lookup(ROOT_INO, b"from-a").is_err());
+    assert_eq!(store.list("meta/forked/").unwrap().len(), 1);
+}
+
+#[test]
+fn a_commit_that_lands_after_a_takeover_is_not_acknowledged() {
+    // The writer passed its lease check, then stalled past its lease before its
+    // segment landed; meanwhile another writer took the store over (and loaded it
+    // without that segment).
+    let hooks = Arc::new(HookStore {
+        inner: new_store(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let a = open(&store);
+    let f = file(&a, ROOT_INO, "f");
+    a.commit().unwrap();
+    let first = store.list("meta/journal-").unwrap().pop().unwrap();
+    let next = first.replace("-00000000000000000001-", "-00000000000000000002-");
+    let inner = hooks.inner.clone();
+    hooks.on(next, move || crate::lease::simulate_takeover(&*inner));
+    a.write(f, 0, b"late").unwrap();
+    assert!(a.fsync(f).is_err(), "acknowledged after a takeover");
+    assert!(hooks.fired());
+    assert!(a.is_fenced());
+    assert_eq!(store.list("meta/forked/").unwrap().len(), 1);
 }
 
 #[test]

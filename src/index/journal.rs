@@ -698,6 +698,11 @@ fn load_once(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexE
         last_key,
         first_prev,
     } = chain;
+    if !report.clean() && list_snapshots(&*store)?.last() > gens.last() {
+        // A snapshot landed during the load: what looked like damage (a gap, a chain
+        // cut short) is more likely the writer deleting what it replaced.
+        report.vanished = true;
+    }
     let orphans = index.finish_load();
     report.reclaimed_orphans = orphans.len();
     if !orphans.is_empty() {
@@ -891,6 +896,16 @@ impl Journal {
         }
         // A second writer (on a store without conditional create) shows up as another
         // segment with our sequence number: stop before the chains diverge further.
+        // Where conditional create holds (a local store), the lease keeps a second
+        // writer out and the check after each commit (`Lease::probe_still_ours`)
+        // catches a takeover; listing all of meta/ there cost up to milliseconds.
+        if self.store.conditional_create_is_atomic() {
+            self.seq = seq;
+            self.last_key = Some(key);
+            self.segments += 1;
+            self.bytes += bytes.len() as u64;
+            return Ok(());
+        }
         let same_seq = match self.store.list(&format!(
             "{JOURNAL_PREFIX}{:020}-{seq:020}-",
             self.generation
@@ -924,11 +939,23 @@ impl Journal {
     /// `put_snapshot` lands, a load reaches those segments over the bridge from the
     /// current snapshot and chain, which stay until `end_snapshot`; the snapshot must
     /// hold exactly what they hold (the caller commits pending changes first).
-    pub fn begin_snapshot(&mut self) -> u64 {
+    /// `next_ino` is the index's, for the empty segment this may write first.
+    pub fn begin_snapshot(&mut self, next_ino: u64) -> Result<u64, IndexError> {
         debug_assert!(
             !self.snapshot_owed,
             "a background snapshot while one is owed"
         );
+        if self.seq == 0 && matches!(self.first_prev, FirstPrev::Exactly(_)) {
+            // This chain is empty and began over a bridge, and whether its own
+            // snapshot landed is not known (a failed PUT may land all the same). A
+            // load from that snapshot would take only a bridge from it; one from the
+            // snapshot before, only the bridge this chain began with. An empty
+            // segment satisfies both, and the new bridge starts from it.
+            self.commit(&Changes {
+                next_ino,
+                ..Changes::default()
+            })?;
+        }
         let generation = self.next_generation();
         let bridge = self.chain().bridge();
         self.floor = generation;
@@ -939,7 +966,7 @@ impl Journal {
         self.first_prev = FirstPrev::Exactly(bridge);
         self.segments = 0;
         self.bytes = 0;
-        generation
+        Ok(generation)
     }
 
     /// After `put_snapshot` of a `begin_snapshot` generation: the older generations
@@ -948,7 +975,10 @@ impl Journal {
     /// takes its place.
     pub fn end_snapshot(&mut self, generation: u64, landed: Option<u64>) -> Option<u64> {
         let size = landed?;
-        self.snapshot_size = size;
+        if self.generation == generation {
+            // (Not when an in-line snapshot has gone above it meanwhile.)
+            self.snapshot_size = size;
+        }
         if self.generation == generation && self.seq == 0 {
             // No commit has crossed the bridge yet, and the chain it names goes now:
             // the generation's first segment follows its snapshot, and so does the
@@ -964,6 +994,18 @@ impl Journal {
             );
             self.clean = true;
             None
+        }
+    }
+
+    /// The last commit turned out not to be ours to make (another writer holds the
+    /// store): its segment goes under `meta/forked/`, unacknowledged, as at a fork.
+    pub fn set_aside_last_commit(&mut self) {
+        if let Some(key) = self.last_key.clone()
+            && parse_segment_key(&key)
+                .is_some_and(|(g, s, _)| g == self.generation && s == self.seq)
+            && let Err(e) = move_aside(&*self.store, &key)
+        {
+            log::warn!("setting aside {key}: {e}");
         }
     }
 
@@ -1146,7 +1188,7 @@ mod tests {
             let (store, mut l) = with_segments(chain_before, "w1");
             let mut reader = load(store.clone(), "reader").unwrap();
             let view = l.index.snapshot_view(l.journal.next_generation());
-            let generation = l.journal.begin_snapshot();
+            let generation = l.journal.begin_snapshot(l.index.next_ino()).unwrap();
             assert_eq!(generation, view.generation());
             // Commits while the snapshot is being written: the next generation's chain.
             for name in ["c", "d"] {
@@ -1197,12 +1239,12 @@ mod tests {
         // A background snapshot lands with no commit meanwhile, and the old
         // generation goes.
         let view = l.index.snapshot_view(l.journal.next_generation());
-        let first = l.journal.begin_snapshot();
+        let first = l.journal.begin_snapshot(l.index.next_ino()).unwrap();
         put_snapshot(&*store, first, &view).unwrap();
         let before = l.journal.end_snapshot(first, Some(1)).unwrap();
         remove_generations_before(&*store, before);
         // The next one begins at once; a commit while it is written; then a crash.
-        l.journal.begin_snapshot();
+        l.journal.begin_snapshot(l.index.next_ino()).unwrap();
         add_file(&mut l.index, "c");
         l.journal.commit(&l.index.take_changes()).unwrap();
         let r = load(store.clone(), "w2").unwrap();
@@ -1214,13 +1256,13 @@ mod tests {
     fn a_failed_snapshot_leaves_its_chain_to_the_next_one() {
         let (store, mut l) = with_segments(&["a"], "w1");
         let late = l.index.snapshot_view(l.journal.next_generation());
-        let first = l.journal.begin_snapshot();
+        let first = l.journal.begin_snapshot(l.index.next_ino()).unwrap();
         l.journal.end_snapshot(first, None);
         add_file(&mut l.index, "b");
         l.journal.commit(&l.index.take_changes()).unwrap();
         // A second snapshot in the background, over the first one's bridged chain.
         let view = l.index.snapshot_view(l.journal.next_generation());
-        let second = l.journal.begin_snapshot();
+        let second = l.journal.begin_snapshot(l.index.next_ino()).unwrap();
         assert!(second > first);
         add_file(&mut l.index, "c");
         l.journal.commit(&l.index.take_changes()).unwrap();
@@ -1238,10 +1280,37 @@ mod tests {
         assert_eq!(names(&r.index), vec!["a", "b", "c"]);
     }
 
+    /// A background snapshot whose PUT reported failure but landed, then a second
+    /// one begun with no commit between: loads from either snapshot, and a follower,
+    /// reach the commit made while the second was written. (Found by review.)
+    #[test]
+    fn a_snapshot_that_failed_but_landed_then_another_lose_nothing() {
+        let (store, mut l) = with_segments(&["a", "b"], "w1");
+        let mut reader = load(store.clone(), "reader").unwrap();
+        let view1 = l.index.snapshot_view(l.journal.next_generation());
+        let first = l.journal.begin_snapshot(l.index.next_ino()).unwrap();
+        put_snapshot(&*store, first, &view1).unwrap();
+        assert_eq!(l.journal.end_snapshot(first, None), None);
+        l.journal.begin_snapshot(l.index.next_ino()).unwrap();
+        add_file(&mut l.index, "c");
+        l.journal.commit(&l.index.take_changes()).unwrap();
+        let r = load(store.clone(), "w2").unwrap();
+        assert!(r.report.clean(), "{:?}", r.report.warnings);
+        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+        // Without the landed one, from the snapshot before it.
+        store.delete(&snapshot_key(first)).unwrap();
+        let r = load(store.clone(), "w3").unwrap();
+        assert!(r.report.clean(), "{:?}", r.report.warnings);
+        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+        follow_into(&mut reader);
+        follow_into(&mut reader);
+        assert_eq!(names(&reader.index), vec!["a", "b", "c"]);
+    }
+
     #[test]
     fn a_newer_chain_that_does_not_bridge_from_the_end_is_not_replayed() {
         let (store, mut l) = with_segments(&["a", "b"], "w1");
-        l.journal.begin_snapshot();
+        l.journal.begin_snapshot(l.index.next_ino()).unwrap();
         add_file(&mut l.index, "c");
         l.journal.commit(&l.index.take_changes()).unwrap();
         // The old chain's last segment is lost: the bridge names a segment that is

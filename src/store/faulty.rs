@@ -114,6 +114,9 @@ impl ObjectStore for FaultyStore {
     fn space(&self) -> StoreResult<StoreSpace> {
         self.inner.space()
     }
+    fn conditional_create_is_atomic(&self) -> bool {
+        self.inner.conditional_create_is_atomic()
+    }
     fn describe(&self) -> String {
         format!("faulty({})", self.inner.describe())
     }

@@ -131,13 +131,18 @@ impl LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(StoreError::from_io(rel, e)),
         };
+        // What a name here must start with (or, for a directory, be the start of):
+        // the part of the prefix past this directory. Checked before any allocation,
+        // since a commit's fork check lists one name among all of meta/.
+        let base_len = if rel.is_empty() { 0 } else { rel.len() + 1 };
+        let rest = prefix.get(base_len..).unwrap_or("");
         for entry in entries {
             let entry = entry.map_err(|e| StoreError::from_io(rel, e))?;
             let name = entry.file_name();
             let Ok(name) = std::str::from_utf8(name.as_bytes()) else {
                 continue;
             };
-            if name.starts_with(TMP_PREFIX) {
+            if name.starts_with(TMP_PREFIX) || !(name.starts_with(rest) || rest.starts_with(name)) {
                 continue;
             }
             let key = if rel.is_empty() {
@@ -504,6 +509,11 @@ impl ObjectStore for LocalStore {
             free_bytes: st.f_bavail as u64 * frsize,
             unbounded: false,
         })
+    }
+
+    fn conditional_create_is_atomic(&self) -> bool {
+        // link(2) fails with EEXIST.
+        true
     }
 
     fn describe(&self) -> String {

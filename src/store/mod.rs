@@ -100,6 +100,11 @@ pub trait ObjectStore: Send + Sync {
         }
     }
     fn space(&self) -> StoreResult<StoreSpace>;
+    /// `put_if_absent` is atomic, so the writer lease alone keeps a second writer
+    /// out (S3 engines differ: Garage ignores conditional PUTs).
+    fn conditional_create_is_atomic(&self) -> bool {
+        false
+    }
     /// Where this store lives, for messages.
     fn describe(&self) -> String;
 }
