@@ -304,8 +304,13 @@ impl Lease {
             Err(e) => return Err(e.into()),
         }
         match self.store.get(&key(self.generation)) {
-            Ok(bytes) => Ok(codec::decode::<Holder>(&LEASE, &bytes)
-                .is_ok_and(|h| h.writer == self.holder.writer)),
+            Ok(bytes) => match codec::decode::<Holder>(&LEASE, &bytes) {
+                Ok(h) => Ok(h.writer == self.holder.writer),
+                Err(err) => Err(LeaseError::Frame {
+                    key: key(self.generation),
+                    err,
+                }),
+            },
             Err(StoreError::NotFound(_)) => Ok(false),
             Err(e) => Err(e.into()),
         }

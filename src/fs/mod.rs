@@ -293,6 +293,9 @@ pub struct Volume {
     snapshots: persist::SnapshotTrigger,
     /// `meta/pending-frees` may exist (found at load, or not known to be absent).
     pending_frees_listed: AtomicBool,
+    /// A segment is in the store whose lease check failed with a store error: no
+    /// commit is acknowledged until a check succeeds (`persist::confirm_lease`).
+    lease_unconfirmed: AtomicBool,
     files: Mutex<HashMap<Ino, Arc<Mutex<FileData>>>>,
     /// Data of destroyed files, discarded once the state lock is released.
     graveyard: Mutex<Vec<Arc<Mutex<FileData>>>>,
@@ -374,7 +377,12 @@ impl Volume {
         let (load_fixes, mut loaded) = match loaded {
             Ok(l) => l,
             Err(e) => {
-                if let Some(mut l) = lease {
+                // A lease taken over from a writer that never released the store
+                // stays unreleased, so the next writer seals the journal as this one
+                // would have (`Journal::seal_after_takeover`).
+                if let Some(mut l) = lease
+                    && !l.took_over()
+                {
                     let _ = l.release();
                 }
                 return Err(FsError::Io(e.to_string()));
@@ -414,6 +422,7 @@ impl Volume {
             free_queue: Mutex::new(VecDeque::new()),
             snapshots: persist::SnapshotTrigger::default(),
             pending_frees_listed: AtomicBool::new(false),
+            lease_unconfirmed: AtomicBool::new(false),
             load_report: loaded.report,
             load_fixes,
             lease: Mutex::new(lease),

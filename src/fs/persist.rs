@@ -211,7 +211,15 @@ impl Volume {
                 (changes, view, state.index.next_ino())
             };
             self.commit_taken(&mut journal, changes)?;
-            let generation = journal.begin_snapshot(next_ino)?;
+            let generation = match journal.begin_snapshot(next_ino) {
+                Ok(g) => g,
+                Err(e) => {
+                    if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
+                        self.fence(&e.to_string());
+                    }
+                    return Err(e.into());
+                }
+            };
             debug_assert_eq!(generation, view.generation());
             // Commits that found one due while this waited for the lock counted the
             // chain this replaces.
@@ -247,23 +255,20 @@ impl Volume {
             self.state().index.restore(changes);
             return Err(e.into());
         }
-        if !changes.is_empty() {
-            if let Err(e) = journal.commit(&changes) {
-                log::error!("journal commit failed: {e}");
-                if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
-                    self.fence(&e.to_string());
-                }
-                self.state().index.restore(changes);
-                return Err(e.into());
+        let wrote = !changes.is_empty();
+        if wrote && let Err(e) = journal.commit(&changes) {
+            log::error!("journal commit failed: {e}");
+            if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
+                self.fence(&e.to_string());
             }
-            // The segment is in the store; it counts only if no other writer took
-            // the store meanwhile.
-            if let Err(e) = self.confirm_lease() {
-                if self.is_fenced() {
-                    journal.set_aside_last_commit();
-                }
-                return Err(e);
-            }
+            self.state().index.restore(changes);
+            return Err(e.into());
+        }
+        // The segment is in the store; it counts only if no other writer took the
+        // store meanwhile. (It stays there either way: the other writer may have
+        // loaded it and built on it.)
+        if wrote || self.lease_unconfirmed.load(Ordering::SeqCst) {
+            self.confirm_lease()?;
         }
         self.queue_frees(changes.unreferenced);
         Ok(())
@@ -272,18 +277,24 @@ impl Volume {
     /// See `Lease::probe_still_ours`. A taken-over volume is fenced and the commit
     /// reported failed; the new writer never reads the segment (its takeover
     /// snapshot is above it, see `Journal::seal_after_takeover`).
+    /// Until a probe succeeds, no later commit is acknowledged either, even one with
+    /// nothing new to write (`lease_unconfirmed`).
     fn confirm_lease(&self) -> FsResult<()> {
         let probe = match self.lease.lock().unwrap().as_ref() {
             Some(lease) => lease.probe_still_ours(),
             None => return Ok(()),
         };
         match probe {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                self.lease_unconfirmed.store(false, Ordering::SeqCst);
+                Ok(())
+            }
             Ok(false) => {
                 self.fence("another writer took the store over during a commit");
                 Err(FsError::ReadOnly)
             }
             Err(e) => {
+                self.lease_unconfirmed.store(true, Ordering::SeqCst);
                 log::error!("checking the writer lease after a commit: {e}");
                 Err(FsError::Io(e.to_string()))
             }
@@ -348,6 +359,8 @@ impl Volume {
         match journal.write_snapshot(view.generation(), &view) {
             Ok(()) => {
                 log::info!("wrote snapshot generation {}", view.generation());
+                // As for a segment: acknowledged only if the store is still ours.
+                self.confirm_lease()?;
                 self.queue_frees(changes.unreferenced);
                 Ok(())
             }

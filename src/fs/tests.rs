@@ -945,10 +945,12 @@ fn one_writer_at_a_time_and_a_fenced_writer_stops() {
 }
 
 #[test]
-fn a_second_writer_on_a_store_without_cas_stops_the_first_at_its_commit() {
+fn a_second_writer_on_a_store_without_cas_is_stopped_and_nothing_acknowledged_is_lost() {
     // Two volumes that both believe they hold the lease (as on Garage): the lease
     // object names the second, so the first one's commit, checked against it, fails
-    // and its segment is set aside; the second goes on.
+    // unacknowledged. Its segment stays (the second writer may have loaded it and
+    // built on it), so the second, which did not, meets it as a fork at its own
+    // commit and stops too.
     let store = new_store();
     let a = open(&store);
     let b = Volume::load(store.clone(), VolumeConfig::default());
@@ -971,16 +973,16 @@ fn a_second_writer_on_a_store_without_cas_stops_the_first_at_its_commit() {
         a.mkdir(root(), ROOT_INO, b"x", 0o755),
         Err(FsError::ReadOnly)
     );
-    b.commit().unwrap();
+    assert!(b.commit().is_err());
+    assert!(b.is_fenced());
+    // Neither commit was acknowledged; the store still loads, without a fork.
     let after = open_ro(&store);
     assert!(
         after.load_report.clean(),
         "{:?}",
         after.load_report.warnings
     );
-    assert!(after.lookup(ROOT_INO, b"from-b").is_ok());
-    assert!(after.lookup(ROOT_INO, b"from-a").is_err());
-    assert_eq!(store.list("meta/forked/").unwrap().len(), 1);
+    assert!(after.lookup(ROOT_INO, b"from-b").is_err());
 }
 
 #[test]
@@ -1004,7 +1006,6 @@ fn a_commit_that_lands_after_a_takeover_is_not_acknowledged() {
     assert!(a.fsync(f).is_err(), "acknowledged after a takeover");
     assert!(hooks.fired());
     assert!(a.is_fenced());
-    assert_eq!(store.list("meta/forked/").unwrap().len(), 1);
 }
 
 #[test]
@@ -2633,5 +2634,173 @@ fn a_fold_and_a_truncate_at_the_same_time_leave_no_stale_bytes_past_the_cut() {
     assert_eq!(
         read_all(&open_ro(&(hooks as Arc<dyn ObjectStore>)), f),
         model
+    );
+}
+
+// Found by review (third round): acknowledged commits around lease takeovers.
+
+/// Store without conditional create (Garage): B's lease object replaces A's and B
+/// loads the store after A's segment landed but before A's post-commit probe. A's
+/// probe then moves that segment under meta/forked/, although B's chain builds on it.
+#[test]
+fn a_segment_the_other_writer_loaded_stays_when_its_writer_is_stopped() {
+    let hooks = Arc::new(HookStore {
+        inner: new_store(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let a = open(&store);
+    let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
+    let (inner, s2) = (hooks.inner.clone(), slot.clone());
+    // A's probe GETs meta/lease-<n+1> right after its segment landed.
+    hooks.on("meta/lease-00000000000000000002".into(), move || {
+        for k in inner.list("meta/lease-").unwrap() {
+            inner.delete(&k).unwrap();
+        }
+        let b = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
+        *s2.lock().unwrap() = Some(b);
+    });
+    a.mkdir(root(), ROOT_INO, b"from-a", 0o755).unwrap();
+    assert!(a.commit().is_err());
+    assert!(hooks.fired() && a.is_fenced());
+    let b = slot.lock().unwrap().take().unwrap();
+    assert!(
+        b.lookup(ROOT_INO, b"from-a").is_ok(),
+        "B loaded A's segment"
+    );
+    b.mkdir(root(), ROOT_INO, b"from-b", 0o755).unwrap();
+    b.commit().unwrap(); // acknowledged
+    let after = open_ro(&store);
+    assert!(
+        after.lookup(ROOT_INO, b"from-b").is_ok(),
+        "B's acknowledged commit is lost: {:?}",
+        after.load_report.warnings
+    );
+}
+
+/// The same on a store WITH conditional create: B took A's expired lease over but its
+/// load failed, so it released the lease (Volume::load does that); C then acquires
+/// without `took_over` (no seal), loads A's late segment, and A's probe (which sees
+/// B's lease-<n+1>) must leave it under C's chain.
+#[test]
+fn a_late_segment_an_unsealed_writer_loaded_stays() {
+    let hooks = Arc::new(HookStore {
+        inner: new_store(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let a = open(&store);
+    let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
+    let (inner, s2) = (hooks.inner.clone(), slot.clone());
+    hooks.on("meta/lease-00000000000000000002".into(), move || {
+        // B's takeover (lease 2), then its failed load released it.
+        let (_, mut holder) = crate::lease::current(&*inner).unwrap().unwrap();
+        holder.writer = "bbbbbbbb".into();
+        holder.released = true;
+        inner
+            .put(
+                "meta/lease-00000000000000000002",
+                &crate::index::codec::encode(&crate::lease::LEASE, &holder),
+            )
+            .unwrap();
+        let c = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
+        *s2.lock().unwrap() = Some(c);
+    });
+    a.mkdir(root(), ROOT_INO, b"from-a", 0o755).unwrap();
+    assert!(a.commit().is_err());
+    assert!(hooks.fired() && a.is_fenced());
+    let c = slot.lock().unwrap().take().unwrap();
+    assert!(
+        c.lookup(ROOT_INO, b"from-a").is_ok(),
+        "C loaded A's segment"
+    );
+    c.mkdir(root(), ROOT_INO, b"from-c", 0o755).unwrap();
+    c.commit().unwrap(); // acknowledged
+    let after = open_ro(&store);
+    assert!(
+        after.lookup(ROOT_INO, b"from-c").is_ok(),
+        "C's acknowledged commit is lost: {:?}",
+        after.load_report.warnings
+    );
+}
+
+/// The lease check fails with a store error: the commit fails, the segment stays
+/// unconfirmed, and the next commit (nothing new to write) must check again rather
+/// than acknowledge it. Here the store had been taken over (and sealed) before it
+/// landed.
+#[test]
+fn a_retried_fsync_after_a_failed_lease_check_checks_again() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let hooks = Arc::new(HookStore {
+        inner: faulty.clone(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let a = open(&store);
+    let f = file(&a, ROOT_INO, "f");
+    a.commit().unwrap();
+    let first = store.list("meta/journal-").unwrap().pop().unwrap();
+    let next = first.replace("-00000000000000000001-", "-00000000000000000002-");
+    let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
+    let (inner, s2, fs2) = (hooks.inner.clone(), slot.clone(), faulty.clone());
+    hooks.on(next, move || {
+        // Before A's segment lands: B takes over (A's clock still says its lease is
+        // valid: skew), loads without it and seals.
+        crate::lease::mark_holder_dead(&*inner);
+        let b = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
+        *s2.lock().unwrap() = Some(b);
+        // A's probe will meet a store error.
+        fs2.set_fail_gets(true);
+    });
+    a.write(f, 0, b"late").unwrap();
+    assert!(a.fsync(f).is_err());
+    faulty.set_fail_gets(false);
+    assert!(hooks.fired());
+    assert!(!a.is_fenced());
+    let retried = a.fsync(f);
+    let after = open_ro(&store);
+    assert!(
+        retried.is_err() || read_all(&after, f) == b"late",
+        "fsync acknowledged data no load has ({:?})",
+        read_all(&after, f)
+    );
+}
+
+/// A commit that owes a snapshot (an earlier segment PUT failed) is written as an
+/// in-line snapshot, which must be checked like a segment: the writer stalled
+/// between its lease check and that PUT and was taken over meanwhile, and the
+/// taker's seal hides the snapshot.
+#[test]
+fn an_owed_snapshot_is_not_acknowledged_after_a_takeover() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    let hooks = Arc::new(HookStore {
+        inner: faulty.clone(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let a = open(&store);
+    let f = file(&a, ROOT_INO, "f");
+    a.commit().unwrap();
+    a.write(f, 0, b"late").unwrap();
+    faulty.set_fail_puts_for(Some("meta/journal-"));
+    assert!(a.fsync(f).is_err());
+    faulty.set_fail_puts_for(None);
+    assert!(a.journal.lock().unwrap().snapshot_owed());
+    let generation = a.journal.lock().unwrap().next_generation();
+    let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
+    let (inner, s2) = (hooks.inner.clone(), slot.clone());
+    hooks.on(journal::snapshot_key(generation), move || {
+        crate::lease::mark_holder_dead(&*inner);
+        let b = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
+        *s2.lock().unwrap() = Some(b);
+    });
+    let acked = a.fsync(f);
+    assert!(hooks.fired());
+    let after = open_ro(&store);
+    assert!(
+        acked.is_err() || read_all(&after, f) == b"late",
+        "fsync acknowledged data no load has ({:?}, fenced: {})",
+        read_all(&after, f),
+        a.is_fenced()
     );
 }

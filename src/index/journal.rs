@@ -698,7 +698,9 @@ fn load_once(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexE
         last_key,
         first_prev,
     } = chain;
-    if !report.clean() && list_snapshots(&*store)?.last() > gens.last() {
+    // (A failing listing here leaves the report as it is.)
+    let newest_now = list_snapshots(&*store).unwrap_or_default();
+    if !report.clean() && newest_now.last() > gens.last() {
         // A snapshot landed during the load: what looked like damage (a gap, a chain
         // cut short) is more likely the writer deleting what it replaced.
         report.vanished = true;
@@ -994,18 +996,6 @@ impl Journal {
             );
             self.clean = true;
             None
-        }
-    }
-
-    /// The last commit turned out not to be ours to make (another writer holds the
-    /// store): its segment goes under `meta/forked/`, unacknowledged, as at a fork.
-    pub fn set_aside_last_commit(&mut self) {
-        if let Some(key) = self.last_key.clone()
-            && parse_segment_key(&key)
-                .is_some_and(|(g, s, _)| g == self.generation && s == self.seq)
-            && let Err(e) = move_aside(&*self.store, &key)
-        {
-            log::warn!("setting aside {key}: {e}");
         }
     }
 
