@@ -275,10 +275,8 @@ impl Volume {
     }
 
     /// See `Lease::probe_still_ours`. A taken-over volume is fenced and the commit
-    /// reported failed; the new writer never reads the segment (its takeover
-    /// snapshot is above it, see `Journal::seal_after_takeover`).
-    /// Until a probe succeeds, no later commit is acknowledged either, even one with
-    /// nothing new to write (`lease_unconfirmed`).
+    /// reported failed. Until a probe succeeds, no later commit is acknowledged
+    /// either, even one with nothing new to write (`lease_unconfirmed`).
     fn confirm_lease(&self) -> FsResult<()> {
         let probe = match self.lease.lock().unwrap().as_ref() {
             Some(lease) => lease.probe_still_ours(),
