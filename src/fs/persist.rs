@@ -355,10 +355,14 @@ impl Volume {
         }
         // Encoded straight from the view: the index is not cloned.
         match journal.write_snapshot(view.generation(), &view) {
-            Ok(()) => {
+            Ok(remove) => {
                 log::info!("wrote snapshot generation {}", view.generation());
-                // As for a segment: acknowledged only if the store is still ours.
+                // As for a segment: acknowledged only if the store is still ours,
+                // and only then may what it replaces go.
                 self.confirm_lease()?;
+                if let Some(before) = remove {
+                    crate::index::journal::remove_generations_before(&*self.store, before);
+                }
                 self.queue_frees(changes.unreferenced);
                 Ok(())
             }

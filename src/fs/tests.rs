@@ -2804,3 +2804,160 @@ fn an_owed_snapshot_is_not_acknowledged_after_a_takeover() {
         a.is_fenced()
     );
 }
+
+// Review (fourth round): takeovers on a store whose conditional create is atomic
+// (a local store), where commits no longer LIST for same-seq forks.
+
+/// A HookStore that reports atomic conditional create, as LocalStore does
+/// (HookStore itself reports the default, false, so the no-LIST path is untested).
+struct AtomicHooks(Arc<HookStore>);
+
+impl ObjectStore for AtomicHooks {
+    fn get(&self, key: &str) -> crate::store::StoreResult<Vec<u8>> {
+        self.0.get(key)
+    }
+    fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
+        self.0.put(key, data)
+    }
+    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
+        self.0.put_parts_unsynced(key, parts)
+    }
+    fn sync(&self) -> crate::store::StoreResult<()> {
+        self.0.sync()
+    }
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
+        self.0.put_if_absent(key, data)
+    }
+    fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
+        self.0.delete(key)
+    }
+    fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
+        self.0.list(prefix)
+    }
+    fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
+        self.0.space()
+    }
+    fn conditional_create_is_atomic(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// Writer A stalls past its lease between its lease check and its segment PUT.
+/// `objfs gc` takes the unreleased lease over, collects and *releases* it: gc never
+/// seals the journal, and the release hides the takeover from the next mount. B then
+/// acquires without `took_over` (no seal), loads without A's segment and commits the
+/// same (generation, seq). A's late segment lands beside B's; A's probe fences A,
+/// but on a local store nobody LISTs any more, so the fork stays and the next load
+/// refuses the store (B's acknowledged commit is not loadable).
+#[test]
+fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
+    journal::mkfs(&*local, BS).unwrap();
+    let hooks = Arc::new(HookStore {
+        inner: local.clone(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = Arc::new(AtomicHooks(hooks.clone()));
+    let a = open(&store);
+    let f = file(&a, ROOT_INO, "f");
+    a.commit().unwrap();
+    let first = store.list("meta/journal-").unwrap().pop().unwrap();
+    let next = first.replace("-00000000000000000001-", "-00000000000000000002-");
+    let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
+    let (inner, s2, st2, spec) = (
+        local.clone(),
+        slot.clone(),
+        store.clone(),
+        dir.to_str().unwrap().to_string(),
+    );
+    hooks.on(next, move || {
+        // A's lease is up (here: looks like a dead local process).
+        crate::lease::mark_holder_dead(&*inner);
+        crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).unwrap();
+        // The gc process has exited.
+        crate::lease::mark_holder_dead(&*inner);
+        let b = Volume::load(st2, VolumeConfig::default()).unwrap();
+        b.mkdir(root(), ROOT_INO, b"from-b", 0o755).unwrap();
+        b.commit().unwrap(); // acknowledged to B's caller
+        *s2.lock().unwrap() = Some(b);
+    });
+    a.write(f, 0, b"late").unwrap();
+    assert!(a.fsync(f).is_err(), "A acknowledged after a takeover");
+    assert!(hooks.fired() && a.is_fenced());
+    let b = slot.lock().unwrap().take().unwrap();
+    let segments = store.list("meta/journal-").unwrap();
+    let after = Volume::load(
+        store.clone(),
+        VolumeConfig {
+            read_only: true,
+            ..Default::default()
+        },
+    );
+    match after {
+        Ok(v) => assert!(
+            v.lookup(ROOT_INO, b"from-b").is_ok(),
+            "B's acknowledged mkdir is lost: {segments:?}"
+        ),
+        Err(e) => {
+            panic!("the store no longer loads after B's acknowledged commit: {e}; {segments:?}")
+        }
+    }
+    drop(b);
+}
+
+/// The same laundering without any fork: A owes a snapshot (a segment PUT failed)
+/// and stalls before that snapshot's PUT; gc takes the lease over and releases it;
+/// B mounts without a seal, at A's generation, and acknowledges a commit. A's
+/// snapshot then lands one generation above B's chain, and `write_snapshot` deletes
+/// B's segment before A's probe fences A: B's acknowledged commit is gone.
+#[test]
+fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
+    journal::mkfs(&*local, BS).unwrap();
+    let faulty = Arc::new(FaultyStore::new(local.clone()));
+    let hooks = Arc::new(HookStore {
+        inner: faulty.clone(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let a = open(&store);
+    let f = file(&a, ROOT_INO, "f");
+    a.commit().unwrap();
+    a.write(f, 0, b"late").unwrap();
+    faulty.set_fail_puts_for(Some("meta/journal-"));
+    assert!(a.fsync(f).is_err());
+    faulty.set_fail_puts_for(None);
+    assert!(a.journal.lock().unwrap().snapshot_owed());
+    let generation = a.journal.lock().unwrap().next_generation();
+    let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
+    let (inner, s2, spec) = (
+        local.clone(),
+        slot.clone(),
+        dir.to_str().unwrap().to_string(),
+    );
+    hooks.on(journal::snapshot_key(generation), move || {
+        crate::lease::mark_holder_dead(&*inner);
+        crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).unwrap();
+        // The gc process has exited.
+        crate::lease::mark_holder_dead(&*inner);
+        let b = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
+        b.mkdir(root(), ROOT_INO, b"from-b", 0o755).unwrap();
+        b.commit().unwrap(); // acknowledged to B's caller
+        *s2.lock().unwrap() = Some(b);
+    });
+    let acked = a.fsync(f);
+    assert!(hooks.fired());
+    assert!(acked.is_err() && a.is_fenced());
+    let b = slot.lock().unwrap().take().unwrap();
+    let after = open_ro(&local);
+    let found = after.lookup(ROOT_INO, b"from-b").is_ok();
+    assert!(found, "B's acknowledged mkdir is lost");
+    drop(b);
+}

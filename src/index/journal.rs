@@ -1001,11 +1001,14 @@ impl Journal {
 
     /// Writes the whole index (a `SnapshotBody`, or what encodes as one) as the next
     /// generation, then removes what it replaces.
+    /// Returns the generation below which objects may now go
+    /// (`remove_generations_before`), which the caller does once it has checked the
+    /// store is still its own.
     pub fn write_snapshot(
         &mut self,
         generation: u64,
         body: &impl serde::Serialize,
-    ) -> Result<(), IndexError> {
+    ) -> Result<Option<u64>, IndexError> {
         debug_assert_eq!(generation, self.next_generation());
         match put_snapshot(&*self.store, generation, body) {
             Ok(size) => {
@@ -1030,14 +1033,14 @@ impl Journal {
         self.segments = 0;
         self.bytes = 0;
         if self.clean {
-            remove_generations_before(&*self.store, generation);
+            Ok(Some(generation))
         } else {
             log::warn!(
                 "kept generation {old_gen} objects after recovering from damage (fsck can inspect them)"
             );
             self.clean = true;
+            Ok(None)
         }
-        Ok(())
     }
 }
 
@@ -1139,7 +1142,8 @@ mod tests {
 
         // Compaction: a new generation replaces the old objects.
         let body = l.index.snapshot_body(l.journal.next_generation());
-        l.journal.write_snapshot(body.generation, &body).unwrap();
+        let before = l.journal.write_snapshot(body.generation, &body).unwrap();
+        remove_generations_before(&*store, before.unwrap());
         add_file(&mut l.index, "c");
         l.journal.commit(&l.index.take_changes()).unwrap();
         let keys = store.list("meta/").unwrap();
@@ -1473,7 +1477,8 @@ mod tests {
         let mut l = load(store.clone(), "w").unwrap();
         add_file(&mut l.index, "a");
         let body = l.index.snapshot_body(l.journal.next_generation());
-        l.journal.write_snapshot(body.generation, &body).unwrap();
+        let before = l.journal.write_snapshot(body.generation, &body).unwrap();
+        remove_generations_before(&*store, before.unwrap());
         // Generation 1 is damaged; generation 0 is gone; put an older copy back.
         let damaged = store.get(&snapshot_key(1)).unwrap();
         store.put(&snapshot_key(1), &damaged[..20]).unwrap();
