@@ -2678,10 +2678,10 @@ fn a_segment_the_other_writer_loaded_stays_when_its_writer_is_stopped() {
     );
 }
 
-/// The same on a store WITH conditional create: B took A's expired lease over but its
-/// load failed, so it released the lease (Volume::load does that); C then acquires
-/// without `took_over` (no seal), loads A's late segment, and A's probe (which sees
-/// B's lease-<n+1>) must leave it under C's chain.
+/// The same on a store WITH conditional create: B took A's expired lease over and
+/// released it without sealing (as a failed load, or gc, did before they left such a
+/// lease unreleased); C then acquires without `took_over` (no seal), loads A's late
+/// segment, and A's check (which sees B's lease-<n+1>) must leave it under C's chain.
 #[test]
 fn a_late_segment_an_unsealed_writer_loaded_stays() {
     let hooks = Arc::new(HookStore {
