@@ -332,15 +332,16 @@ pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
         "",
     )
     .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;
-    let result = collect(spec, &store, &writer, dry_run, &mut lease);
     if lease.took_over() {
-        // The previous writer never released the store and may still land a PUT.
-        // gc writes no index, so it leaves the lease unreleased: the next writer
-        // then takes it over too and seals the journal (`seal_after_takeover`).
-        eprintln!(
-            "objfs: the previous writer did not release the store; the next mount seals its journal"
-        );
-    } else if let Err(e) = lease.release() {
+        // Its last segment or snapshot may still land and name blocks this index
+        // does not: only a writer's mount seals the journal first. The lease stays
+        // unreleased so that mount does.
+        return Err(format!(
+            "{spec}: refusing to collect garbage: the last writer did not release the store; mount it once (or run objfs fsck --repair) first"
+        ));
+    }
+    let result = collect(spec, &store, &writer, dry_run, &mut lease);
+    if let Err(e) = lease.release() {
         eprintln!("objfs: warning: releasing the lease: {e}");
     }
     result

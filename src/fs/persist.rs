@@ -299,6 +299,23 @@ impl Volume {
         }
     }
 
+    /// `Lease::probe_still_ours` without failing anything (no lease, a store error:
+    /// false); fences the volume if another writer holds the store.
+    fn store_still_ours(&self) -> bool {
+        let probe = match self.lease.lock().unwrap().as_ref() {
+            Some(lease) => lease.probe_still_ours(),
+            None => return false,
+        };
+        match probe {
+            Ok(true) => true,
+            Ok(false) => {
+                self.fence("another writer took the store over");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Metadata is written only under a valid lease.
     fn check_lease(&self) -> FsResult<()> {
         if self.is_fenced() {
@@ -384,6 +401,12 @@ impl Volume {
 
     /// Deletes blocks freed by a commit at least `grace` ago that are still unreferenced.
     pub fn delete_freed_blocks(&self, grace: Duration) -> usize {
+        // Only while the store is ours, checked against the store itself: blocks are
+        // named by their content, so a writer that took the store over may hold
+        // these very blocks again.
+        if self.check_lease().is_err() || !self.store_still_ours() {
+            return 0;
+        }
         let due: Vec<_> = {
             let mut q = self.free_queue.lock().unwrap();
             let mut due = Vec::new();

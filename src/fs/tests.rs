@@ -2878,7 +2878,8 @@ fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
     hooks.on(next, move || {
         // A's lease is up (here: looks like a dead local process).
         crate::lease::mark_holder_dead(&*inner);
-        crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).unwrap();
+        // gc refuses after a takeover (and leaves the lease unreleased).
+        assert!(crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).is_err());
         // The gc process has exited.
         crate::lease::mark_holder_dead(&*inner);
         let b = Volume::load(st2, VolumeConfig::default()).unwrap();
@@ -2944,7 +2945,8 @@ fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
     );
     hooks.on(journal::snapshot_key(generation), move || {
         crate::lease::mark_holder_dead(&*inner);
-        crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).unwrap();
+        // gc refuses after a takeover (and leaves the lease unreleased).
+        assert!(crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).is_err());
         // The gc process has exited.
         crate::lease::mark_holder_dead(&*inner);
         let b = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
@@ -2960,4 +2962,97 @@ fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
     let found = after.lookup(ROOT_INO, b"from-b").is_ok();
     assert!(found, "B's acknowledged mkdir is lost");
     drop(b);
+}
+
+// Fifth review round: blocks deleted after a takeover.
+
+#[test]
+fn gc_after_a_takeover_deletes_no_block_of_a_segment_the_next_writer_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
+    journal::mkfs(&*local, BS).unwrap();
+    let hooks = Arc::new(HookStore {
+        inner: local.clone(),
+        hook: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = Arc::new(AtomicHooks(hooks.clone()));
+    let a = open(&store);
+    let f = file(&a, ROOT_INO, "f");
+    a.commit().unwrap();
+    let first = store.list("meta/journal-").unwrap().pop().unwrap();
+    let next = first.replace("-00000000000000000001-", "-00000000000000000002-");
+    let (inner, spec) = (local.clone(), dir.to_str().unwrap().to_string());
+    hooks.on(next, move || {
+        // A's blocks are in the store; its segment is not yet.
+        crate::lease::mark_holder_dead(&*inner);
+        let refused = crate::tools::gc(&spec, false, &crate::store::StoreOptions::default());
+        assert!(refused.is_err(), "gc ran on a journal nobody sealed");
+        crate::lease::mark_holder_dead(&*inner);
+    });
+    a.write(f, 0, &vec![7u8; 3 * BS as usize]).unwrap();
+    assert!(a.fsync(f).is_err(), "A acknowledged after a takeover");
+    assert!(hooks.fired() && a.is_fenced());
+    drop(a);
+    // B takes the lease over, loads A's late segment and seals.
+    let b = Volume::load(local.clone(), VolumeConfig::default()).unwrap();
+    let missing: Vec<String> = b.with_index(|i| {
+        i.ledger()
+            .referenced()
+            .map(|(id, _)| id.key())
+            .filter(|k| matches!(local.get(k), Err(StoreError::NotFound(_))))
+            .collect()
+    });
+    assert!(
+        missing.is_empty(),
+        "B's index references deleted blocks: {missing:?}"
+    );
+}
+
+#[test]
+fn a_fenced_writer_deletes_no_block_the_new_writer_references() {
+    let store = new_store();
+    let a = open(&store);
+    let data = vec![7u8; 3 * BS as usize];
+    let f = file(&a, ROOT_INO, "f");
+    a.write(f, 0, &data).unwrap();
+    a.fsync(f).unwrap();
+    let g = file(&a, ROOT_INO, "g");
+    a.unlink(ROOT_INO, b"f").unwrap();
+    a.commit().unwrap(); // f's blocks are queued for deletion
+    crate::lease::mark_holder_dead(&*store);
+    let b = open(&store); // takes over, seals
+    let h = file(&b, ROOT_INO, "h");
+    b.write(h, 0, &data).unwrap();
+    b.fsync(h).unwrap(); // acknowledged, the same block ids
+    a.write(g, 0, b"x").unwrap();
+    assert!(a.commit().is_err());
+    assert!(a.is_fenced());
+    assert_eq!(a.delete_freed_blocks(Duration::ZERO), 0);
+    let missing: Vec<String> = b.with_index(|i| {
+        i.ledger()
+            .referenced()
+            .map(|(id, _)| id.key())
+            .filter(|k| matches!(store.get(k), Err(StoreError::NotFound(_))))
+            .collect()
+    });
+    assert!(
+        missing.is_empty(),
+        "a fenced writer deleted blocks of B's file: {missing:?}"
+    );
+}
+
+#[test]
+fn a_writer_taken_over_but_not_yet_fenced_deletes_no_block() {
+    let store = new_store();
+    let a = open(&store);
+    let f = file(&a, ROOT_INO, "f");
+    a.write(f, 0, &vec![5u8; 2 * BS as usize]).unwrap();
+    a.fsync(f).unwrap();
+    a.unlink(ROOT_INO, b"f").unwrap();
+    a.commit().unwrap();
+    // Another writer holds the store now; A has not committed since.
+    crate::lease::simulate_takeover(&*store);
+    assert_eq!(a.delete_freed_blocks(Duration::ZERO), 0);
+    assert!(a.is_fenced());
 }
