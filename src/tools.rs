@@ -371,6 +371,7 @@ fn collect(
     let keys = store.list("blocks/").map_err(|e| format!("{spec}: {e}"))?;
     let mut freed = 0u64;
     let mut failed = 0u64;
+    let mut renewed = std::time::Instant::now();
     for key in keys {
         let Some(id) = BlockId::from_key(&key) else {
             continue;
@@ -384,9 +385,14 @@ fn collect(
             continue;
         }
         // Deleting only while the store is still ours: a writer that took over could
-        // be uploading this very block again.
-        if freed.is_multiple_of(256) {
+        // be uploading this very block again. The lease is checked by our clock
+        // before each DELETE and renewed every third of its term.
+        if !lease.valid_now() {
+            return Err(format!("{spec}: stopped: the gc lease lapsed"));
+        }
+        if renewed.elapsed() >= lease.ttl() / 3 {
             lease.renew().map_err(|e| format!("{spec}: stopped: {e}"))?;
+            renewed = std::time::Instant::now();
         }
         match store.delete(&key) {
             Ok(()) => freed += 1,

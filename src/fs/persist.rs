@@ -312,7 +312,10 @@ impl Volume {
                 self.fence("another writer took the store over");
                 false
             }
-            Err(_) => false,
+            Err(e) => {
+                log::warn!("checking the writer lease before deleting blocks: {e} (will retry)");
+                false
+            }
         }
     }
 
@@ -338,6 +341,12 @@ impl Volume {
         let Some(lease) = guard.as_mut() else {
             return;
         };
+        if !lease.valid_now() {
+            // Renewing now could revive a lease another writer has since taken (its
+            // check and our PUT are not atomic).
+            self.fence("the writer lease lapsed (renewals failed)");
+            return;
+        }
         match lease.renew() {
             Ok(()) => {}
             Err(crate::lease::LeaseError::Lost(who)) => {
@@ -401,22 +410,34 @@ impl Volume {
 
     /// Deletes blocks freed by a commit at least `grace` ago that are still unreferenced.
     pub fn delete_freed_blocks(&self, grace: Duration) -> usize {
-        // Only while the store is ours, checked against the store itself: blocks are
-        // named by their content, so a writer that took the store over may hold
-        // these very blocks again.
-        if self.check_lease().is_err() || !self.store_still_ours() {
-            return 0;
-        }
         let due: Vec<_> = {
             let mut q = self.free_queue.lock().unwrap();
             let mut due = Vec::new();
             while q.front().is_some_and(|(t, _)| t.elapsed() >= grace) {
-                due.push(q.pop_front().expect("checked").1);
+                due.push(q.pop_front().expect("checked"));
             }
             due
         };
+        if due.is_empty() {
+            return 0;
+        }
+        // Only while the store is ours, checked against the store itself (blocks are
+        // named by their content, so a writer that took the store over may hold
+        // these very blocks again), and again before each DELETE by our own clock
+        // and the fence (a takeover the lease thread notices meanwhile).
+        if self.check_lease().is_err() || !self.store_still_ours() {
+            self.requeue_frees(due);
+            return 0;
+        }
         let mut deleted = 0;
-        for id in due {
+        let mut due = due.into_iter();
+        while let Some((at, id)) = due.next() {
+            if self.check_lease().is_err() {
+                let mut rest = vec![(at, id)];
+                rest.extend(due);
+                self.requeue_frees(rest);
+                break;
+            }
             if !self.state().index.begin_delete(id) {
                 continue;
             }
@@ -428,6 +449,14 @@ impl Volume {
             self.state().index.end_delete(id);
         }
         deleted
+    }
+
+    /// Puts back freed ids not deleted this time, in front, with their times.
+    fn requeue_frees(&self, ids: Vec<(Instant, BlockId)>) {
+        let mut q = self.free_queue.lock().unwrap();
+        for entry in ids.into_iter().rev() {
+            q.push_front(entry);
+        }
     }
 
     /// fsync(2) on a file: its blocks, then every index change so far, are durable.
@@ -497,6 +526,10 @@ impl Volume {
         }
         drop(journal);
         self.delete_freed_blocks(self.config.free_grace);
+        if self.is_fenced() {
+            // Another writer holds the store (and the list is its own now).
+            return Err(FsError::ReadOnly);
+        }
         self.save_pending_frees();
         self.release_lease();
         // The volume is closed: nothing more may reach the store.

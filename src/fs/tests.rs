@@ -3056,3 +3056,112 @@ fn a_writer_taken_over_but_not_yet_fenced_deletes_no_block() {
     assert_eq!(a.delete_freed_blocks(Duration::ZERO), 0);
     assert!(a.is_fenced());
 }
+
+// Sixth review round: deletions and renewals after a lease has lapsed.
+
+/// Runs a step at the first DELETE of a `blocks/` key.
+struct FirstBlockDelete {
+    inner: Arc<dyn ObjectStore>,
+    step: Mutex<Option<Step>>,
+}
+
+impl ObjectStore for FirstBlockDelete {
+    fn get(&self, key: &str) -> crate::store::StoreResult<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
+        self.inner.put(key, data)
+    }
+    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
+        self.inner.put_parts_unsynced(key, parts)
+    }
+    fn sync(&self) -> crate::store::StoreResult<()> {
+        self.inner.sync()
+    }
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
+        self.inner.put_if_absent(key, data)
+    }
+    fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
+        if key.starts_with("blocks/") {
+            let step = self.step.lock().unwrap().take();
+            if let Some(step) = step {
+                step();
+            }
+        }
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
+        self.inner.space()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn a_writer_fenced_while_deleting_stops_deleting() {
+    let inner = new_store();
+    let hooks = Arc::new(FirstBlockDelete {
+        inner: inner.clone(),
+        step: Mutex::new(None),
+    });
+    let store: Arc<dyn ObjectStore> = hooks.clone();
+    let a = Arc::new(open(&store));
+    let bs = BS as usize;
+    // Eight distinct blocks.
+    let data: Vec<u8> = (0..8 * bs).map(|i| (i / bs) as u8 + 1).collect();
+    let f = file(&a, ROOT_INO, "f");
+    a.write(f, 0, &data).unwrap();
+    a.fsync(f).unwrap();
+    a.unlink(ROOT_INO, b"f").unwrap();
+    a.commit().unwrap();
+    let b_slot: Arc<Mutex<Option<Volume>>> = Arc::new(Mutex::new(None));
+    let (a2, inner2, slot, bytes) = (a.clone(), inner.clone(), b_slot.clone(), data.clone());
+    *hooks.step.lock().unwrap() = Some(Box::new(move || {
+        // A stalls past its lease during its first DELETE; B takes over and
+        // acknowledges a file of the same content (the same block ids).
+        crate::lease::mark_holder_dead(&*inner2);
+        let b = Volume::load(inner2.clone(), VolumeConfig::default()).unwrap();
+        let h = file(&b, ROOT_INO, "h");
+        b.write(h, 0, &bytes).unwrap();
+        b.fsync(h).unwrap();
+        // A's lease thread notices and fences A.
+        a2.renew_lease();
+        assert!(a2.is_fenced());
+        *slot.lock().unwrap() = Some(b);
+    }));
+    let deleted = a.delete_freed_blocks(Duration::ZERO);
+    let b = b_slot.lock().unwrap().take().expect("the hook ran");
+    let missing: Vec<String> = b.with_index(|i| {
+        i.ledger()
+            .referenced()
+            .map(|(id, _)| id.key())
+            .filter(|k| matches!(inner.get(k), Err(StoreError::NotFound(_))))
+            .collect()
+    });
+    // The DELETE in flight when A was taken over may land; nothing after it may.
+    assert!(
+        missing.len() <= 1,
+        "a fenced writer went on deleting ({deleted} deleted): B lost {missing:?}"
+    );
+}
+
+#[test]
+fn a_lapsed_lease_is_not_renewed() {
+    let store = new_store();
+    let v = Volume::load(
+        store,
+        VolumeConfig {
+            lease_ttl: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The lease thread stalled past the lease's end; the store works fine.
+    std::thread::sleep(Duration::from_millis(1100));
+    v.renew_lease();
+    assert!(v.is_fenced(), "a lapsed lease came back to life");
+}
