@@ -327,6 +327,38 @@ impl Lease {
         Ok(())
     }
 
+    /// For a lease that lapsed by our clock (a long index load, a stalled lease
+    /// thread): rewriting our object could revive it after another writer took the
+    /// store (the check and the PUT are not atomic), so this takes the next generation
+    /// with a conditional create instead, which fails if anyone else took it.
+    pub fn reacquire(&mut self) -> Result<(), LeaseError> {
+        self.check_still_ours()?;
+        let now = crate::util::unix_now().0;
+        let mut holder = self.holder.clone();
+        holder.acquired_unix = now;
+        holder.expires_unix = now + self.ttl.as_secs() as i64;
+        let next = self.generation + 1;
+        match self
+            .store
+            .put_if_absent(&key(next), &codec::encode(&LEASE, &holder))
+        {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                let other = current(&*self.store)?
+                    .map(|(_, h)| h.describe())
+                    .unwrap_or_default();
+                return Err(LeaseError::Lost(other));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.generation = next;
+        self.holder = holder;
+        // Stores that ignore conditional create: read back to see who really won.
+        self.check_still_ours()?;
+        self.remove_old_generations();
+        Ok(())
+    }
+
     /// Marks the lease released so the next writer need not wait for it to expire.
     pub fn release(&mut self) -> Result<(), LeaseError> {
         self.check_still_ours()?;

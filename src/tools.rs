@@ -371,6 +371,14 @@ fn collect(
     let keys = store.list("blocks/").map_err(|e| format!("{spec}: {e}"))?;
     let mut freed = 0u64;
     let mut failed = 0u64;
+    // Loading and listing may have taken much of the lease's term (or all of it).
+    let refresh = |lease: &mut crate::lease::Lease| match lease.valid_now() {
+        true => lease.renew(),
+        false => lease.reacquire(),
+    };
+    if !dry_run {
+        refresh(lease).map_err(|e| format!("{spec}: stopped: {e}"))?;
+    }
     let mut renewed = std::time::Instant::now();
     for key in keys {
         let Some(id) = BlockId::from_key(&key) else {
@@ -391,7 +399,7 @@ fn collect(
             return Err(format!("{spec}: stopped: the gc lease lapsed"));
         }
         if renewed.elapsed() >= lease.ttl() / 3 {
-            lease.renew().map_err(|e| format!("{spec}: stopped: {e}"))?;
+            refresh(lease).map_err(|e| format!("{spec}: stopped: {e}"))?;
             renewed = std::time::Instant::now();
         }
         match store.delete(&key) {

@@ -341,13 +341,13 @@ impl Volume {
         let Some(lease) = guard.as_mut() else {
             return;
         };
-        if !lease.valid_now() {
-            // Renewing now could revive a lease another writer has since taken (its
-            // check and our PUT are not atomic).
-            self.fence("the writer lease lapsed (renewals failed)");
-            return;
-        }
-        match lease.renew() {
+        // A lapsed lease is taken again under the next generation (a conditional
+        // create), not rewritten: see `Lease::reacquire`.
+        let renewed = match lease.valid_now() {
+            true => lease.renew(),
+            false => lease.reacquire(),
+        };
+        match renewed {
             Ok(()) => {}
             Err(crate::lease::LeaseError::Lost(who)) => {
                 self.fence(&format!("the writer lease was taken over by {who}"))

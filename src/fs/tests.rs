@@ -3150,18 +3150,106 @@ fn a_writer_fenced_while_deleting_stops_deleting() {
 }
 
 #[test]
-fn a_lapsed_lease_is_not_renewed() {
-    let store = new_store();
-    let v = Volume::load(
-        store,
-        VolumeConfig {
-            lease_ttl: Duration::from_secs(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    // The lease thread stalled past the lease's end; the store works fine.
-    std::thread::sleep(Duration::from_millis(1100));
-    v.renew_lease();
-    assert!(v.is_fenced(), "a lapsed lease came back to life");
+fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
+    for taken in [false, true] {
+        let store = new_store();
+        let v = Volume::load(
+            store.clone(),
+            VolumeConfig {
+                lease_ttl: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // The lease thread stalled past the lease's end (or the index took that
+        // long to load).
+        std::thread::sleep(Duration::from_millis(2100));
+        if taken {
+            crate::lease::simulate_takeover(&*store);
+        }
+        v.renew_lease();
+        assert_eq!(v.is_fenced(), taken, "taken over: {taken}");
+        if !taken {
+            // Ours again, under the next generation; commits go on.
+            assert!(store.get("meta/lease-00000000000000000002").is_ok());
+            v.mkdir(root(), ROOT_INO, b"after", 0o755).unwrap();
+            v.commit().unwrap();
+        }
+    }
+}
+
+/// Delays the first listing of the journal (the index load) by `delay`.
+struct SlowLoad {
+    inner: Arc<dyn ObjectStore>,
+    delay: Mutex<Option<Duration>>,
+}
+
+impl ObjectStore for SlowLoad {
+    fn get(&self, key: &str) -> crate::store::StoreResult<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
+        self.inner.put(key, data)
+    }
+    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
+        self.inner.put_parts_unsynced(key, parts)
+    }
+    fn sync(&self) -> crate::store::StoreResult<()> {
+        self.inner.sync()
+    }
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
+        self.inner.put_if_absent(key, data)
+    }
+    fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
+        if prefix.starts_with("meta/journal-")
+            && let Some(d) = self.delay.lock().unwrap().take()
+        {
+            std::thread::sleep(d);
+        }
+        self.inner.list(prefix)
+    }
+    fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
+        self.inner.space()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// An index that takes longer than the lease to load (found by review): the first
+/// renewal must take the lease again, not fence a healthy writer.
+#[test]
+fn a_slow_index_load_does_not_fence_a_healthy_writer() {
+    let inner = new_store();
+    open(&inner).shutdown().unwrap();
+    let slow = Arc::new(SlowLoad {
+        inner: inner.clone(),
+        delay: Mutex::new(Some(Duration::from_millis(3100))),
+    });
+    let store: Arc<dyn ObjectStore> = slow.clone();
+    let v = Arc::new(
+        Volume::load(
+            store,
+            VolumeConfig {
+                // (Whole seconds: a 1 s lease may be valid for a moment only.)
+                lease_ttl: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let bg = v.start_background();
+    std::thread::sleep(Duration::from_millis(300));
+    let fenced = v.is_fenced();
+    v.mkdir(root(), ROOT_INO, b"d", 0o755).unwrap();
+    let committed = v.commit();
+    bg.stop();
+    assert!(
+        !fenced,
+        "a healthy writer was fenced right after a slow load"
+    );
+    committed.unwrap();
 }
