@@ -332,6 +332,15 @@ impl Lease {
     /// store (the check and the PUT are not atomic), so this takes the next generation
     /// with a conditional create instead, which fails if anyone else took it.
     pub fn reacquire(&mut self) -> Result<(), LeaseError> {
+        // An earlier try whose create landed but whose answer was lost.
+        if let Some((g, h)) = current(&*self.store)?
+            && g == self.generation + 1
+            && h.writer == self.holder.writer
+        {
+            self.generation = g;
+            self.holder = h;
+            return self.renew();
+        }
         self.check_still_ours()?;
         let now = crate::util::unix_now().0;
         let mut holder = self.holder.clone();
@@ -439,5 +448,49 @@ mod tests {
             .unwrap();
         let l = Lease::acquire(store.clone(), "new", Duration::from_secs(30), "").unwrap();
         assert_eq!(l.generation, 8);
+    }
+
+    /// `put_if_absent` lands, but its answer is lost (a timeout).
+    struct LostAck(Arc<dyn ObjectStore>, std::sync::atomic::AtomicBool);
+
+    impl ObjectStore for LostAck {
+        fn get(&self, k: &str) -> crate::store::StoreResult<Vec<u8>> {
+            self.0.get(k)
+        }
+        fn put(&self, k: &str, d: &[u8]) -> crate::store::StoreResult<()> {
+            self.0.put(k, d)
+        }
+        fn put_if_absent(&self, k: &str, d: &[u8]) -> crate::store::StoreResult<()> {
+            self.0.put_if_absent(k, d)?;
+            if self.1.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Io("timeout after the put landed".into()));
+            }
+            Ok(())
+        }
+        fn delete(&self, k: &str) -> crate::store::StoreResult<()> {
+            self.0.delete(k)
+        }
+        fn list(&self, p: &str) -> crate::store::StoreResult<Vec<String>> {
+            self.0.list(p)
+        }
+        fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
+            self.0.space()
+        }
+        fn describe(&self) -> String {
+            "lost-ack".into()
+        }
+    }
+
+    #[test]
+    fn a_reacquire_whose_answer_was_lost_is_adopted_on_retry() {
+        let s = Arc::new(LostAck(Arc::new(MemoryStore::new()), false.into()));
+        let store: Arc<dyn ObjectStore> = s.clone();
+        let mut a = Lease::acquire(store, "aaaa", Duration::from_secs(30), "").unwrap();
+        s.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(a.reacquire(), Err(LeaseError::Store(_))));
+        // Nobody else touched the store: the retry finds its own generation.
+        a.reacquire().unwrap();
+        assert_eq!(a.generation, 2);
+        assert!(a.probe_still_ours().unwrap());
     }
 }

@@ -341,20 +341,24 @@ impl Volume {
         let Some(lease) = guard.as_mut() else {
             return;
         };
-        // A lapsed lease is taken again under the next generation (a conditional
-        // create), not rewritten: see `Lease::reacquire`.
-        let renewed = match lease.valid_now() {
-            true => lease.renew(),
-            false => lease.reacquire(),
+        // A lapsed lease is not rewritten (that could revive one another writer has
+        // just taken): where conditional create is atomic it is taken again under the
+        // next generation (`Lease::reacquire`); elsewhere (S3: Garage ignores it, and
+        // two writers could both win) the volume stops.
+        let renewed = if lease.valid_now() {
+            lease.renew()
+        } else if self.store.conditional_create_is_atomic() {
+            lease.reacquire()
+        } else {
+            self.fence("the writer lease lapsed (renewals failed)");
+            return;
         };
         match renewed {
             Ok(()) => {}
             Err(crate::lease::LeaseError::Lost(who)) => {
                 self.fence(&format!("the writer lease was taken over by {who}"))
             }
-            Err(e) if !lease.valid_now() => {
-                self.fence(&format!("could not renew the writer lease: {e}"))
-            }
+            // Retried at the next tick; once lapsed, taken again or stopped (above).
             Err(e) => log::warn!("renewing the writer lease failed (will retry): {e}"),
         }
     }

@@ -3152,10 +3152,15 @@ fn a_writer_fenced_while_deleting_stops_deleting() {
 #[test]
 fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
     for taken in [false, true] {
-        let store = new_store();
+        // A store whose conditional create is atomic, as a local one.
+        let store: Arc<dyn ObjectStore> = Arc::new(AtomicHooks(Arc::new(HookStore {
+            inner: new_store(),
+            hook: Mutex::new(None),
+        })));
         let v = Volume::load(
             store.clone(),
             VolumeConfig {
+                // (Whole seconds: a 1 s lease may be valid for a moment only.)
                 lease_ttl: Duration::from_secs(2),
                 ..Default::default()
             },
@@ -3176,6 +3181,20 @@ fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
             v.commit().unwrap();
         }
     }
+    // Where conditional create may be ignored (Garage), two writers could both win
+    // the next generation: a lapsed lease stops the volume instead.
+    let store = new_store();
+    let v = Volume::load(
+        store,
+        VolumeConfig {
+            lease_ttl: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    v.renew_lease();
+    assert!(v.is_fenced());
 }
 
 /// Delays the first listing of the journal (the index load) by `delay`.
@@ -3213,6 +3232,10 @@ impl ObjectStore for SlowLoad {
     }
     fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
         self.inner.space()
+    }
+    fn conditional_create_is_atomic(&self) -> bool {
+        // It stands for a local store.
+        true
     }
     fn describe(&self) -> String {
         self.inner.describe()
