@@ -134,6 +134,21 @@ pub(crate) fn mark_holder_dead(store: &dyn ObjectStore) {
         .unwrap();
 }
 
+/// Creates lease `generation` for `holder` unless it exists (`Lost`, naming whoever
+/// holds the store now).
+fn claim(store: &dyn ObjectStore, generation: u64, holder: &Holder) -> Result<(), LeaseError> {
+    match store.put_if_absent(&key(generation), &codec::encode(&LEASE, holder)) {
+        Ok(()) => Ok(()),
+        Err(StoreError::AlreadyExists(_)) => {
+            let other = current(store)?
+                .map(|(_, h)| h.describe())
+                .unwrap_or_default();
+            Err(LeaseError::Lost(other))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn key(generation: u64) -> String {
     format!("{PREFIX}{generation:020}")
 }
@@ -239,16 +254,7 @@ impl Lease {
             released: false,
             mountpoint: mountpoint.to_string(),
         };
-        match store.put_if_absent(&key(next), &codec::encode(&LEASE, &holder)) {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists(_)) => {
-                let other = current(&*store)?
-                    .map(|(_, h)| h.describe())
-                    .unwrap_or_default();
-                return Err(LeaseError::Lost(other));
-            }
-            Err(e) => return Err(e.into()),
-        }
+        claim(&*store, next, &holder)?;
         let lease = Lease {
             store,
             generation: next,
@@ -256,9 +262,7 @@ impl Lease {
             ttl,
             took_over,
         };
-        // Stores that ignore conditional create: read back to see who really won.
-        lease.check_still_ours()?;
-        lease.remove_old_generations();
+        lease.confirm_claim()?;
         Ok(lease)
     }
 
@@ -347,22 +351,15 @@ impl Lease {
         holder.acquired_unix = now;
         holder.expires_unix = now + self.ttl.as_secs() as i64;
         let next = self.generation + 1;
-        match self
-            .store
-            .put_if_absent(&key(next), &codec::encode(&LEASE, &holder))
-        {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists(_)) => {
-                let other = current(&*self.store)?
-                    .map(|(_, h)| h.describe())
-                    .unwrap_or_default();
-                return Err(LeaseError::Lost(other));
-            }
-            Err(e) => return Err(e.into()),
-        }
+        claim(&*self.store, next, &holder)?;
         self.generation = next;
         self.holder = holder;
-        // Stores that ignore conditional create: read back to see who really won.
+        self.confirm_claim()
+    }
+
+    /// After `claim`: stores that ignore conditional create are read back to see who
+    /// really won; then the generations before the previous one go.
+    fn confirm_claim(&self) -> Result<(), LeaseError> {
         self.check_still_ours()?;
         self.remove_old_generations();
         Ok(())

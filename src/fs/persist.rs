@@ -214,9 +214,7 @@ impl Volume {
             let generation = match journal.begin_snapshot(next_ino) {
                 Ok(g) => g,
                 Err(e) => {
-                    if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
-                        self.fence(&e.to_string());
-                    }
+                    self.fence_on_fork(&e);
                     return Err(e.into());
                 }
             };
@@ -258,9 +256,7 @@ impl Volume {
         let wrote = !changes.is_empty();
         if wrote && let Err(e) = journal.commit(&changes) {
             log::error!("journal commit failed: {e}");
-            if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
-                self.fence(&e.to_string());
-            }
+            self.fence_on_fork(&e);
             self.state().index.restore(changes);
             return Err(e.into());
         }
@@ -293,29 +289,16 @@ impl Volume {
             }
             Err(e) => {
                 self.lease_unconfirmed.store(true, Ordering::SeqCst);
-                log::error!("checking the writer lease after a commit: {e}");
+                log::error!("checking the writer lease: {e}");
                 Err(FsError::Io(e.to_string()))
             }
         }
     }
 
-    /// `Lease::probe_still_ours` without failing anything (no lease, a store error:
-    /// false); fences the volume if another writer holds the store.
-    fn store_still_ours(&self) -> bool {
-        let probe = match self.lease.lock().unwrap().as_ref() {
-            Some(lease) => lease.probe_still_ours(),
-            None => return false,
-        };
-        match probe {
-            Ok(true) => true,
-            Ok(false) => {
-                self.fence("another writer took the store over");
-                false
-            }
-            Err(e) => {
-                log::warn!("checking the writer lease before deleting blocks: {e} (will retry)");
-                false
-            }
+    /// A second writer's segment beside ours: stop before the chains diverge further.
+    fn fence_on_fork(&self, e: &crate::index::journal::IndexError) {
+        if matches!(e, crate::index::journal::IndexError::Fork { .. }) {
+            self.fence(&e.to_string());
         }
     }
 
@@ -429,7 +412,7 @@ impl Volume {
         // named by their content, so a writer that took the store over may hold
         // these very blocks again), and again before each DELETE by our own clock
         // and the fence (a takeover the lease thread notices meanwhile).
-        if self.check_lease().is_err() || !self.store_still_ours() {
+        if self.check_lease().is_err() || self.confirm_lease().is_err() {
             self.requeue_frees(due);
             return 0;
         }

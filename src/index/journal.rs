@@ -699,8 +699,7 @@ fn load_once(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexE
         first_prev,
     } = chain;
     // (A failing listing here leaves the report as it is.)
-    let newest_now = list_snapshots(&*store).unwrap_or_default();
-    if !report.clean() && newest_now.last() > gens.last() {
+    if !report.clean() && list_snapshots(&*store).unwrap_or_default().last() > gens.last() {
         // A snapshot landed during the load: what looked like damage (a gap, a chain
         // cut short) is more likely the writer deleting what it replaced.
         report.vanished = true;

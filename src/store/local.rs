@@ -72,8 +72,10 @@ impl LocalStore {
         let result = (|| {
             let f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             let mut written = 0;
-            if self.direct_writes.load(Ordering::Relaxed) {
-                match write_direct(&f, parts[0])? {
+            if self.direct_writes.load(Ordering::Relaxed)
+                && let Some(first) = parts.first()
+            {
+                match write_direct(&f, first)? {
                     Written::Direct(n) => written = n,
                     Written::Buffered => {}
                     Written::Unsupported(e) => {
