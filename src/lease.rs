@@ -209,6 +209,15 @@ pub fn live_holder(store: &dyn ObjectStore) -> Result<Option<String>, LeaseError
         .map(|(_, h)| h.describe()))
 }
 
+/// A description of the writer that held the store and never released it (it
+/// crashed, or lost the store while still running), once it no longer counts as live.
+pub fn crashed_holder(store: &dyn ObjectStore) -> Result<Option<String>, LeaseError> {
+    let now = crate::util::unix_now().0;
+    Ok(current(store)?
+        .filter(|(_, h)| !h.released && !h.is_live(now))
+        .map(|(_, h)| h.describe()))
+}
+
 pub struct Lease {
     store: Arc<dyn ObjectStore>,
     generation: u64,
@@ -329,6 +338,24 @@ impl Lease {
             .put(&key(self.generation), &codec::encode(&LEASE, &next))?;
         self.holder = next;
         Ok(())
+    }
+
+    /// A renewal while the index loads, before the volume's lease thread runs (a
+    /// large index on S3 can take longer than the lease to load). A lease that
+    /// already lapsed is left to that thread (`Volume::renew_lease`); a store error
+    /// is retried at the next tick. Returns who took the store, if someone did.
+    pub fn renew_while_loading(&mut self) -> Option<String> {
+        if !self.valid_now() {
+            return None;
+        }
+        match self.renew() {
+            Ok(()) => None,
+            Err(LeaseError::Lost(who)) => Some(who),
+            Err(e) => {
+                log::warn!("renewing the writer lease during the index load: {e}");
+                None
+            }
+        }
     }
 
     /// For a lease that lapsed by our clock (a long index load, a stalled lease

@@ -324,6 +324,9 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
 /// refuses to run beside a live writer.
 pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
     let store = open_existing(spec, opts)?;
+    if !dry_run {
+        recover_after_crash(spec, &store)?;
+    }
     let writer = format!("gc{}", crate::util::random_hex(2));
     let mut lease = crate::lease::Lease::acquire(
         store.clone(),
@@ -333,11 +336,15 @@ pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
     )
     .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;
     if lease.took_over() {
-        // Its last segment or snapshot may still land and name blocks this index
-        // does not: only a writer's mount seals the journal first. The lease stays
-        // unreleased so that mount does.
+        // A writer crashed since `recover_after_crash` looked (or this is a dry run):
+        // its last segment or snapshot may still land and name blocks this index does
+        // not. The lease stays unreleased so that the next writer seals the journal.
+        let then = match dry_run {
+            true => "run objfs gc without --dry-run, or mount it once",
+            false => "run objfs gc again",
+        };
         return Err(format!(
-            "{spec}: refusing to collect garbage: the last writer did not release the store; mount it once (or run objfs fsck --repair) first"
+            "{spec}: refusing to collect garbage: the last writer did not release the store; {then}"
         ));
     }
     let result = collect(spec, &store, &writer, dry_run, &mut lease);
@@ -345,6 +352,21 @@ pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
         eprintln!("objfs: warning: releasing the lease: {e}");
     }
     result
+}
+
+/// After a writer that never released the store, recovers it as a mount would
+/// (taking the lease over, replaying the journal and sealing it with a snapshot above
+/// anything that writer may still land) and unmounts, so gc collects against an
+/// index nothing late can change.
+fn recover_after_crash(spec: &str, store: &Arc<dyn ObjectStore>) -> CliResult<()> {
+    let crashed = crate::lease::crashed_holder(&**store).map_err(|e| format!("{spec}: {e}"))?;
+    let Some(holder) = crashed else {
+        return Ok(());
+    };
+    eprintln!("objfs: {spec}: {holder} did not release the store; recovering it first");
+    let refuse = |e: crate::fs::FsError| format!("{spec}: refusing to collect garbage: {e}");
+    let volume = Volume::load(store.clone(), VolumeConfig::default()).map_err(refuse)?;
+    volume.shutdown().map_err(refuse)
 }
 
 fn collect(

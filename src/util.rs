@@ -1,6 +1,7 @@
 //! Small helpers shared by several layers: randomness, sizes, time.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Drops one count of `key`; true when that was the last one (the key is then gone).
 pub fn release_count<K: std::hash::Hash + Eq>(
@@ -106,6 +107,43 @@ pub fn supplementary_groups(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Runs `work` while a scoped thread calls `tick` every `period` (keeping a lease
+/// alive through work that may outlast it). No tick starts after `work` ends.
+pub fn with_ticks<T>(period: Duration, tick: impl Fn() + Sync, work: impl FnOnce() -> T) -> T {
+    let stop = (Mutex::new(false), Condvar::new());
+    std::thread::scope(|s| {
+        // If no thread can be had, `work` runs without ticks.
+        let _ticker = std::thread::Builder::new()
+            .name("objfs-ticks".into())
+            .spawn_scoped(s, || {
+                let (lock, cv) = &stop;
+                let mut stopped = lock.lock().unwrap();
+                loop {
+                    stopped = cv
+                        .wait_timeout_while(stopped, period, |stopped| !*stopped)
+                        .unwrap()
+                        .0;
+                    if *stopped {
+                        return;
+                    }
+                    drop(stopped);
+                    tick();
+                    stopped = lock.lock().unwrap();
+                }
+            });
+        // Stops the ticker even if `work` panics (the scope would wait for it).
+        struct Stop<'a>(&'a (Mutex<bool>, Condvar));
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                *self.0.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                self.0.1.notify_all();
+            }
+        }
+        let _stop = Stop(&stop);
+        work()
+    })
+}
+
 /// Runs `work` on every item at once: the first on this thread, each other on a
 /// scoped thread of its own, or on this thread too where no thread can be had. An
 /// item whose `work` panicked yields `failed(item)`. Results are in item order.
@@ -146,6 +184,29 @@ pub fn in_parallel<T: Sync, R: Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_ticks_ticks_while_work_runs_and_stops_with_it() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let ticks = AtomicU32::new(0);
+        let tick = || {
+            ticks.fetch_add(1, Ordering::SeqCst);
+        };
+        let out = with_ticks(Duration::from_millis(20), tick, || {
+            std::thread::sleep(Duration::from_millis(210));
+            7
+        });
+        assert_eq!(out, 7);
+        let seen = ticks.load(Ordering::SeqCst);
+        assert!((5..=11).contains(&seen), "{seen} ticks in 210 ms");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(ticks.load(Ordering::SeqCst), seen, "ticked after the work");
+        // Work that panics stops the ticker instead of leaving the scope waiting.
+        let panicked = std::panic::catch_unwind(|| {
+            with_ticks(Duration::from_millis(5), || {}, || panic!("boom"))
+        });
+        assert!(panicked.is_err());
+    }
 
     #[test]
     fn in_parallel_keeps_item_order_and_reports_a_panic_as_failed() {

@@ -196,6 +196,46 @@ fn gc_frees_what_a_dead_writer_left_and_refuses_beside_a_live_one() {
     assert_eq!(std::fs::read(f.path("keep")).unwrap(), vec![1u8; 2 << 20]);
 }
 
+/// gc right after a crash: it recovers the store as a mount would (sealing the dead
+/// writer's journal) instead of refusing, then collects; the fsynced file survives
+/// and the next mount gets in at once.
+#[test]
+fn gc_after_a_crash_recovers_the_store_then_collects() {
+    let f = Fixture::mounted();
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut file = std::fs::File::create(f.path("kept")).unwrap();
+    std::io::Write::write_all(&mut file, &data).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    f.kill_daemon();
+    bash(&format!("umount -l '{}'", f.mnt_str()));
+    let orphan = f
+        .store
+        .join("blocks/cd/cd00000000000000000000000000000000000000000000000000000000000000");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"OBK\0junk").unwrap();
+    let dry = objfs(&["gc", f.store_str(), "--dry-run"]);
+    let err = String::from_utf8_lossy(&dry.stderr);
+    assert!(
+        !dry.status.success() && err.contains("without --dry-run"),
+        "{err}"
+    );
+    assert!(orphan.exists());
+    let out = objfs(&["gc", f.store_str()]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("recovering it first"), "{stderr}");
+    assert!(stdout.contains("freed 1 unreferenced blocks"), "{stdout}");
+    assert!(!orphan.exists());
+    let out = objfs_ok(&["fsck", f.store_str()]);
+    assert!(out.contains("clean"), "{out}");
+    f.mount();
+    assert_eq!(std::fs::read(f.path("kept")).unwrap(), data);
+}
+
 #[test]
 fn fsck_repair_refuses_beside_a_live_writer_and_runs_offline() {
     let f = Fixture::mounted();

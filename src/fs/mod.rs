@@ -367,13 +367,28 @@ impl Volume {
                 &config.mountpoint,
             )?)
         };
-        let loaded = Self::resolve_forks(&store, &config, lease.is_some()).and_then(|fixes| {
+        let leased = lease.is_some();
+        let lease = Mutex::new(lease);
+        let lost = Mutex::new(None);
+        let renew = || {
+            if let Some(l) = lease.lock().unwrap().as_mut()
+                && let Some(who) = l.renew_while_loading()
+            {
+                *lost.lock().unwrap() = Some(who);
+            }
+        };
+        let loaded = crate::util::with_ticks(config.lease_ttl / 3, renew, || {
+            let fixes = Self::resolve_forks(&store, &config, leased)?;
             let mut loaded = journal::load(store.clone(), &writer)?;
-            if lease.is_some() {
+            if leased {
                 loaded.superblock = journal::upgrade_format(&*store, &loaded.superblock)?;
             }
-            Ok((fixes, loaded))
+            Ok::<_, crate::index::journal::IndexError>((fixes, loaded))
         });
+        let lease = lease.into_inner().unwrap();
+        if let Some(who) = lost.into_inner().unwrap() {
+            return Err(FsError::Lease(crate::lease::LeaseError::Lost(who).into()));
+        }
         let (load_fixes, mut loaded) = match loaded {
             Ok(l) => l,
             Err(e) => {
@@ -430,7 +445,12 @@ impl Volume {
             posix_acls: AtomicBool::new(false),
         };
         if !volume.config.read_only {
-            volume.after_recovery()?;
+            // A snapshot of a large index can outlast the lease too.
+            crate::util::with_ticks(
+                volume.config.lease_ttl / 3,
+                || volume.renew_lease(),
+                || volume.after_recovery(),
+            )?;
         }
         Ok(volume)
     }

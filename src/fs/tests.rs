@@ -2845,13 +2845,13 @@ impl ObjectStore for AtomicHooks {
     }
 }
 
-/// Writer A stalls past its lease between its lease check and its segment PUT.
-/// `objfs gc` takes the unreleased lease over, collects and *releases* it: gc never
-/// seals the journal, and the release hides the takeover from the next mount. B then
-/// acquires without `took_over` (no seal), loads without A's segment and commits the
-/// same (generation, seq). A's late segment lands beside B's; A's probe fences A,
-/// but on a local store nobody LISTs any more, so the fork stays and the next load
-/// refuses the store (B's acknowledged commit is not loadable).
+/// Writer A stalls past its lease between its lease check and its segment PUT, and
+/// `objfs gc` runs. Found by review when gc took the unreleased lease over, collected
+/// and *released* it without sealing: the release hid the takeover from the next
+/// mount, B acquired without a seal and committed A's (generation, seq), A's late
+/// segment landed beside B's, and the fork made the store refuse to load (B's
+/// acknowledged commit lost). gc now recovers the store first, as a mount does
+/// (seal, then release), so A's segment lands below the seal.
 #[test]
 fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
     let tmp = tempfile::tempdir().unwrap();
@@ -2878,10 +2878,8 @@ fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
     hooks.on(next, move || {
         // A's lease is up (here: looks like a dead local process).
         crate::lease::mark_holder_dead(&*inner);
-        // gc refuses after a takeover (and leaves the lease unreleased).
-        assert!(crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).is_err());
-        // The gc process has exited.
-        crate::lease::mark_holder_dead(&*inner);
+        // gc recovers the store (sealing it), collects and releases its lease.
+        crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).unwrap();
         let b = Volume::load(st2, VolumeConfig::default()).unwrap();
         b.mkdir(root(), ROOT_INO, b"from-b", 0o755).unwrap();
         b.commit().unwrap(); // acknowledged to B's caller
@@ -2911,11 +2909,11 @@ fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
     drop(b);
 }
 
-/// The same laundering without any fork: A owes a snapshot (a segment PUT failed)
-/// and stalls before that snapshot's PUT; gc takes the lease over and releases it;
-/// B mounts without a seal, at A's generation, and acknowledges a commit. A's
-/// snapshot then lands one generation above B's chain, and `write_snapshot` deletes
-/// B's segment before A's probe fences A: B's acknowledged commit is gone.
+/// The same without any fork: A owes a snapshot (a segment PUT failed) and stalls
+/// before that snapshot's PUT, and gc runs. When gc released the lease without a
+/// seal, B mounted at A's generation and acknowledged a commit; A's snapshot then
+/// landed one generation above B's chain, and `write_snapshot` deleted B's segment
+/// before A's probe fenced A. With gc sealing first, A's snapshot lands below.
 #[test]
 fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -2945,10 +2943,8 @@ fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
     );
     hooks.on(journal::snapshot_key(generation), move || {
         crate::lease::mark_holder_dead(&*inner);
-        // gc refuses after a takeover (and leaves the lease unreleased).
-        assert!(crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).is_err());
-        // The gc process has exited.
-        crate::lease::mark_holder_dead(&*inner);
+        // gc recovers the store (sealing it), collects and releases its lease.
+        crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).unwrap();
         let b = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
         b.mkdir(root(), ROOT_INO, b"from-b", 0o755).unwrap();
         b.commit().unwrap(); // acknowledged to B's caller
@@ -2984,17 +2980,15 @@ fn gc_after_a_takeover_deletes_no_block_of_a_segment_the_next_writer_loads() {
     let next = first.replace("-00000000000000000001-", "-00000000000000000002-");
     let (inner, spec) = (local.clone(), dir.to_str().unwrap().to_string());
     hooks.on(next, move || {
-        // A's blocks are in the store; its segment is not yet.
+        // A's blocks are in the store; its segment is not yet. gc seals the journal
+        // before it collects, so A's segment will land below the seal.
         crate::lease::mark_holder_dead(&*inner);
-        let refused = crate::tools::gc(&spec, false, &crate::store::StoreOptions::default());
-        assert!(refused.is_err(), "gc ran on a journal nobody sealed");
-        crate::lease::mark_holder_dead(&*inner);
+        crate::tools::gc(&spec, false, &crate::store::StoreOptions::default()).unwrap();
     });
     a.write(f, 0, &vec![7u8; 3 * BS as usize]).unwrap();
     assert!(a.fsync(f).is_err(), "A acknowledged after a takeover");
     assert!(hooks.fired() && a.is_fenced());
     drop(a);
-    // B takes the lease over, loads A's late segment and seals.
     let b = Volume::load(local.clone(), VolumeConfig::default()).unwrap();
     let missing: Vec<String> = b.with_index(|i| {
         i.ledger()
@@ -3197,10 +3191,27 @@ fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
     assert!(v.is_fenced());
 }
 
-/// Delays the first listing of the journal (the index load) by `delay`.
+/// Delays the first listing of the journal (the index load) by `delay`. `atomic`:
+/// whether it stands for a local store (conditional create is atomic) or S3.
+/// `renewals_fail`: lease renewals fail with a store error during the delay.
 struct SlowLoad {
     inner: Arc<dyn ObjectStore>,
     delay: Mutex<Option<Duration>>,
+    atomic: bool,
+    renewals_fail: bool,
+    slowing: AtomicBool,
+}
+
+impl SlowLoad {
+    fn new(inner: Arc<dyn ObjectStore>, delay: Duration, atomic: bool) -> SlowLoad {
+        SlowLoad {
+            inner,
+            delay: Mutex::new(Some(delay)),
+            atomic,
+            renewals_fail: false,
+            slowing: AtomicBool::new(false),
+        }
+    }
 }
 
 impl ObjectStore for SlowLoad {
@@ -3208,6 +3219,12 @@ impl ObjectStore for SlowLoad {
         self.inner.get(key)
     }
     fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
+        if self.renewals_fail
+            && self.slowing.load(Ordering::SeqCst)
+            && key.starts_with("meta/lease-")
+        {
+            return Err(crate::store::StoreError::Io("injected".into()));
+        }
         self.inner.put(key, data)
     }
     fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
@@ -3226,7 +3243,9 @@ impl ObjectStore for SlowLoad {
         if prefix.starts_with("meta/journal-")
             && let Some(d) = self.delay.lock().unwrap().take()
         {
+            self.slowing.store(true, Ordering::SeqCst);
             std::thread::sleep(d);
+            self.slowing.store(false, Ordering::SeqCst);
         }
         self.inner.list(prefix)
     }
@@ -3234,24 +3253,19 @@ impl ObjectStore for SlowLoad {
         self.inner.space()
     }
     fn conditional_create_is_atomic(&self) -> bool {
-        // It stands for a local store.
-        true
+        self.atomic
     }
     fn describe(&self) -> String {
         self.inner.describe()
     }
 }
 
-/// An index that takes longer than the lease to load (found by review): the first
-/// renewal must take the lease again, not fence a healthy writer.
-#[test]
-fn a_slow_index_load_does_not_fence_a_healthy_writer() {
-    let inner = new_store();
-    open(&inner).shutdown().unwrap();
-    let slow = Arc::new(SlowLoad {
-        inner: inner.clone(),
-        delay: Mutex::new(Some(Duration::from_millis(3100))),
-    });
+/// Mounts `slow` with a 2 s lease, lets the lease thread run, makes a change and
+/// commits it: whether the volume was fenced, the commit's outcome, and the lease
+/// generation before and after the mount.
+fn mount_after_slow_load(slow: Arc<SlowLoad>) -> (bool, FsResult<()>, u64, u64) {
+    let generation = |s: &dyn ObjectStore| crate::lease::current(s).unwrap().unwrap().0;
+    let before = generation(&*slow.inner);
     let store: Arc<dyn ObjectStore> = slow.clone();
     let v = Arc::new(
         Volume::load(
@@ -3267,12 +3281,43 @@ fn a_slow_index_load_does_not_fence_a_healthy_writer() {
     let bg = v.start_background();
     std::thread::sleep(Duration::from_millis(300));
     let fenced = v.is_fenced();
-    v.mkdir(root(), ROOT_INO, b"d", 0o755).unwrap();
-    let committed = v.commit();
+    let committed = v
+        .mkdir(root(), ROOT_INO, b"d", 0o755)
+        .and_then(|_| v.commit());
     bg.stop();
+    (fenced, committed, before, generation(&*slow.inner))
+}
+
+/// An index that takes longer than the lease to load: the lease is renewed while it
+/// loads, so even where a lapsed lease cannot be taken again (S3) the writer goes
+/// on under the lease it took.
+#[test]
+fn a_slow_index_load_keeps_its_lease() {
+    let inner = new_store();
+    open(&inner).shutdown().unwrap();
+    let slow = SlowLoad::new(inner, Duration::from_millis(3100), false);
+    let (fenced, committed, before, after) = mount_after_slow_load(Arc::new(slow));
+    assert!(!fenced, "a healthy writer was fenced after a slow load");
+    committed.unwrap();
+    assert_eq!(after, before + 1, "the lease was taken again, not renewed");
+}
+
+/// The same with renewals failing during the load, so the lease lapses (found by
+/// review): where conditional create is atomic the first renewal after it takes the
+/// lease again under the next generation, and does not fence a healthy writer.
+#[test]
+fn a_lease_lapsed_during_a_slow_load_is_taken_again() {
+    let inner = new_store();
+    open(&inner).shutdown().unwrap();
+    let slow = SlowLoad {
+        renewals_fail: true,
+        ..SlowLoad::new(inner, Duration::from_millis(3100), true)
+    };
+    let (fenced, committed, before, after) = mount_after_slow_load(Arc::new(slow));
     assert!(
         !fenced,
         "a healthy writer was fenced right after a slow load"
     );
     committed.unwrap();
+    assert_eq!(after, before + 2, "the lapsed lease was not taken again");
 }
