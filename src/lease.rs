@@ -474,44 +474,15 @@ mod tests {
         assert_eq!(l.generation, 8);
     }
 
-    /// `put_if_absent` lands, but its answer is lost (a timeout).
-    struct LostAck(Arc<dyn ObjectStore>, std::sync::atomic::AtomicBool);
-
-    impl ObjectStore for LostAck {
-        fn get(&self, k: &str) -> crate::store::StoreResult<Vec<u8>> {
-            self.0.get(k)
-        }
-        fn put(&self, k: &str, d: &[u8]) -> crate::store::StoreResult<()> {
-            self.0.put(k, d)
-        }
-        fn put_if_absent(&self, k: &str, d: &[u8]) -> crate::store::StoreResult<()> {
-            self.0.put_if_absent(k, d)?;
-            if self.1.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                return Err(StoreError::Io("timeout after the put landed".into()));
-            }
-            Ok(())
-        }
-        fn delete(&self, k: &str) -> crate::store::StoreResult<()> {
-            self.0.delete(k)
-        }
-        fn list(&self, p: &str) -> crate::store::StoreResult<Vec<String>> {
-            self.0.list(p)
-        }
-        fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
-            self.0.space()
-        }
-        fn describe(&self) -> String {
-            "lost-ack".into()
-        }
-    }
-
     #[test]
     fn a_reacquire_whose_answer_was_lost_is_adopted_on_retry() {
-        let s = Arc::new(LostAck(Arc::new(MemoryStore::new()), false.into()));
+        let s = Arc::new(crate::store::FaultyStore::new(Arc::new(MemoryStore::new())));
         let store: Arc<dyn ObjectStore> = s.clone();
         let mut a = Lease::acquire(store, "aaaa", Duration::from_secs(30), "").unwrap();
-        s.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The conditional create lands, but its answer is lost (a timeout).
+        s.set_lose_acks_for(Some(PREFIX));
         assert!(matches!(a.reacquire(), Err(LeaseError::Store(_))));
+        s.set_lose_acks_for(None);
         // Nobody else touched the store: the retry finds its own generation.
         a.reacquire().unwrap();
         assert_eq!(a.generation, 2);

@@ -674,10 +674,7 @@ fn back_to_back_background_snapshots_keep_commits_reachable() {
 
 #[test]
 fn a_load_that_races_a_compaction_loads_again_instead_of_reporting_damage() {
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let v = Arc::new(open(&store));
     let a = file(&v, ROOT_INO, "a");
@@ -733,10 +730,7 @@ fn back_to_back_snapshots_the_first_landing_but_reported_failed_lose_nothing() {
 
 #[test]
 fn a_load_that_sees_a_compaction_half_done_loads_again() {
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let v = Arc::new(open(&store));
     let a = file(&v, ROOT_INO, "a");
@@ -990,10 +984,7 @@ fn a_commit_that_lands_after_a_takeover_is_not_acknowledged() {
     // The writer passed its lease check, then stalled past its lease before its
     // segment landed; meanwhile another writer took the store over (and loaded it
     // without that segment).
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let f = file(&a, ROOT_INO, "f");
@@ -1743,10 +1734,7 @@ fn wait_for_snapshot(store: &Arc<dyn ObjectStore>, generation: u64) -> bool {
 
 #[test]
 fn fsync_does_not_wait_for_a_snapshot_being_written() {
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let config = VolumeConfig {
         snapshot_segments: 2,
@@ -2066,30 +2054,66 @@ fn past_the_dirty_limit_a_failing_file_is_left_to_the_commit_and_the_writer_goes
 }
 
 /// A store that runs a test's step once, when a chosen key is first read or
-/// written: a seam that puts a racing change at a known point inside a call
-/// (nothing holds a lock of the volume while its store works).
+/// written (or a request first matches a chosen trigger): a seam that puts a racing
+/// change at a known point inside a call (nothing holds a lock of the volume while
+/// its store works). `atomic`: whether it stands for a store whose conditional
+/// create is atomic (a local one) or for S3.
 struct HookStore {
     inner: Arc<dyn ObjectStore>,
-    /// The key, and the step to run when it is touched.
-    hook: Mutex<Option<(String, Step)>>,
+    atomic: bool,
+    /// The trigger, and the step to run when a request first matches it.
+    hook: Mutex<Option<(Trigger, Step)>>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Get,
+    Put,
+    Delete,
+    List,
+}
+
+type Trigger = Box<dyn Fn(Op, &str) -> bool + Send>;
 type Step = Box<dyn FnOnce() + Send>;
 
 impl HookStore {
+    fn new(inner: Arc<dyn ObjectStore>) -> HookStore {
+        HookStore {
+            inner,
+            atomic: false,
+            hook: Mutex::new(None),
+        }
+    }
+
+    fn atomic(inner: Arc<dyn ObjectStore>) -> HookStore {
+        HookStore {
+            atomic: true,
+            ..HookStore::new(inner)
+        }
+    }
+
+    /// At the first read, write or delete of `key`.
     fn on(&self, key: String, step: impl FnOnce() + Send + 'static) {
-        *self.hook.lock().unwrap() = Some((key, Box::new(step)));
+        self.on_first(move |op, k| op != Op::List && k == key, step);
+    }
+
+    fn on_first(
+        &self,
+        trigger: impl Fn(Op, &str) -> bool + Send + 'static,
+        step: impl FnOnce() + Send + 'static,
+    ) {
+        *self.hook.lock().unwrap() = Some((Box::new(trigger), Box::new(step)));
     }
 
     fn fired(&self) -> bool {
         self.hook.lock().unwrap().is_none()
     }
 
-    fn touch(&self, key: &str) {
+    fn touch(&self, op: Op, key: &str) {
         let step = {
             let mut hook = self.hook.lock().unwrap();
             match &*hook {
-                Some((k, _)) if k == key => hook.take().map(|(_, step)| step),
+                Some((trigger, _)) if trigger(op, key) => hook.take().map(|(_, step)| step),
                 _ => None,
             }
         };
@@ -2101,15 +2125,15 @@ impl HookStore {
 
 impl ObjectStore for HookStore {
     fn get(&self, key: &str) -> crate::store::StoreResult<Vec<u8>> {
-        self.touch(key);
+        self.touch(Op::Get, key);
         self.inner.get(key)
     }
     fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
-        self.touch(key);
+        self.touch(Op::Put, key);
         self.inner.put(key, data)
     }
     fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
-        self.touch(key);
+        self.touch(Op::Put, key);
         self.inner.put_parts_unsynced(key, parts)
     }
     fn sync(&self) -> crate::store::StoreResult<()> {
@@ -2119,14 +2143,18 @@ impl ObjectStore for HookStore {
         self.inner.put_if_absent(key, data)
     }
     fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
-        self.touch(key);
+        self.touch(Op::Delete, key);
         self.inner.delete(key)
     }
     fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
+        self.touch(Op::List, prefix);
         self.inner.list(prefix)
     }
     fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
         self.inner.space()
+    }
+    fn conditional_create_is_atomic(&self) -> bool {
+        self.atomic
     }
     fn describe(&self) -> String {
         format!("hooked({})", self.inner.describe())
@@ -2134,10 +2162,7 @@ impl ObjectStore for HookStore {
 }
 
 fn hooked_volume() -> (Arc<HookStore>, Arc<Volume>) {
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     (hooks, Arc::new(open(&store)))
 }
@@ -2347,10 +2372,7 @@ fn blocks_freed_just_before_unmount_are_deleted_by_the_next_writer() {
     v.shutdown().unwrap();
     drop(v);
     // No list before, none after: the unmount sends no DELETE for it.
-    let hooks = Arc::new(HookStore {
-        inner: store,
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(store));
     let hooked: Arc<dyn ObjectStore> = hooks.clone();
     let v = open(&hooked);
     // Set after the load's GET of it: only a DELETE would touch it now.
@@ -2580,10 +2602,7 @@ mod two_files_model {
 
 #[test]
 fn a_fold_and_a_truncate_at_the_same_time_leave_no_stale_bytes_past_the_cut() {
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     // A cache too small to keep a block: the fold reads the base from the store
     // while it holds the file's data lock.
@@ -2644,10 +2663,7 @@ fn a_fold_and_a_truncate_at_the_same_time_leave_no_stale_bytes_past_the_cut() {
 /// probe then moves that segment under meta/forked/, although B's chain builds on it.
 #[test]
 fn a_segment_the_other_writer_loaded_stays_when_its_writer_is_stopped() {
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
@@ -2684,10 +2700,7 @@ fn a_segment_the_other_writer_loaded_stays_when_its_writer_is_stopped() {
 /// segment, and A's check (which sees B's lease-<n+1>) must leave it under C's chain.
 #[test]
 fn a_late_segment_an_unsealed_writer_loaded_stays() {
-    let hooks = Arc::new(HookStore {
-        inner: new_store(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
@@ -2731,10 +2744,7 @@ fn a_late_segment_an_unsealed_writer_loaded_stays() {
 #[test]
 fn a_retried_fsync_after_a_failed_lease_check_checks_again() {
     let faulty = Arc::new(FaultyStore::new(new_store()));
-    let hooks = Arc::new(HookStore {
-        inner: faulty.clone(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(faulty.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let f = file(&a, ROOT_INO, "f");
@@ -2773,10 +2783,7 @@ fn a_retried_fsync_after_a_failed_lease_check_checks_again() {
 #[test]
 fn an_owed_snapshot_is_not_acknowledged_after_a_takeover() {
     let faulty = Arc::new(FaultyStore::new(new_store()));
-    let hooks = Arc::new(HookStore {
-        inner: faulty.clone(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(faulty.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let f = file(&a, ROOT_INO, "f");
@@ -2808,43 +2815,6 @@ fn an_owed_snapshot_is_not_acknowledged_after_a_takeover() {
 // Review (fourth round): takeovers on a store whose conditional create is atomic
 // (a local store), where commits no longer LIST for same-seq forks.
 
-/// A HookStore that reports atomic conditional create, as LocalStore does
-/// (HookStore itself reports the default, false, so the no-LIST path is untested).
-struct AtomicHooks(Arc<HookStore>);
-
-impl ObjectStore for AtomicHooks {
-    fn get(&self, key: &str) -> crate::store::StoreResult<Vec<u8>> {
-        self.0.get(key)
-    }
-    fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
-        self.0.put(key, data)
-    }
-    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
-        self.0.put_parts_unsynced(key, parts)
-    }
-    fn sync(&self) -> crate::store::StoreResult<()> {
-        self.0.sync()
-    }
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
-        self.0.put_if_absent(key, data)
-    }
-    fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
-        self.0.delete(key)
-    }
-    fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
-        self.0.list(prefix)
-    }
-    fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
-        self.0.space()
-    }
-    fn conditional_create_is_atomic(&self) -> bool {
-        true
-    }
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-}
-
 /// Writer A stalls past its lease between its lease check and its segment PUT, and
 /// `objfs gc` runs. Found by review when gc took the unreleased lease over, collected
 /// and *released* it without sealing: the release hid the takeover from the next
@@ -2858,11 +2828,8 @@ fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
     let dir = tmp.path().join("store");
     let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
     journal::mkfs(&*local, BS).unwrap();
-    let hooks = Arc::new(HookStore {
-        inner: local.clone(),
-        hook: Mutex::new(None),
-    });
-    let store: Arc<dyn ObjectStore> = Arc::new(AtomicHooks(hooks.clone()));
+    let hooks = Arc::new(HookStore::atomic(local.clone()));
+    let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let f = file(&a, ROOT_INO, "f");
     a.commit().unwrap();
@@ -2921,10 +2888,7 @@ fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
     let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
     journal::mkfs(&*local, BS).unwrap();
     let faulty = Arc::new(FaultyStore::new(local.clone()));
-    let hooks = Arc::new(HookStore {
-        inner: faulty.clone(),
-        hook: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(faulty.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let f = file(&a, ROOT_INO, "f");
@@ -2968,11 +2932,8 @@ fn gc_after_a_takeover_deletes_no_block_of_a_segment_the_next_writer_loads() {
     let dir = tmp.path().join("store");
     let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
     journal::mkfs(&*local, BS).unwrap();
-    let hooks = Arc::new(HookStore {
-        inner: local.clone(),
-        hook: Mutex::new(None),
-    });
-    let store: Arc<dyn ObjectStore> = Arc::new(AtomicHooks(hooks.clone()));
+    let hooks = Arc::new(HookStore::atomic(local.clone()));
+    let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let f = file(&a, ROOT_INO, "f");
     a.commit().unwrap();
@@ -3053,55 +3014,10 @@ fn a_writer_taken_over_but_not_yet_fenced_deletes_no_block() {
 
 // Sixth review round: deletions and renewals after a lease has lapsed.
 
-/// Runs a step at the first DELETE of a `blocks/` key.
-struct FirstBlockDelete {
-    inner: Arc<dyn ObjectStore>,
-    step: Mutex<Option<Step>>,
-}
-
-impl ObjectStore for FirstBlockDelete {
-    fn get(&self, key: &str) -> crate::store::StoreResult<Vec<u8>> {
-        self.inner.get(key)
-    }
-    fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
-        self.inner.put(key, data)
-    }
-    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
-        self.inner.put_parts_unsynced(key, parts)
-    }
-    fn sync(&self) -> crate::store::StoreResult<()> {
-        self.inner.sync()
-    }
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
-        self.inner.put_if_absent(key, data)
-    }
-    fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
-        if key.starts_with("blocks/") {
-            let step = self.step.lock().unwrap().take();
-            if let Some(step) = step {
-                step();
-            }
-        }
-        self.inner.delete(key)
-    }
-    fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
-        self.inner.list(prefix)
-    }
-    fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
-        self.inner.space()
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 #[test]
 fn a_writer_fenced_while_deleting_stops_deleting() {
     let inner = new_store();
-    let hooks = Arc::new(FirstBlockDelete {
-        inner: inner.clone(),
-        step: Mutex::new(None),
-    });
+    let hooks = Arc::new(HookStore::new(inner.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = Arc::new(open(&store));
     let bs = BS as usize;
@@ -3114,7 +3030,8 @@ fn a_writer_fenced_while_deleting_stops_deleting() {
     a.commit().unwrap();
     let b_slot: Arc<Mutex<Option<Volume>>> = Arc::new(Mutex::new(None));
     let (a2, inner2, slot, bytes) = (a.clone(), inner.clone(), b_slot.clone(), data.clone());
-    *hooks.step.lock().unwrap() = Some(Box::new(move || {
+    let first_block_delete = |op, key: &str| op == Op::Delete && key.starts_with("blocks/");
+    hooks.on_first(first_block_delete, move || {
         // A stalls past its lease during its first DELETE; B takes over and
         // acknowledges a file of the same content (the same block ids).
         crate::lease::mark_holder_dead(&*inner2);
@@ -3126,7 +3043,7 @@ fn a_writer_fenced_while_deleting_stops_deleting() {
         a2.renew_lease();
         assert!(a2.is_fenced());
         *slot.lock().unwrap() = Some(b);
-    }));
+    });
     let deleted = a.delete_freed_blocks(Duration::ZERO);
     let b = b_slot.lock().unwrap().take().expect("the hook ran");
     let missing: Vec<String> = b.with_index(|i| {
@@ -3147,10 +3064,7 @@ fn a_writer_fenced_while_deleting_stops_deleting() {
 fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
     for taken in [false, true] {
         // A store whose conditional create is atomic, as a local one.
-        let store: Arc<dyn ObjectStore> = Arc::new(AtomicHooks(Arc::new(HookStore {
-            inner: new_store(),
-            hook: Mutex::new(None),
-        })));
+        let store: Arc<dyn ObjectStore> = Arc::new(HookStore::atomic(new_store()));
         let v = Volume::load(
             store.clone(),
             VolumeConfig {
@@ -3191,81 +3105,34 @@ fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
     assert!(v.is_fenced());
 }
 
-/// Delays the first listing of the journal (the index load) by `delay`. `atomic`:
-/// whether it stands for a local store (conditional create is atomic) or S3.
-/// `renewals_fail`: lease renewals fail with a store error during the delay.
-struct SlowLoad {
+/// A store whose first listing of the journal (the index load) takes `delay`; with
+/// `renewals_fail`, lease renewals fail with a store error meanwhile. `atomic`: it
+/// stands for a local store (conditional create is atomic), else for S3.
+fn slow_load(
     inner: Arc<dyn ObjectStore>,
-    delay: Mutex<Option<Duration>>,
+    delay: Duration,
     atomic: bool,
     renewals_fail: bool,
-    slowing: AtomicBool,
-}
-
-impl SlowLoad {
-    fn new(inner: Arc<dyn ObjectStore>, delay: Duration, atomic: bool) -> SlowLoad {
-        SlowLoad {
-            inner,
-            delay: Mutex::new(Some(delay)),
-            atomic,
-            renewals_fail: false,
-            slowing: AtomicBool::new(false),
+) -> Arc<HookStore> {
+    let faulty = Arc::new(FaultyStore::new(inner));
+    let hooks = HookStore::new(faulty.clone());
+    let load = |op, key: &str| op == Op::List && key.starts_with("meta/journal-");
+    hooks.on_first(load, move || {
+        if renewals_fail {
+            faulty.set_fail_puts_for(Some("meta/lease-"));
         }
-    }
-}
-
-impl ObjectStore for SlowLoad {
-    fn get(&self, key: &str) -> crate::store::StoreResult<Vec<u8>> {
-        self.inner.get(key)
-    }
-    fn put(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
-        if self.renewals_fail
-            && self.slowing.load(Ordering::SeqCst)
-            && key.starts_with("meta/lease-")
-        {
-            return Err(crate::store::StoreError::Io("injected".into()));
-        }
-        self.inner.put(key, data)
-    }
-    fn put_parts_unsynced(&self, key: &str, parts: &[&[u8]]) -> crate::store::StoreResult<()> {
-        self.inner.put_parts_unsynced(key, parts)
-    }
-    fn sync(&self) -> crate::store::StoreResult<()> {
-        self.inner.sync()
-    }
-    fn put_if_absent(&self, key: &str, data: &[u8]) -> crate::store::StoreResult<()> {
-        self.inner.put_if_absent(key, data)
-    }
-    fn delete(&self, key: &str) -> crate::store::StoreResult<()> {
-        self.inner.delete(key)
-    }
-    fn list(&self, prefix: &str) -> crate::store::StoreResult<Vec<String>> {
-        if prefix.starts_with("meta/journal-")
-            && let Some(d) = self.delay.lock().unwrap().take()
-        {
-            self.slowing.store(true, Ordering::SeqCst);
-            std::thread::sleep(d);
-            self.slowing.store(false, Ordering::SeqCst);
-        }
-        self.inner.list(prefix)
-    }
-    fn space(&self) -> crate::store::StoreResult<crate::store::StoreSpace> {
-        self.inner.space()
-    }
-    fn conditional_create_is_atomic(&self) -> bool {
-        self.atomic
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
+        std::thread::sleep(delay);
+        faulty.set_fail_puts_for(None);
+    });
+    Arc::new(HookStore { atomic, ..hooks })
 }
 
 /// Mounts `slow` with a 2 s lease, lets the lease thread run, makes a change and
 /// commits it: whether the volume was fenced, the commit's outcome, and the lease
 /// generation before and after the mount.
-fn mount_after_slow_load(slow: Arc<SlowLoad>) -> (bool, FsResult<()>, u64, u64) {
+fn mount_after_slow_load(slow: Arc<HookStore>) -> (bool, FsResult<()>, u64, u64) {
     let generation = |s: &dyn ObjectStore| crate::lease::current(s).unwrap().unwrap().0;
-    let before = generation(&*slow.inner);
+    let before = generation(&*slow);
     let store: Arc<dyn ObjectStore> = slow.clone();
     let v = Arc::new(
         Volume::load(
@@ -3285,7 +3152,8 @@ fn mount_after_slow_load(slow: Arc<SlowLoad>) -> (bool, FsResult<()>, u64, u64) 
         .mkdir(root(), ROOT_INO, b"d", 0o755)
         .and_then(|_| v.commit());
     bg.stop();
-    (fenced, committed, before, generation(&*slow.inner))
+    assert!(slow.fired(), "the load was not slowed");
+    (fenced, committed, before, generation(&*slow))
 }
 
 /// An index that takes longer than the lease to load: the lease is renewed while it
@@ -3295,8 +3163,8 @@ fn mount_after_slow_load(slow: Arc<SlowLoad>) -> (bool, FsResult<()>, u64, u64) 
 fn a_slow_index_load_keeps_its_lease() {
     let inner = new_store();
     open(&inner).shutdown().unwrap();
-    let slow = SlowLoad::new(inner, Duration::from_millis(3100), false);
-    let (fenced, committed, before, after) = mount_after_slow_load(Arc::new(slow));
+    let slow = slow_load(inner, Duration::from_millis(3100), false, false);
+    let (fenced, committed, before, after) = mount_after_slow_load(slow);
     assert!(!fenced, "a healthy writer was fenced after a slow load");
     committed.unwrap();
     assert_eq!(after, before + 1, "the lease was taken again, not renewed");
@@ -3309,11 +3177,8 @@ fn a_slow_index_load_keeps_its_lease() {
 fn a_lease_lapsed_during_a_slow_load_is_taken_again() {
     let inner = new_store();
     open(&inner).shutdown().unwrap();
-    let slow = SlowLoad {
-        renewals_fail: true,
-        ..SlowLoad::new(inner, Duration::from_millis(3100), true)
-    };
-    let (fenced, committed, before, after) = mount_after_slow_load(Arc::new(slow));
+    let slow = slow_load(inner, Duration::from_millis(3100), true, true);
+    let (fenced, committed, before, after) = mount_after_slow_load(slow);
     assert!(
         !fenced,
         "a healthy writer was fenced right after a slow load"

@@ -94,7 +94,8 @@ impl ObjectStore for FaultyStore {
     }
     fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()> {
         self.check_put(key)?;
-        self.inner.put_if_absent(key, data)
+        self.inner.put_if_absent(key, data)?;
+        self.acked(key)
     }
     fn delete(&self, key: &str) -> StoreResult<()> {
         self.inner.delete(key)
