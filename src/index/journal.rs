@@ -134,11 +134,8 @@ pub struct Loaded {
 pub struct Journal {
     store: Arc<dyn ObjectStore>,
     writer: String,
-    generation: u64,
-    seq: u64,
-    last_key: Option<String>,
-    /// What the first segment of this generation names as `prev` (followers check it).
-    first_prev: FirstPrev,
+    /// Where commits go on (a writer) or reading resumes (a follower).
+    chain: Chain,
     /// Segments and bytes since the snapshot: compaction triggers.
     pub segments: u64,
     pub bytes: u64,
@@ -692,12 +689,6 @@ fn load_once(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexE
             }
         }
     }
-    let Chain {
-        generation,
-        seq,
-        last_key,
-        first_prev,
-    } = chain;
     // (A failing listing here leaves the report as it is.)
     if !report.clean() && list_snapshots(&*store).unwrap_or_default().last() > gens.last() {
         // A snapshot landed during the load: what looked like damage (a gap, a chain
@@ -722,10 +713,7 @@ fn load_once(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexE
     let journal = Journal {
         store,
         writer: writer.to_string(),
-        generation,
-        seq,
-        last_key,
-        first_prev,
+        chain,
         segments: report.segments,
         bytes: report.journal_bytes,
         snapshot_size: report.snapshot_bytes,
@@ -758,7 +746,7 @@ impl Journal {
     pub fn follow(&mut self) -> Result<Followed, IndexError> {
         if list_snapshots(&*self.store)?
             .last()
-            .is_some_and(|&g| g > self.generation)
+            .is_some_and(|&g| g > self.chain.generation)
         {
             return Ok(Followed::NewGeneration);
         }
@@ -787,29 +775,15 @@ impl Journal {
                 Some(false) => return Ok(true),
                 None => return Ok(false),
             }
-            let bridge = match bridged_chain(&*self.store, &self.chain()) {
+            let bridge = match bridged_chain(&*self.store, &self.chain) {
                 Err(IndexError::Store(StoreError::NotFound(_))) => return Ok(false),
                 other => other?,
             };
             match bridge {
-                Bridge::To(next) => {
-                    self.generation = next.generation;
-                    self.seq = 0;
-                    self.last_key = None;
-                    self.first_prev = next.first_prev;
-                }
+                Bridge::To(next) => self.chain = next,
                 // Not yet: the writer's snapshot may still land (then a reload).
                 Bridge::End | Bridge::Unlinked(_) => return Ok(true),
             }
-        }
-    }
-
-    fn chain(&self) -> Chain {
-        Chain {
-            generation: self.generation,
-            seq: self.seq,
-            last_key: self.last_key.clone(),
-            first_prev: self.first_prev.clone(),
         }
     }
 
@@ -817,12 +791,14 @@ impl Journal {
     /// reached the chain's end, Some(false) when it must wait (a segment not there yet
     /// or not following), None when compaction removed the chain.
     fn follow_chain(&mut self, records: &mut Vec<Record>) -> Result<Option<bool>, IndexError> {
-        for (&s, keys) in list_segments(&*self.store, self.generation)?.range(self.seq + 1..) {
-            if s != self.seq + 1 {
+        for (&s, keys) in
+            list_segments(&*self.store, self.chain.generation)?.range(self.chain.seq + 1..)
+        {
+            if s != self.chain.seq + 1 {
                 return Ok(Some(false));
             }
             if keys.len() > 1 {
-                return Err(fork(self.generation, s, keys));
+                return Err(fork(self.chain.generation, s, keys));
             }
             let key = &keys[0];
             let bytes = match self.store.get(key) {
@@ -836,19 +812,19 @@ impl Journal {
                     key: key.clone(),
                     err,
                 })?;
-            if !self.chain().follows(&segment, s) {
+            if !self.chain.follows(&segment, s) {
                 log::warn!("{key} does not follow the segment we read last; waiting");
                 return Ok(Some(false));
             }
             records.extend(segment.records);
-            self.seq = s;
-            self.last_key = Some(key.clone());
+            self.chain.seq = s;
+            self.chain.last_key = Some(key.clone());
         }
         Ok(Some(true))
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.chain.generation
     }
 
     /// The generation the next snapshot gets.
@@ -858,7 +834,7 @@ impl Journal {
     }
 
     pub fn next_generation(&self) -> u64 {
-        self.generation.max(self.floor) + 1
+        self.chain.generation.max(self.floor) + 1
     }
 
     pub fn needs_fresh_snapshot(&self) -> bool {
@@ -873,20 +849,23 @@ impl Journal {
     /// Landing later, such a snapshot would sit above this writer's chain and hide
     /// its commits from every load; now it lands below the seal and is ignored.
     pub fn seal_after_takeover(&mut self) {
-        self.floor = self.floor.max(self.generation).saturating_add(TAKEOVER_GAP);
+        self.floor = self
+            .floor
+            .max(self.chain.generation)
+            .saturating_add(TAKEOVER_GAP);
         self.sealing = true;
     }
 
     /// Writes one segment holding `changes`; durable when it returns.
     pub fn commit(&mut self, changes: &Changes) -> Result<(), IndexError> {
         debug_assert!(!self.snapshot_owed, "a commit while a snapshot is owed");
-        let seq = self.seq + 1;
-        let key = segment_key(self.generation, seq, &self.writer);
+        let seq = self.chain.seq + 1;
+        let key = segment_key(self.chain.generation, seq, &self.writer);
         let segment = Segment {
-            generation: self.generation,
+            generation: self.chain.generation,
             seq,
             writer: self.writer.clone(),
-            prev: self.last_key.clone(),
+            prev: self.chain.last_key.clone(),
             next_ino: changes.next_ino,
             records: changes.records.clone(),
         };
@@ -901,15 +880,15 @@ impl Journal {
         // writer out and the check after each commit (`Lease::probe_still_ours`)
         // catches a takeover; listing all of meta/ there cost up to milliseconds.
         if self.store.conditional_create_is_atomic() {
-            self.seq = seq;
-            self.last_key = Some(key);
+            self.chain.seq = seq;
+            self.chain.last_key = Some(key);
             self.segments += 1;
             self.bytes += bytes.len() as u64;
             return Ok(());
         }
         let same_seq = match self.store.list(&format!(
             "{JOURNAL_PREFIX}{:020}-{seq:020}-",
-            self.generation
+            self.chain.generation
         )) {
             Ok(keys) => keys,
             Err(e) => {
@@ -925,10 +904,10 @@ impl Journal {
             if let Err(e) = move_aside(&*self.store, &key) {
                 log::warn!("setting aside {key} after a fork: {e}");
             }
-            return Err(fork(self.generation, seq, &same_seq));
+            return Err(fork(self.chain.generation, seq, &same_seq));
         }
-        self.seq = seq;
-        self.last_key = Some(key);
+        self.chain.seq = seq;
+        self.chain.last_key = Some(key);
         self.segments += 1;
         self.bytes += bytes.len() as u64;
         Ok(())
@@ -946,7 +925,7 @@ impl Journal {
             !self.snapshot_owed,
             "a background snapshot while one is owed"
         );
-        if self.seq == 0 && matches!(self.first_prev, FirstPrev::Exactly(_)) {
+        if self.chain.seq == 0 && matches!(self.chain.first_prev, FirstPrev::Exactly(_)) {
             // This chain is empty and began over a bridge, and whether its own
             // snapshot landed is not known (a failed PUT may land all the same). A
             // load from that snapshot would take only a bridge from it; one from the
@@ -958,13 +937,15 @@ impl Journal {
             })?;
         }
         let generation = self.next_generation();
-        let bridge = self.chain().bridge();
+        let bridge = self.chain.bridge();
         self.floor = generation;
-        self.generation = generation;
-        self.seq = 0;
-        // The next commit names it as `prev`.
-        self.last_key = Some(bridge.clone());
-        self.first_prev = FirstPrev::Exactly(bridge);
+        self.chain = Chain {
+            generation,
+            seq: 0,
+            // The next commit names it as `prev`.
+            last_key: Some(bridge.clone()),
+            first_prev: FirstPrev::Exactly(bridge),
+        };
         self.segments = 0;
         self.bytes = 0;
         Ok(generation)
@@ -976,16 +957,16 @@ impl Journal {
     /// takes its place.
     pub fn end_snapshot(&mut self, generation: u64, landed: Option<u64>) -> Option<u64> {
         let size = landed?;
-        if self.generation == generation {
+        if self.chain.generation == generation {
             // (Not when an in-line snapshot has gone above it meanwhile.)
             self.snapshot_size = size;
         }
-        if self.generation == generation && self.seq == 0 {
+        if self.chain.generation == generation && self.chain.seq == 0 {
             // No commit has crossed the bridge yet, and the chain it names goes now:
             // the generation's first segment follows its snapshot, and so does the
             // next snapshot's bridge (`Chain::bridge`).
-            self.last_key = None;
-            self.first_prev = FirstPrev::Any;
+            self.chain.last_key = None;
+            self.chain.first_prev = FirstPrev::Any;
         }
         if self.clean {
             Some(generation)
@@ -1023,12 +1004,14 @@ impl Journal {
             }
         }
         self.snapshot_owed = false;
-        let old_gen = self.generation;
-        self.generation = generation;
+        let old_gen = self.chain.generation;
+        self.chain = Chain {
+            generation,
+            seq: 0,
+            last_key: None,
+            first_prev: FirstPrev::Any,
+        };
         self.floor = generation;
-        self.seq = 0;
-        self.last_key = None;
-        self.first_prev = FirstPrev::Any;
         self.segments = 0;
         self.bytes = 0;
         if self.clean {
@@ -1398,7 +1381,7 @@ mod tests {
     #[test]
     fn fork_refuses_to_load() {
         let (store, l) = with_segments(&["a"], "aaaa");
-        crashed_twin(&store, l.journal.last_key.as_ref().unwrap(), "bbbb");
+        crashed_twin(&store, l.journal.chain.last_key.as_ref().unwrap(), "bbbb");
         match load(store, "c") {
             Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
             other => panic!("expected a fork, got {:?}", other.map(|l| l.report)),
@@ -1427,7 +1410,7 @@ mod tests {
             generation: 0,
             seq: 3,
             writer: "vvvv".into(),
-            prev: late.journal.last_key.clone(),
+            prev: late.journal.chain.last_key.clone(),
             next_ino: 100,
             records: late.index.take_changes().records,
         };
@@ -1459,7 +1442,7 @@ mod tests {
     fn a_tied_fork_goes_to_the_newest_lease_holder() {
         for (preferred, kept) in [("aaaa", "aaaa"), ("bbbb", "bbbb")] {
             let (store, l) = with_segments(&["a"], "aaaa");
-            crashed_twin(&store, l.journal.last_key.as_ref().unwrap(), "bbbb");
+            crashed_twin(&store, l.journal.chain.last_key.as_ref().unwrap(), "bbbb");
             let done = resolve_forks(&*store, &[preferred.into(), "zzzz".into()]).unwrap();
             assert_eq!(done[0].kept, kept);
             let left = store.list(JOURNAL_PREFIX).unwrap();
