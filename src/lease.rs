@@ -49,17 +49,22 @@ pub struct Holder {
 
 impl Holder {
     pub fn describe(&self) -> String {
+        format!(
+            "{}, lease expires {}",
+            self.who(),
+            format_unix(self.expires_unix)
+        )
+    }
+
+    fn who(&self) -> String {
         let place = if self.mountpoint.is_empty() {
             String::new()
         } else {
             format!(" at {}", self.mountpoint)
         };
         format!(
-            "writer {} (pid {} on host {}{place}), lease expires {}",
-            self.writer,
-            self.pid,
-            self.host,
-            format_unix(self.expires_unix)
+            "writer {} (pid {} on host {}{place})",
+            self.writer, self.pid, self.host
         )
     }
 
@@ -129,6 +134,16 @@ pub(crate) fn mark_holder_dead(store: &dyn ObjectStore) {
     let (generation, mut holder) = current(store).unwrap().expect("a lease");
     holder.start_time = 1;
     holder.boot_id = boot_id();
+    store
+        .put(&key(generation), &codec::encode(&LEASE, &holder))
+        .unwrap();
+}
+
+/// For tests: the current holder released the store (a clean unmount).
+#[cfg(test)]
+pub(crate) fn mark_released(store: &dyn ObjectStore) {
+    let (generation, mut holder) = current(store).unwrap().expect("a lease");
+    holder.released = true;
     store
         .put(&key(generation), &codec::encode(&LEASE, &holder))
         .unwrap();
@@ -215,7 +230,7 @@ pub fn crashed_holder(store: &dyn ObjectStore) -> Result<Option<String>, LeaseEr
     let now = crate::util::unix_now().0;
     Ok(current(store)?
         .filter(|(_, h)| !h.released && !h.is_live(now))
-        .map(|(_, h)| h.describe()))
+        .map(|(_, h)| h.who()))
 }
 
 pub struct Lease {

@@ -324,9 +324,7 @@ pub fn fsck(spec: &str, verify_data: bool, fix: bool, opts: &StoreOptions) -> Cl
 /// refuses to run beside a live writer.
 pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
     let store = open_existing(spec, opts)?;
-    if !dry_run {
-        recover_after_crash(spec, &store)?;
-    }
+    recover_after_crash(spec, &store, dry_run)?;
     let writer = format!("gc{}", crate::util::random_hex(2));
     let mut lease = crate::lease::Lease::acquire(
         store.clone(),
@@ -336,15 +334,11 @@ pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
     )
     .map_err(|e| format!("{spec}: refusing to collect garbage: {e}"))?;
     if lease.took_over() {
-        // A writer crashed since `recover_after_crash` looked (or this is a dry run):
-        // its last segment or snapshot may still land and name blocks this index does
-        // not. The lease stays unreleased so that the next writer seals the journal.
-        let then = match dry_run {
-            true => "run objfs gc without --dry-run, or mount it once",
-            false => "run objfs gc again",
-        };
+        // A writer crashed since `recover_after_crash` looked: its last segment or
+        // snapshot may still land and name blocks this index does not. The lease stays
+        // unreleased so that the next writer seals the journal.
         return Err(format!(
-            "{spec}: refusing to collect garbage: the last writer did not release the store; {then}"
+            "{spec}: refusing to collect garbage: the last writer did not release the store; run objfs gc again"
         ));
     }
     let result = collect(spec, &store, &writer, dry_run, &mut lease);
@@ -357,16 +351,39 @@ pub fn gc(spec: &str, dry_run: bool, opts: &StoreOptions) -> CliResult<()> {
 /// After a writer that never released the store, recovers it as a mount would
 /// (taking the lease over, replaying the journal and sealing it with a snapshot above
 /// anything that writer may still land) and unmounts, so gc collects against an
-/// index nothing late can change.
-fn recover_after_crash(spec: &str, store: &Arc<dyn ObjectStore>) -> CliResult<()> {
+/// index nothing late can change. Refuses, writing nothing, on a dry run or when
+/// the journal does not replay cleanly: the seal would make blocks that only the
+/// damaged part names look unreferenced before anyone ran fsck.
+fn recover_after_crash(spec: &str, store: &Arc<dyn ObjectStore>, dry_run: bool) -> CliResult<()> {
     let crashed = crate::lease::crashed_holder(&**store).map_err(|e| format!("{spec}: {e}"))?;
     let Some(holder) = crashed else {
         return Ok(());
     };
+    let refuse = |why: String| format!("{spec}: refusing to collect garbage: {why}");
+    if dry_run {
+        return Err(refuse(format!(
+            "{holder} did not release the store; run objfs gc without --dry-run, or mount it once"
+        )));
+    }
+    let loaded =
+        crate::index::journal::load(store.clone(), "gc").map_err(|e| refuse(e.to_string()))?;
+    refuse_unclean(spec, &loaded.report)?;
     eprintln!("objfs: {spec}: {holder} did not release the store; recovering it first");
-    let refuse = |e: crate::fs::FsError| format!("{spec}: refusing to collect garbage: {e}");
-    let volume = Volume::load(store.clone(), VolumeConfig::default()).map_err(refuse)?;
-    volume.shutdown().map_err(refuse)
+    let volume =
+        Volume::load(store.clone(), VolumeConfig::default()).map_err(|e| refuse(e.to_string()))?;
+    let report = refuse_unclean(spec, volume.load_report());
+    volume.shutdown().map_err(|e| refuse(e.to_string()))?;
+    report
+}
+
+fn refuse_unclean(spec: &str, report: &crate::index::journal::LoadReport) -> CliResult<()> {
+    if report.clean() {
+        return Ok(());
+    }
+    Err(format!(
+        "{spec}: refusing to collect garbage: the journal did not replay cleanly ({}); run objfs fsck and mount it once before gc",
+        report.warnings.join("; ")
+    ))
 }
 
 fn collect(
@@ -376,27 +393,47 @@ fn collect(
     dry_run: bool,
     lease: &mut crate::lease::Lease,
 ) -> CliResult<()> {
-    let loaded =
-        crate::index::journal::load(store.clone(), writer).map_err(|e| format!("{spec}: {e}"))?;
-    if !loaded.report.clean() {
+    // Loading and listing a large store can take a while: the lease is renewed
+    // meanwhile, as a mount's is.
+    let lost = std::sync::Mutex::new(None);
+    let ttl = lease.ttl();
+    let held = std::sync::Mutex::new(&mut *lease);
+    let renew = || {
+        if let Some(who) = held.lock().unwrap().renew_while_loading() {
+            *lost.lock().unwrap() = Some(who);
+        }
+    };
+    let (loaded, keys) = crate::util::with_ticks(ttl / 3, renew, || {
+        let loaded = crate::index::journal::load(store.clone(), writer)?;
+        let keys = store.list("blocks/")?;
+        Ok::<_, crate::index::journal::IndexError>((loaded, keys))
+    })
+    .map_err(|e| format!("{spec}: {e}"))?;
+    if let Some(who) = lost.into_inner().unwrap() {
         return Err(format!(
-            "{spec}: the journal did not replay cleanly ({}); run objfs fsck and mount it once before gc",
-            loaded.report.warnings.join("; ")
+            "{spec}: stopped: the store was taken over by {who}"
         ));
     }
+    refuse_unclean(spec, &loaded.report)?;
     let referenced: HashSet<BlockId> = loaded
         .index
         .ledger()
         .referenced()
         .map(|(id, _)| *id)
         .collect();
-    let keys = store.list("blocks/").map_err(|e| format!("{spec}: {e}"))?;
     let mut freed = 0u64;
     let mut failed = 0u64;
-    // Loading and listing may have taken much of the lease's term (or all of it).
-    let refresh = |lease: &mut crate::lease::Lease| match lease.valid_now() {
-        true => lease.renew(),
-        false => lease.reacquire(),
+    // A lapsed lease is taken again only where conditional create is atomic (see
+    // `Volume::renew_lease`).
+    let refresh = |lease: &mut crate::lease::Lease| {
+        let renewed = if lease.valid_now() {
+            lease.renew()
+        } else if store.conditional_create_is_atomic() {
+            lease.reacquire()
+        } else {
+            return Err("the gc lease lapsed".to_string());
+        };
+        renewed.map_err(|e| e.to_string())
     };
     if !dry_run {
         refresh(lease).map_err(|e| format!("{spec}: stopped: {e}"))?;

@@ -445,6 +445,18 @@ impl Volume {
             posix_acls: AtomicBool::new(false),
         };
         if !volume.config.read_only {
+            // Renewals may have failed through a long load: the seal written next
+            // needs a valid lease (taken again, or the volume stops, as in the lease
+            // thread).
+            let lapsed = volume
+                .lease
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|l| !l.valid_now());
+            if lapsed {
+                volume.renew_lease();
+            }
             // A snapshot of a large index can outlast the lease too.
             crate::util::with_ticks(
                 volume.config.lease_ttl / 3,
