@@ -3281,3 +3281,39 @@ fn a_lease_lapsed_during_a_slow_load_after_a_crash_is_taken_again() {
     assert!(!v.is_fenced());
     v.lookup(ROOT_INO, b"d").unwrap();
 }
+
+/// A follower's look at the store is one listing of `meta/` (on S3 each LIST is a
+/// billed request, every second, for every follower), and it still follows the
+/// writer across a bridge into the next generation while a snapshot is missing.
+#[test]
+fn a_follower_refresh_costs_one_listing_and_crosses_bridges() {
+    let (faulty, store, v) = faulty_volume(VolumeConfig::default());
+    let ro = open_ro(&store);
+    let refresh_lists = || {
+        let before = faulty.lists();
+        ro.refresh().unwrap();
+        faulty.lists() - before
+    };
+    assert_eq!(refresh_lists(), 1, "an idle refresh");
+    v.mkdir(root(), ROOT_INO, b"a", 0o755).unwrap();
+    v.commit().unwrap();
+    assert_eq!(refresh_lists(), 1, "a refresh that reads a segment");
+    ro.lookup(ROOT_INO, b"a").unwrap();
+    // Snapshots fail: the writer goes on in a bridged chain of the next generation.
+    faulty.set_fail_puts_for(Some("meta/snapshot"));
+    let generation = v.journal.lock().unwrap().generation();
+    v.mkdir(root(), ROOT_INO, b"b", 0o755).unwrap();
+    assert!(v.snapshot_in_background().is_err());
+    for name in ["c", "d"] {
+        v.mkdir(root(), ROOT_INO, name.as_bytes(), 0o755).unwrap();
+        v.commit().unwrap();
+    }
+    assert!(
+        v.journal.lock().unwrap().generation() > generation,
+        "no bridge"
+    );
+    assert_eq!(refresh_lists(), 1, "a refresh across a bridge");
+    for name in ["b", "c", "d"] {
+        ro.lookup(ROOT_INO, name.as_bytes()).unwrap();
+    }
+}

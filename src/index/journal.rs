@@ -234,6 +234,50 @@ fn list_snapshots(store: &dyn ObjectStore) -> Result<Vec<u64>, IndexError> {
     Ok(gens)
 }
 
+/// Snapshot generations and journal segments as one listing of `meta/` showed them:
+/// a follower's look at an idle store costs one LIST (three before; on S3 each is a
+/// billed request, every second, for every follower).
+struct Listing {
+    snapshots: Vec<u64>,
+    /// generation -> sequence number -> keys (more than one: a fork)
+    segments: BTreeMap<u64, BTreeMap<u64, Vec<String>>>,
+}
+
+impl Listing {
+    fn read(store: &dyn ObjectStore) -> Result<Listing, IndexError> {
+        let mut listing = Listing {
+            snapshots: Vec::new(),
+            segments: BTreeMap::new(),
+        };
+        for key in store.list("meta/")? {
+            if let Some(generation) = parse_snapshot_key(&key) {
+                listing.snapshots.push(generation);
+            } else if let Some((generation, seq, _)) = parse_segment_key(&key) {
+                let by_seq = listing.segments.entry(generation).or_default();
+                by_seq.entry(seq).or_default().push(key);
+            }
+        }
+        listing.snapshots.sort_unstable();
+        Ok(listing)
+    }
+
+    fn newest_snapshot(&self) -> Option<u64> {
+        self.snapshots.last().copied()
+    }
+
+    fn segments(&self, generation: u64) -> BTreeMap<u64, Vec<String>> {
+        self.segments.get(&generation).cloned().unwrap_or_default()
+    }
+
+    /// The oldest generation above `generation` that has segments.
+    fn next_generation(&self, generation: u64) -> Option<u64> {
+        self.segments
+            .range(generation + 1..)
+            .next()
+            .map(|(&g, _)| g)
+    }
+}
+
 /// Segments of one generation, grouped by sequence number.
 fn list_segments(
     store: &dyn ObjectStore,
@@ -553,17 +597,15 @@ enum Bridge {
     Unlinked(u64),
 }
 
-fn bridged_chain(store: &dyn ObjectStore, chain: &Chain) -> Result<Bridge, IndexError> {
-    let next = store
-        .list(JOURNAL_PREFIX)?
-        .iter()
-        .filter_map(|k| parse_segment_key(k).map(|p| p.0))
-        .filter(|&g| g > chain.generation)
-        .min();
-    let Some(generation) = next else {
+fn bridged_chain(
+    store: &dyn ObjectStore,
+    chain: &Chain,
+    listing: &Listing,
+) -> Result<Bridge, IndexError> {
+    let Some(generation) = listing.next_generation(chain.generation) else {
         return Ok(Bridge::End);
     };
-    let segments = list_segments(store, generation)?;
+    let segments = listing.segments(generation);
     let Some(keys) = segments.get(&1) else {
         return Ok(Bridge::Unlinked(generation));
     };
@@ -676,7 +718,7 @@ fn load_once(store: Arc<dyn ObjectStore>, writer: &str) -> Result<Loaded, IndexE
         first_prev: FirstPrev::Any,
     };
     while replay_chain(&*store, &mut chain, &mut index, &mut report)? {
-        match bridged_chain(&*store, &chain)? {
+        match bridged_chain(&*store, &chain, &Listing::read(&*store)?)? {
             Bridge::To(next) => chain = next,
             Bridge::End => break,
             Bridge::Unlinked(newer) => {
@@ -744,14 +786,15 @@ impl Journal {
     /// over bridges into newer generations too (a writer goes on committing while its
     /// snapshot is written).
     pub fn follow(&mut self) -> Result<Followed, IndexError> {
-        if list_snapshots(&*self.store)?
-            .last()
-            .is_some_and(|&g| g > self.chain.generation)
+        let listing = Listing::read(&*self.store)?;
+        if listing
+            .newest_snapshot()
+            .is_some_and(|g| g > self.chain.generation)
         {
             return Ok(Followed::NewGeneration);
         }
         let mut records = Vec::new();
-        match self.follow_chains(&mut records) {
+        match self.follow_chains(&listing, &mut records) {
             Ok(true) => {}
             Ok(false) => return Ok(Followed::NewGeneration),
             // Our position has moved past what was read: hand it over, and let the
@@ -768,14 +811,18 @@ impl Journal {
 
     /// Reads new segments into `records`, over bridges; false when compaction
     /// removed the chain (reload).
-    fn follow_chains(&mut self, records: &mut Vec<Record>) -> Result<bool, IndexError> {
+    fn follow_chains(
+        &mut self,
+        listing: &Listing,
+        records: &mut Vec<Record>,
+    ) -> Result<bool, IndexError> {
         loop {
-            match self.follow_chain(records)? {
+            match self.follow_chain(listing, records)? {
                 Some(true) => {}
                 Some(false) => return Ok(true),
                 None => return Ok(false),
             }
-            let bridge = match bridged_chain(&*self.store, &self.chain) {
+            let bridge = match bridged_chain(&*self.store, &self.chain, listing) {
                 Err(IndexError::Store(StoreError::NotFound(_))) => return Ok(false),
                 other => other?,
             };
@@ -790,9 +837,14 @@ impl Journal {
     /// Reads the current chain's new segments into `records`: Some(true) when it
     /// reached the chain's end, Some(false) when it must wait (a segment not there yet
     /// or not following), None when compaction removed the chain.
-    fn follow_chain(&mut self, records: &mut Vec<Record>) -> Result<Option<bool>, IndexError> {
-        for (&s, keys) in
-            list_segments(&*self.store, self.chain.generation)?.range(self.chain.seq + 1..)
+    fn follow_chain(
+        &mut self,
+        listing: &Listing,
+        records: &mut Vec<Record>,
+    ) -> Result<Option<bool>, IndexError> {
+        for (&s, keys) in listing
+            .segments(self.chain.generation)
+            .range(self.chain.seq + 1..)
         {
             if s != self.chain.seq + 1 {
                 return Ok(Some(false));

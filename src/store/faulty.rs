@@ -14,6 +14,7 @@ pub struct FaultyStore {
     /// Puts of keys with this prefix fail without landing.
     fail_puts_for: std::sync::Mutex<Option<String>>,
     block_puts: AtomicU64,
+    lists: AtomicU64,
 }
 
 impl FaultyStore {
@@ -26,6 +27,7 @@ impl FaultyStore {
             lose_acks_for: std::sync::Mutex::new(None),
             fail_puts_for: std::sync::Mutex::new(None),
             block_puts: AtomicU64::new(0),
+            lists: AtomicU64::new(0),
         }
     }
     pub fn set_fail_puts(&self, fail: bool) {
@@ -51,6 +53,10 @@ impl FaultyStore {
     /// Blocks written (the lease thread's renewals, at any moment, are not counted).
     pub fn block_puts(&self) -> u64 {
         self.block_puts.load(Ordering::SeqCst)
+    }
+    /// Listings made so far.
+    pub fn lists(&self) -> u64 {
+        self.lists.load(Ordering::SeqCst)
     }
     pub fn set_fail_puts_for(&self, prefix: Option<&str>) {
         *self.fail_puts_for.lock().unwrap() = prefix.map(str::to_string);
@@ -101,6 +107,7 @@ impl ObjectStore for FaultyStore {
         self.inner.delete(key)
     }
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        self.lists.fetch_add(1, Ordering::SeqCst);
         if self.fail_lists.load(Ordering::SeqCst) {
             return Err(StoreError::Io(format!("{prefix}: injected list failure")));
         }
