@@ -355,22 +355,27 @@ impl Lease {
         Ok(())
     }
 
-    /// A renewal while the index loads, before the volume's lease thread runs (a
-    /// large index on S3 can take longer than the lease to load). A lease that
-    /// already lapsed is left to that thread (`Volume::renew_lease`); a store error
-    /// is retried at the next tick. Returns who took the store, if someone did.
-    pub fn renew_while_loading(&mut self) -> Option<String> {
-        if !self.valid_now() {
-            return None;
-        }
-        match self.renew() {
-            Ok(()) => None,
-            Err(LeaseError::Lost(who)) => Some(who),
-            Err(e) => {
-                log::warn!("renewing the writer lease during the index load: {e}");
-                None
+    /// Runs `work` (loading an index: on S3 a large one can take longer than the
+    /// lease) while a thread renews the lease every third of its term; also returns
+    /// who took the store meanwhile, if someone did. A lease that lapses all the same
+    /// is not renewed (see `reacquire`); a store error is retried at the next tick.
+    pub fn renewed_during<T>(&mut self, work: impl FnOnce() -> T) -> (T, Option<String>) {
+        let period = self.ttl / 3;
+        let lease = std::sync::Mutex::new(self);
+        let lost = std::sync::Mutex::new(None);
+        let renew = || {
+            let mut lease = lease.lock().unwrap();
+            if !lease.valid_now() {
+                return;
             }
-        }
+            match lease.renew() {
+                Ok(()) => {}
+                Err(LeaseError::Lost(who)) => *lost.lock().unwrap() = Some(who),
+                Err(e) => log::warn!("renewing the writer lease: {e} (will retry)"),
+            }
+        };
+        let out = crate::util::with_ticks(period, renew, work);
+        (out, lost.into_inner().unwrap())
     }
 
     /// For a lease that lapsed by our clock (a long index load, a stalled lease

@@ -393,27 +393,18 @@ fn collect(
     dry_run: bool,
     lease: &mut crate::lease::Lease,
 ) -> CliResult<()> {
-    // Loading and listing a large store can take a while: the lease is renewed
-    // meanwhile, as a mount's is.
-    let lost = std::sync::Mutex::new(None);
-    let ttl = lease.ttl();
-    let held = std::sync::Mutex::new(&mut *lease);
-    let renew = || {
-        if let Some(who) = held.lock().unwrap().renew_while_loading() {
-            *lost.lock().unwrap() = Some(who);
-        }
-    };
-    let (loaded, keys) = crate::util::with_ticks(ttl / 3, renew, || {
+    // Loading and listing a large store can take a while.
+    let (listed, lost) = lease.renewed_during(|| {
         let loaded = crate::index::journal::load(store.clone(), writer)?;
         let keys = store.list("blocks/")?;
         Ok::<_, crate::index::journal::IndexError>((loaded, keys))
-    })
-    .map_err(|e| format!("{spec}: {e}"))?;
-    if let Some(who) = lost.into_inner().unwrap() {
+    });
+    if let Some(who) = lost {
         return Err(format!(
             "{spec}: stopped: the store was taken over by {who}"
         ));
     }
+    let (loaded, keys) = listed.map_err(|e| format!("{spec}: {e}"))?;
     refuse_unclean(spec, &loaded.report)?;
     let referenced: HashSet<BlockId> = loaded
         .index

@@ -357,7 +357,7 @@ impl Volume {
         let sb = journal::read_superblock(&*store).map_err(|e| FsError::Io(e.to_string()))?;
         config.fit_memory(u64::from(sb.block_size))?;
         // The lease comes first: the index must not be read while another writer changes it.
-        let lease = if config.read_only {
+        let mut lease = if config.read_only {
             None
         } else {
             Some(Lease::acquire(
@@ -368,25 +368,19 @@ impl Volume {
             )?)
         };
         let leased = lease.is_some();
-        let lease = Mutex::new(lease);
-        let lost = Mutex::new(None);
-        let renew = || {
-            if let Some(l) = lease.lock().unwrap().as_mut()
-                && let Some(who) = l.renew_while_loading()
-            {
-                *lost.lock().unwrap() = Some(who);
-            }
-        };
-        let loaded = crate::util::with_ticks(config.lease_ttl / 3, renew, || {
+        let load = || {
             let fixes = Self::resolve_forks(&store, &config, leased)?;
             let mut loaded = journal::load(store.clone(), &writer)?;
             if leased {
                 loaded.superblock = journal::upgrade_format(&*store, &loaded.superblock)?;
             }
-            Ok::<_, crate::index::journal::IndexError>((fixes, loaded))
-        });
-        let lease = lease.into_inner().unwrap();
-        if let Some(who) = lost.into_inner().unwrap() {
+            Ok::<_, journal::IndexError>((fixes, loaded))
+        };
+        let (loaded, lost) = match lease.as_mut() {
+            Some(l) => l.renewed_during(load),
+            None => (load(), None),
+        };
+        if let Some(who) = lost {
             return Err(FsError::Lease(crate::lease::LeaseError::Lost(who).into()));
         }
         let (load_fixes, mut loaded) = match loaded {
