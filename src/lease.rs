@@ -306,7 +306,12 @@ impl Lease {
 
     /// True while our lease has not lapsed by our own clock.
     pub fn valid_now(&self) -> bool {
-        crate::util::unix_now().0 < self.holder.expires_unix
+        self.valid_for(Duration::ZERO)
+    }
+
+    /// True if our lease, by our own clock, lasts at least `d` longer.
+    pub fn valid_for(&self, d: Duration) -> bool {
+        crate::util::unix_now().0 + (d.as_secs_f64().ceil() as i64) < self.holder.expires_unix
     }
 
     /// Fails if a newer generation exists or our object now names someone else.

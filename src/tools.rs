@@ -445,7 +445,8 @@ fn collect(
         // Deleting only while the store is still ours: a writer that took over could
         // be uploading this very block again. The lease is checked by our clock
         // before each DELETE and renewed every third of its term.
-        if !lease.valid_now() {
+        // A DELETE may take effect until the store's delete deadline.
+        if !lease.valid_for(store.delete_deadline()) {
             return Err(format!("{spec}: stopped: the gc lease lapsed"));
         }
         if renewed.elapsed() >= lease.ttl() / 3 {

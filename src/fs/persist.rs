@@ -419,7 +419,7 @@ impl Volume {
         let mut deleted = 0;
         let mut due = due.into_iter();
         while let Some((at, id)) = due.next() {
-            if self.check_lease().is_err() {
+            if self.check_lease().is_err() || !self.lease_outlasts_delete() {
                 let mut rest = vec![(at, id)];
                 rest.extend(due);
                 self.requeue_frees(rest);
@@ -436,6 +436,15 @@ impl Volume {
             self.state().index.end_delete(id);
         }
         deleted
+    }
+
+    /// A DELETE may take effect until the store's delete deadline: it is sent only
+    /// if our lease outlasts that, so it cannot land after a takeover (which waits
+    /// for the lease to lapse) when the new writer may have stored the block again.
+    fn lease_outlasts_delete(&self) -> bool {
+        let deadline = self.store.delete_deadline();
+        let lease = self.lease.lock().unwrap();
+        lease.as_ref().is_some_and(|l| l.valid_for(deadline))
     }
 
     /// Puts back freed ids not deleted this time, in front, with their times.

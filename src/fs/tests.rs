@@ -3317,3 +3317,27 @@ fn a_follower_refresh_costs_one_listing_and_crosses_bridges() {
         ro.lookup(ROOT_INO, name.as_bytes()).unwrap();
     }
 }
+
+/// A DELETE may take effect until the store's delete deadline (an S3 request and
+/// its retries): a freed block is deleted only while the lease outlasts it, so it
+/// cannot land after a takeover, when the new writer may hold the block again.
+#[test]
+fn freed_blocks_are_deleted_only_while_the_lease_outlasts_a_delete() {
+    let (faulty, _, v) = faulty_volume(VolumeConfig::default()); // a 30 s lease
+    let f = file(&v, ROOT_INO, "f");
+    let bs = BS as usize;
+    let two_blocks: Vec<u8> = (0..2 * bs).map(|i| (i / bs) as u8 + 1).collect();
+    v.write(f, 0, &two_blocks).unwrap();
+    v.fsync(f).unwrap();
+    v.unlink(ROOT_INO, b"f").unwrap();
+    v.commit().unwrap();
+    faulty.set_delete_deadline(Duration::from_secs(45));
+    assert_eq!(v.delete_freed_blocks(Duration::ZERO), 0);
+    assert!(!v.is_fenced(), "a short lease is no reason to stop");
+    faulty.set_delete_deadline(Duration::from_secs(10));
+    assert_eq!(
+        v.delete_freed_blocks(Duration::ZERO),
+        2,
+        "requeued, then deleted"
+    );
+}

@@ -15,6 +15,8 @@ pub struct FaultyStore {
     fail_puts_for: std::sync::Mutex<Option<String>>,
     block_puts: AtomicU64,
     lists: AtomicU64,
+    /// Reported as `delete_deadline` (the inner store's when None).
+    delete_deadline: std::sync::Mutex<Option<std::time::Duration>>,
 }
 
 impl FaultyStore {
@@ -28,6 +30,7 @@ impl FaultyStore {
             fail_puts_for: std::sync::Mutex::new(None),
             block_puts: AtomicU64::new(0),
             lists: AtomicU64::new(0),
+            delete_deadline: std::sync::Mutex::new(None),
         }
     }
     pub fn set_fail_puts(&self, fail: bool) {
@@ -53,6 +56,9 @@ impl FaultyStore {
     /// Blocks written (the lease thread's renewals, at any moment, are not counted).
     pub fn block_puts(&self) -> u64 {
         self.block_puts.load(Ordering::SeqCst)
+    }
+    pub fn set_delete_deadline(&self, deadline: std::time::Duration) {
+        *self.delete_deadline.lock().unwrap() = Some(deadline);
     }
     /// Listings made so far.
     pub fn lists(&self) -> u64 {
@@ -124,6 +130,10 @@ impl ObjectStore for FaultyStore {
     }
     fn conditional_create_is_atomic(&self) -> bool {
         self.inner.conditional_create_is_atomic()
+    }
+    fn delete_deadline(&self) -> std::time::Duration {
+        let set = *self.delete_deadline.lock().unwrap();
+        set.unwrap_or_else(|| self.inner.delete_deadline())
     }
     fn describe(&self) -> String {
         format!("faulty({})", self.inner.describe())

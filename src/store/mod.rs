@@ -105,6 +105,13 @@ pub trait ObjectStore: Send + Sync {
     fn conditional_create_is_atomic(&self) -> bool {
         false
     }
+    /// How long after a `delete` was called it may still take effect: the client
+    /// gives up on it by then. A writer deletes a block only while its lease outlasts
+    /// this, so no DELETE lands after another writer could have taken the store over
+    /// and stored the same block again. Zero where a delete is done when it returns.
+    fn delete_deadline(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Where this store lives, for messages.
     fn describe(&self) -> String;
 }

@@ -150,8 +150,13 @@ impl S3Settings {
 
 pub struct S3Store {
     client: Arc<AmazonS3>,
+    /// For DELETEs: retried and timed out within `DELETE_DEADLINE`.
+    deleter: Arc<AmazonS3>,
     settings: S3Settings,
 }
+
+/// A DELETE's attempts (and its retries) end this soon after it is sent.
+const DELETE_DEADLINE: Duration = Duration::from_secs(10);
 
 fn map_err(key: &str, e: object_store::Error) -> StoreError {
     use object_store::Error as E;
@@ -210,37 +215,54 @@ fn s3_error(text: &str) -> Option<String> {
     })
 }
 
+/// One request's attempt, for all but DELETEs.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `retry_budget`: how long failed requests are retried; `timeout`: one attempt.
+fn build_client(
+    settings: &S3Settings,
+    creds: &Credentials,
+    retry_budget: Duration,
+    timeout: Duration,
+) -> StoreResult<AmazonS3> {
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&settings.bucket)
+        .with_region(&settings.region)
+        .with_access_key_id(&creds.key_id)
+        .with_secret_access_key(&creds.secret)
+        .with_virtual_hosted_style_request(!settings.path_style)
+        .with_retry(RetryConfig {
+            max_retries: 1000,
+            retry_timeout: retry_budget,
+            ..RetryConfig::default()
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_timeout(timeout)
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_allow_http(true),
+        );
+    if let Some(token) = &creds.token {
+        builder = builder.with_token(token);
+    }
+    if let Some(endpoint) = &settings.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder
+        .build()
+        .map_err(|e| StoreError::Io(format!("S3 configuration: {}", one_line(&e.to_string()))))
+}
+
 impl S3Store {
     pub fn open(settings: S3Settings) -> StoreResult<S3Store> {
         let creds = credentials().map_err(StoreError::AccessDenied)?;
-        let mut builder = AmazonS3Builder::new()
-            .with_bucket_name(&settings.bucket)
-            .with_region(&settings.region)
-            .with_access_key_id(&creds.key_id)
-            .with_secret_access_key(&creds.secret)
-            .with_virtual_hosted_style_request(!settings.path_style)
-            .with_retry(RetryConfig {
-                max_retries: 1000,
-                retry_timeout: settings.retry_budget,
-                ..RetryConfig::default()
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_timeout(Duration::from_secs(60))
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_allow_http(true),
-            );
-        if let Some(token) = &creds.token {
-            builder = builder.with_token(token);
-        }
-        if let Some(endpoint) = &settings.endpoint {
-            builder = builder.with_endpoint(endpoint);
-        }
-        let client = builder.build().map_err(|e| {
-            StoreError::Io(format!("S3 configuration: {}", one_line(&e.to_string())))
-        })?;
+        let client = build_client(&settings, &creds, settings.retry_budget, TIMEOUT)?;
+        // Half the deadline for retries, half for the last attempt to time out.
+        let half = DELETE_DEADLINE / 2;
+        let deleter = build_client(&settings, &creds, half, half)?;
         let store = S3Store {
             client: Arc::new(client),
+            deleter: Arc::new(deleter),
             settings,
         };
         store.check_bucket()?;
@@ -303,7 +325,7 @@ impl ObjectStore for S3Store {
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
-        let client = self.client.clone();
+        let client = self.deleter.clone();
         let path = self.path(key);
         match runtime().block_on(async move { client.delete(&path).await }) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -352,6 +374,10 @@ impl ObjectStore for S3Store {
         })
     }
 
+    fn delete_deadline(&self) -> Duration {
+        // The last attempt's timeout, after at most half of it spent retrying.
+        DELETE_DEADLINE
+    }
     fn describe(&self) -> String {
         self.settings.url()
     }
