@@ -307,14 +307,28 @@ impl Volume {
         if self.is_fenced() {
             return Err(FsError::ReadOnly);
         }
-        let lease = self.lease.lock().unwrap();
-        match lease.as_ref() {
-            Some(l) if l.valid_now() => Ok(()),
-            Some(_) => {
+        let lapsed = match self.lease.lock().unwrap().as_ref() {
+            Some(l) => !l.valid_now(),
+            None => return Err(FsError::ReadOnly),
+        };
+        if lapsed {
+            // The lease thread has not run since (a machine that was suspended, a
+            // stalled thread): the lease is taken again here where that is safe, as
+            // that thread would, instead of racing it to stop the volume.
+            self.renew_lease();
+            let still = self
+                .lease
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|l| l.valid_now());
+            if !still {
                 self.fence("the writer lease lapsed (renewals failed)");
-                Err(FsError::ReadOnly)
             }
-            None => Err(FsError::ReadOnly),
+        }
+        match self.is_fenced() {
+            true => Err(FsError::ReadOnly),
+            false => Ok(()),
         }
     }
 

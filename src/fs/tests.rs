@@ -3341,3 +3341,34 @@ fn freed_blocks_are_deleted_only_while_the_lease_outlasts_a_delete() {
         "requeued, then deleted"
     );
 }
+
+/// A machine suspended past the lease: the first commit after it may come before the
+/// lease thread runs. Where conditional create is atomic (a local store) the commit
+/// takes the lease again itself instead of stopping the volume; elsewhere it stops.
+#[test]
+fn a_commit_after_a_lapse_takes_the_lease_again_where_that_is_safe() {
+    for atomic in [true, false] {
+        let hooks = match atomic {
+            true => HookStore::atomic(new_store()),
+            false => HookStore::new(new_store()),
+        };
+        let store: Arc<dyn ObjectStore> = Arc::new(hooks);
+        let v = Volume::load(
+            store.clone(),
+            VolumeConfig {
+                lease_ttl: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(2100));
+        v.mkdir(root(), ROOT_INO, b"after", 0o755).unwrap();
+        let committed = v.commit();
+        assert_eq!(committed.is_ok(), atomic, "atomic create: {atomic}");
+        assert_eq!(v.is_fenced(), !atomic);
+        if atomic {
+            assert!(store.get("meta/lease-00000000000000000002").is_ok());
+            open_ro(&store).lookup(ROOT_INO, b"after").unwrap();
+        }
+    }
+}
