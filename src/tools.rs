@@ -64,6 +64,13 @@ pub fn stat(spec: &str, opts: &StoreOptions) -> CliResult<()> {
             ),
         }
     );
+    if objects.freed > 0 {
+        println!(
+            "freed:          {} block objects, {} (freed shortly before the last unmount; the next writer deletes them)",
+            objects.freed,
+            format_bytes(objects.freed_bytes)
+        );
+    }
     if objects.unreferenced > 0 {
         println!(
             "unreferenced:   {} block objects, {} (not in the committed index: a mounted writer's newest blocks, or garbage that objfs gc deletes)",
@@ -136,6 +143,9 @@ fn stored_bytes(volume: &Volume) -> Stored {
 struct Objects {
     referenced: u64,
     referenced_bytes: u64,
+    /// Listed in `meta/pending-frees`.
+    freed: u64,
+    freed_bytes: u64,
     unreferenced: u64,
     unreferenced_bytes: u64,
 }
@@ -146,11 +156,17 @@ fn objects_in_store(volume: &Volume, stored: &Stored) -> Result<Objects, String>
         .store()
         .list_sizes("blocks/")
         .map_err(|e| e.to_string())?;
+    let freed: HashSet<BlockId> = crate::fs::pending_frees(&**volume.store())
+        .into_iter()
+        .collect();
     for (key, size) in listed {
         let id = key.rsplit('/').next().and_then(BlockId::from_hex);
         if id.is_some_and(|id| stored.blocks.contains(&id)) {
             objects.referenced += 1;
             objects.referenced_bytes += size;
+        } else if id.is_some_and(|id| freed.contains(&id)) {
+            objects.freed += 1;
+            objects.freed_bytes += size;
         } else {
             objects.unreferenced += 1;
             objects.unreferenced_bytes += size;

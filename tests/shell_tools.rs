@@ -143,6 +143,10 @@ fn stat_reports_dedup_and_statfs_reports_space() {
     bash(&format!(
         "head -c 3145728 /dev/urandom > {m}/a && cp {m}/a {m}/b && cp {m}/a {m}/c && mkdir {m}/d"
     ));
+    // A block freed just before the unmount: listed for the next writer to delete.
+    bash(&format!(
+        "head -c 1048576 /dev/urandom | dd of={m}/e bs=1M conv=fsync status=none && rm {m}/e"
+    ));
     let df = bash(&format!("df -B1 --output=size,avail {m} | tail -1"));
     let nums: Vec<u64> = df.split_whitespace().map(|x| x.parse().unwrap()).collect();
     assert!(nums[0] > 0 && nums[1] > 0 && nums[1] <= nums[0], "{df}");
@@ -155,6 +159,10 @@ fn stat_reports_dedup_and_statfs_reports_space() {
     // Three 1 MiB blocks and their 4-byte trailers, as the store lists them.
     assert!(
         out.contains("in the store:   3145740 (3.0 MiB) in 3 block objects\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("freed:          1 block objects, 1.0 MiB (freed shortly before"),
         "{out}"
     );
     assert!(!out.contains("unreferenced"), "{out}");

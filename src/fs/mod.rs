@@ -15,7 +15,7 @@ mod upload;
 pub use copy::Seek;
 pub use data::ReadData;
 pub use error::{FsError, FsResult};
-pub use persist::{Background, Changed};
+pub use persist::{Background, Changed, pending_frees};
 
 use crate::block::BlockId;
 use crate::cache::BlockCache;

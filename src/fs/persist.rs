@@ -82,6 +82,15 @@ fn encode_block_ids(ids: &[BlockId]) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The blocks the last writer freed shortly before it unmounted: the next writer
+/// deletes them once their grace period is over (`resume_frees`).
+pub fn pending_frees(store: &dyn crate::store::ObjectStore) -> Vec<BlockId> {
+    let listed = store.get(PENDING_FREES_KEY).ok();
+    listed
+        .and_then(|b| decode_block_ids(&b))
+        .unwrap_or_default()
+}
+
 fn decode_block_ids(bytes: &[u8]) -> Option<Vec<BlockId>> {
     std::str::from_utf8(bytes)
         .ok()?
