@@ -356,6 +356,19 @@ impl Volume {
         let writer = crate::util::random_hex(4);
         let sb = journal::read_superblock(&*store).map_err(|e| FsError::Io(e.to_string()))?;
         config.fit_memory(u64::from(sb.block_size))?;
+        // Freed blocks are deleted only while the lease outlasts a DELETE
+        // (`delete_freed_blocks`); renewed every third of its term, a lease of three
+        // deadlines always leaves two.
+        let shortest = store.delete_deadline() * 3;
+        if !config.read_only && config.lease_ttl < shortest {
+            log::warn!(
+                "writer lease raised from {} s to {} s: a DELETE on this store may take effect up to {} s after it is sent",
+                config.lease_ttl.as_secs(),
+                shortest.as_secs(),
+                store.delete_deadline().as_secs()
+            );
+            config.lease_ttl = shortest;
+        }
         // The lease comes first: the index must not be read while another writer changes it.
         let mut lease = if config.read_only {
             None

@@ -3372,3 +3372,27 @@ fn a_commit_after_a_lapse_takes_the_lease_again_where_that_is_safe() {
         }
     }
 }
+
+/// A lease shorter than three DELETE deadlines would never outlast one by two after
+/// a renewal, so freed blocks would never be deleted (found by review): it is raised.
+#[test]
+fn a_lease_too_short_for_the_stores_deletes_is_raised() {
+    let faulty = Arc::new(FaultyStore::new(new_store()));
+    faulty.set_delete_deadline(Duration::from_secs(10));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let config = VolumeConfig {
+        lease_ttl: Duration::from_secs(10),
+        ..VolumeConfig::default()
+    };
+    let v = Volume::load(store, config).unwrap();
+    assert_eq!(v.config.lease_ttl, Duration::from_secs(30));
+    let f = file(&v, ROOT_INO, "f");
+    let bs = BS as usize;
+    let two_blocks: Vec<u8> = (0..2 * bs).map(|i| (i / bs) as u8 + 1).collect();
+    v.write(f, 0, &two_blocks).unwrap();
+    v.fsync(f).unwrap();
+    v.unlink(ROOT_INO, b"f").unwrap();
+    v.commit().unwrap();
+    v.renew_lease();
+    assert_eq!(v.delete_freed_blocks(Duration::ZERO), 2);
+}

@@ -1,5 +1,6 @@
 use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
 use crate::alloc;
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -22,7 +23,11 @@ pub struct LocalStore {
     tmp_counter: AtomicU64,
     nonce: u64,
     /// Objects put unsynced (`put_parts_unsynced`) that no sync has covered yet.
-    unsynced: Mutex<Vec<PathBuf>>,
+    unsynced: Mutex<HashSet<PathBuf>>,
+    /// A sync failed: after a writeback error the kernel may have dropped the data
+    /// and marked it clean, so a later fsync of the same files would succeed without
+    /// it ("fsyncgate"). Every later sync fails instead.
+    sync_failed: Mutex<Option<String>>,
     /// One sync at a time: a caller whose puts are in the batch another sync is
     /// still making durable waits for it to end.
     sync_lock: Mutex<()>,
@@ -49,7 +54,8 @@ impl LocalStore {
             root: root.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
             nonce: u64::from(std::process::id()) << 32 ^ crate::util::random_u64(),
-            unsynced: Mutex::new(Vec::new()),
+            unsynced: Mutex::new(HashSet::new()),
+            sync_failed: Mutex::new(None),
             sync_lock: Mutex::new(()),
             direct_reads: AtomicBool::new(true),
             direct_writes: AtomicBool::new(true),
@@ -236,22 +242,35 @@ fn syncfs(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// fsyncs each file, then each directory holding one (the rename into place). A
-/// file deleted since its put has nothing left to make durable.
-fn sync_each(paths: &[PathBuf]) -> std::io::Result<()> {
-    let files: std::collections::BTreeSet<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    let mut dirs = std::collections::BTreeSet::new();
-    for path in files {
+/// fsyncs each file, then each directory from the one holding it up to the store's
+/// root (the rename into place, and any directory created on the way: another
+/// thread may have created it and not yet synced its parent). A file deleted since
+/// its put has nothing left to make durable.
+fn sync_each(root: &Path, paths: &HashSet<PathBuf>) -> std::io::Result<()> {
+    for path in paths {
         match File::open(path) {
             Ok(f) => f.sync_all()?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        if let Some(dir) = path.parent() {
-            dirs.insert(dir);
+    }
+    dirs_up_to(root, paths).into_iter().try_for_each(sync_dir)
+}
+
+/// The directories holding `paths` and all above them up to `root`, deepest first.
+fn dirs_up_to<'a>(root: &Path, paths: &'a HashSet<PathBuf>) -> Vec<&'a Path> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for path in paths {
+        let mut dir = path.parent();
+        while let Some(d) = dir.filter(|d| d.starts_with(root)) {
+            if !dirs.insert(d) {
+                break;
+            }
+            dir = d.parent();
         }
     }
-    dirs.into_iter().try_for_each(sync_dir)
+    // Longer paths sort after their ancestors: reversed, children come first.
+    dirs.into_iter().rev().collect()
 }
 
 enum Direct {
@@ -459,7 +478,7 @@ impl ObjectStore for LocalStore {
         let replacing = match existing(&path, parts) {
             // Intact, but perhaps not yet durable (an unsynced put whose process died).
             Existing::Same => {
-                self.unsynced.lock().unwrap().push(path);
+                self.unsynced.lock().unwrap().insert(path);
                 return Ok(());
             }
             Existing::Other => true,
@@ -474,27 +493,31 @@ impl ObjectStore for LocalStore {
         if replacing {
             sync_dir(&dir).map_err(|e| StoreError::from_io(key, e))?;
         } else {
-            self.unsynced.lock().unwrap().push(path);
+            self.unsynced.lock().unwrap().insert(path);
         }
         Ok(())
     }
 
     /// Makes every earlier unsynced put durable: a few objects by an fsync each
-    /// (and one per directory), many at once by one syncfs(2) instead of two fsyncs
-    /// per block (see `SYNC_EACH_MAX`).
+    /// (and one per directory up to the root), many at once by one syncfs(2) instead
+    /// of two fsyncs per block (see `SYNC_EACH_MAX`).
     fn sync(&self) -> StoreResult<()> {
         let _one = self.sync_lock.lock().unwrap();
+        if let Some(e) = &*self.sync_failed.lock().unwrap() {
+            return Err(StoreError::Io(format!(
+                "an earlier sync of the store failed ({e}): blocks written before it may not be on disk; remount"
+            )));
+        }
         let batch = std::mem::take(&mut *self.unsynced.lock().unwrap());
         if batch.is_empty() {
             return Ok(());
         }
         let synced = match batch.len() {
             n if n > SYNC_EACH_MAX => syncfs(&self.root),
-            _ => sync_each(&batch),
+            _ => sync_each(&self.root, &batch),
         };
         if let Err(e) = synced {
-            // Not known to be durable: the next sync tries them again.
-            self.unsynced.lock().unwrap().extend(batch);
+            *self.sync_failed.lock().unwrap() = Some(e.to_string());
             return Err(StoreError::from_io("sync", e));
         }
         Ok(())
@@ -704,9 +727,9 @@ mod tests {
             .put_parts_unsynced("blocks/ab/x", &[b"abc", b"def"])
             .unwrap();
         assert_eq!(store.get("blocks/ab/x").unwrap(), b"abcdef");
-        // The first put, and the second that found it intact (perhaps not durable
-        // yet); the replacement was durable at once.
-        assert_eq!(store.unsynced.lock().unwrap().len(), 2);
+        // The first put, which the second found intact (perhaps not durable yet),
+        // listed once; the replacement was durable at once.
+        assert_eq!(store.unsynced.lock().unwrap().len(), 1);
         store.sync().unwrap();
         assert!(store.unsynced.lock().unwrap().is_empty());
     }
@@ -725,12 +748,46 @@ mod tests {
             store.sync().unwrap();
             assert!(store.unsynced.lock().unwrap().is_empty());
         }
-        // A directory that cannot be opened fails the sync, which keeps the batch.
+        // A failed sync fails every later one: after a writeback error the kernel
+        // may have dropped the data and marked it clean, so a retry would succeed
+        // without it.
         store.put_parts_unsynced("blocks/09/x", &[b"data"]).unwrap();
         fs::remove_dir_all(dir.path().join("blocks/09")).unwrap();
         fs::write(dir.path().join("blocks/09"), b"not a directory").unwrap();
         assert!(store.sync().is_err());
-        assert_eq!(store.unsynced.lock().unwrap().len(), 1);
+        fs::remove_file(dir.path().join("blocks/09")).unwrap();
+        store.put_parts_unsynced("blocks/0a/y", &[b"data"]).unwrap();
+        let again = store.sync().unwrap_err().to_string();
+        assert!(
+            again.contains("an earlier sync of the store failed"),
+            "{again}"
+        );
+    }
+
+    /// The first block of a fresh store creates `blocks/` and `blocks/xx`: their
+    /// entries become durable with it (found by review: only `blocks/` was synced).
+    #[test]
+    fn a_sync_of_few_objects_covers_their_directories_up_to_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = LocalStore::open(&root, true).unwrap();
+        store
+            .put_parts_unsynced("blocks/ab/abcdef", &[b"data"])
+            .unwrap();
+        store
+            .put_parts_unsynced("blocks/cd/abcdef", &[b"data"])
+            .unwrap();
+        let batch = store.unsynced.lock().unwrap().clone();
+        let (ab, cd, blocks) = (
+            root.join("blocks/ab"),
+            root.join("blocks/cd"),
+            root.join("blocks"),
+        );
+        assert_eq!(
+            dirs_up_to(&root, &batch),
+            vec![&*cd, &*ab, &*blocks, &*root]
+        );
+        store.sync().unwrap();
     }
 
     #[test]

@@ -7,7 +7,8 @@ use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
 use object_store::{
-    ClientOptions, ObjectStore as _, ObjectStoreExt, PutMode, PutOptions, RetryConfig,
+    BackoffConfig, ClientOptions, ObjectStore as _, ObjectStoreExt, PutMode, PutOptions,
+    RetryConfig,
 };
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -155,7 +156,8 @@ pub struct S3Store {
     settings: S3Settings,
 }
 
-/// A DELETE's attempts (and its retries) end this soon after it is sent.
+/// A DELETE's attempts (and its retries) end this soon after it is sent: the
+/// client drops it then, whatever its retry state.
 const DELETE_DEADLINE: Duration = Duration::from_secs(10);
 
 fn map_err(key: &str, e: object_store::Error) -> StoreError {
@@ -234,7 +236,11 @@ fn build_client(
         .with_retry(RetryConfig {
             max_retries: 1000,
             retry_timeout: retry_budget,
-            ..RetryConfig::default()
+            // Backoffs of up to 15 s would start attempts long after the budget.
+            backoff: BackoffConfig {
+                max_backoff: retry_budget / 4,
+                ..BackoffConfig::default()
+            },
         })
         .with_client_options(
             ClientOptions::new()
@@ -257,9 +263,8 @@ impl S3Store {
     pub fn open(settings: S3Settings) -> StoreResult<S3Store> {
         let creds = credentials().map_err(StoreError::AccessDenied)?;
         let client = build_client(&settings, &creds, settings.retry_budget, TIMEOUT)?;
-        // Half the deadline for retries, half for the last attempt to time out.
-        let half = DELETE_DEADLINE / 2;
-        let deleter = build_client(&settings, &creds, half, half)?;
+        // Short attempts, retried within the deadline (`delete` cuts them off there).
+        let deleter = build_client(&settings, &creds, DELETE_DEADLINE / 2, DELETE_DEADLINE / 2)?;
         let store = S3Store {
             client: Arc::new(client),
             deleter: Arc::new(deleter),
@@ -327,9 +332,16 @@ impl ObjectStore for S3Store {
     fn delete(&self, key: &str) -> StoreResult<()> {
         let client = self.deleter.clone();
         let path = self.path(key);
-        match runtime().block_on(async move { client.delete(&path).await }) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(map_err(key, e)),
+        let deleted = runtime().block_on(async move {
+            tokio::time::timeout(DELETE_DEADLINE, client.delete(&path)).await
+        });
+        match deleted {
+            Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
+            Ok(Err(e)) => Err(map_err(key, e)),
+            Err(_) => Err(StoreError::Io(format!(
+                "{key}: DELETE gave up after {}s",
+                DELETE_DEADLINE.as_secs()
+            ))),
         }
     }
 
