@@ -62,6 +62,35 @@ impl LocalStore {
         })
     }
 
+    /// `sync`, with `whole_fs` syncing the store's whole filesystem.
+    fn sync_with(&self, whole_fs: impl Fn(&Path) -> std::io::Result<()>) -> StoreResult<()> {
+        let _one = self.sync_lock.lock().unwrap();
+        if let Some(e) = &*self.sync_failed.lock().unwrap() {
+            return Err(StoreError::Io(format!(
+                "an earlier sync of the store failed ({e}): blocks written before it may not be on disk; remount"
+            )));
+        }
+        let batch = std::mem::take(&mut *self.unsynced.lock().unwrap());
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let synced = match batch.len() {
+            // syncfs reports a writeback error of any file on that filesystem, maybe
+            // another program's: ours are then asked one by one (a descriptor opened
+            // now still sees an error of its file that nobody has seen).
+            n if n > SYNC_EACH_MAX => whole_fs(&self.root).or_else(|e| {
+                log::warn!("syncfs of the store: {e}; syncing its new objects one by one");
+                sync_each(&self.root, &batch)
+            }),
+            _ => sync_each(&self.root, &batch),
+        };
+        if let Err(e) = synced {
+            *self.sync_failed.lock().unwrap() = Some(e.to_string());
+            return Err(StoreError::from_io("sync", e));
+        }
+        Ok(())
+    }
+
     fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
         let valid = !key.is_empty()
             && !key.starts_with('/')
@@ -502,25 +531,7 @@ impl ObjectStore for LocalStore {
     /// (and one per directory up to the root), many at once by one syncfs(2) instead
     /// of two fsyncs per block (see `SYNC_EACH_MAX`).
     fn sync(&self) -> StoreResult<()> {
-        let _one = self.sync_lock.lock().unwrap();
-        if let Some(e) = &*self.sync_failed.lock().unwrap() {
-            return Err(StoreError::Io(format!(
-                "an earlier sync of the store failed ({e}): blocks written before it may not be on disk; remount"
-            )));
-        }
-        let batch = std::mem::take(&mut *self.unsynced.lock().unwrap());
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let synced = match batch.len() {
-            n if n > SYNC_EACH_MAX => syncfs(&self.root),
-            _ => sync_each(&self.root, &batch),
-        };
-        if let Err(e) = synced {
-            *self.sync_failed.lock().unwrap() = Some(e.to_string());
-            return Err(StoreError::from_io("sync", e));
-        }
-        Ok(())
+        self.sync_with(syncfs)
     }
 
     fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()> {
@@ -762,6 +773,31 @@ mod tests {
             again.contains("an earlier sync of the store failed"),
             "{again}"
         );
+    }
+
+    /// syncfs reports another program's writeback error on the same filesystem too:
+    /// the store's own objects are then synced one by one, and only an error of
+    /// theirs stops the store.
+    #[test]
+    fn a_syncfs_error_that_is_not_ours_does_not_stop_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let foreign = |_: &Path| Err(std::io::Error::other("another file's writeback error"));
+        let put_many = |tag: &str| {
+            for i in 0..=SYNC_EACH_MAX {
+                let key = format!("blocks/{:02x}/{tag}{i}", i % 3);
+                store.put_parts_unsynced(&key, &[b"data"]).unwrap();
+            }
+        };
+        put_many("a");
+        store.sync_with(foreign).unwrap();
+        assert!(store.unsynced.lock().unwrap().is_empty());
+        // One of ours cannot be synced: now the store stops.
+        put_many("b");
+        fs::remove_dir_all(dir.path().join("blocks/01")).unwrap();
+        fs::write(dir.path().join("blocks/01"), b"not a directory").unwrap();
+        assert!(store.sync_with(foreign).is_err());
+        assert!(store.sync().is_err());
     }
 
     /// The first block of a fresh store creates `blocks/` and `blocks/xx`: their
