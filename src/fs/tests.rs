@@ -2815,6 +2815,16 @@ fn an_owed_snapshot_is_not_acknowledged_after_a_takeover() {
 // Review (fourth round): takeovers on a store whose conditional create is atomic
 // (a local store), where commits no longer LIST for same-seq forks.
 
+/// A fresh filesystem in a local store: the temp dir (keep it alive), the store's
+/// path (as `objfs gc` takes it) and the store.
+fn local_fs() -> (tempfile::TempDir, String, Arc<dyn ObjectStore>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
+    journal::mkfs(&*local, BS).unwrap();
+    (tmp, dir.to_str().unwrap().to_string(), local)
+}
+
 /// Writer A stalls past its lease between its lease check and its segment PUT, and
 /// `objfs gc` runs. Found by review when gc took the unreleased lease over, collected
 /// and *released* it without sealing: the release hid the takeover from the next
@@ -2824,10 +2834,7 @@ fn an_owed_snapshot_is_not_acknowledged_after_a_takeover() {
 /// (seal, then release), so A's segment lands below the seal.
 #[test]
 fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
-    journal::mkfs(&*local, BS).unwrap();
+    let (_tmp, spec, local) = local_fs();
     let hooks = Arc::new(HookStore::atomic(local.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
@@ -2836,12 +2843,7 @@ fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
     let first = store.list("meta/journal-").unwrap().pop().unwrap();
     let next = first.replace("-00000000000000000001-", "-00000000000000000002-");
     let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
-    let (inner, s2, st2, spec) = (
-        local.clone(),
-        slot.clone(),
-        store.clone(),
-        dir.to_str().unwrap().to_string(),
-    );
+    let (inner, s2, st2, spec) = (local.clone(), slot.clone(), store.clone(), spec.clone());
     hooks.on(next, move || {
         // A's lease is up (here: looks like a dead local process).
         crate::lease::mark_holder_dead(&*inner);
@@ -2883,10 +2885,7 @@ fn gc_after_a_takeover_releases_the_lease_and_the_next_writer_forks_unseen() {
 /// before A's probe fenced A. With gc sealing first, A's snapshot lands below.
 #[test]
 fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
-    journal::mkfs(&*local, BS).unwrap();
+    let (_tmp, spec, local) = local_fs();
     let faulty = Arc::new(FaultyStore::new(local.clone()));
     let hooks = Arc::new(HookStore::new(faulty.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
@@ -2900,11 +2899,7 @@ fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
     assert!(a.journal.lock().unwrap().snapshot_owed());
     let generation = a.journal.lock().unwrap().next_generation();
     let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
-    let (inner, s2, spec) = (
-        local.clone(),
-        slot.clone(),
-        dir.to_str().unwrap().to_string(),
-    );
+    let (inner, s2, spec) = (local.clone(), slot.clone(), spec.clone());
     hooks.on(journal::snapshot_key(generation), move || {
         crate::lease::mark_holder_dead(&*inner);
         // gc recovers the store (sealing it), collects and releases its lease.
@@ -2928,10 +2923,7 @@ fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
 
 #[test]
 fn gc_after_a_takeover_deletes_no_block_of_a_segment_the_next_writer_loads() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
-    journal::mkfs(&*local, BS).unwrap();
+    let (_tmp, spec, local) = local_fs();
     let hooks = Arc::new(HookStore::atomic(local.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
@@ -2939,7 +2931,7 @@ fn gc_after_a_takeover_deletes_no_block_of_a_segment_the_next_writer_loads() {
     a.commit().unwrap();
     let first = store.list("meta/journal-").unwrap().pop().unwrap();
     let next = first.replace("-00000000000000000001-", "-00000000000000000002-");
-    let (inner, spec) = (local.clone(), dir.to_str().unwrap().to_string());
+    let (inner, spec) = (local.clone(), spec.clone());
     hooks.on(next, move || {
         // A's blocks are in the store; its segment is not yet. gc seals the journal
         // before it collects, so A's segment will land below the seal.
@@ -3065,18 +3057,8 @@ fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
     for taken in [false, true] {
         // A store whose conditional create is atomic, as a local one.
         let store: Arc<dyn ObjectStore> = Arc::new(HookStore::atomic(new_store()));
-        let v = Volume::load(
-            store.clone(),
-            VolumeConfig {
-                // (Whole seconds: a 1 s lease may be valid for a moment only.)
-                lease_ttl: Duration::from_secs(2),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        // The lease thread stalled past the lease's end (or the index took that
-        // long to load).
-        std::thread::sleep(Duration::from_millis(2100));
+        // The lease thread stalled past the lease's end.
+        let v = lapsed_volume(&store);
         if taken {
             crate::lease::simulate_takeover(&*store);
         }
@@ -3091,18 +3073,21 @@ fn a_lapsed_lease_is_taken_again_under_a_new_generation_not_rewritten() {
     }
     // Where conditional create may be ignored (Garage), two writers could both win
     // the next generation: a lapsed lease stops the volume instead.
-    let store = new_store();
-    let v = Volume::load(
-        store,
-        VolumeConfig {
-            lease_ttl: Duration::from_secs(2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(2100));
+    let v = lapsed_volume(&new_store());
     v.renew_lease();
     assert!(v.is_fenced());
+}
+
+/// A volume whose 2 s lease has lapsed (no lease thread runs). Whole seconds: a
+/// 1 s lease may be valid for a moment only.
+fn lapsed_volume(store: &Arc<dyn ObjectStore>) -> Volume {
+    let config = VolumeConfig {
+        lease_ttl: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let v = Volume::load(store.clone(), config).unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    v
 }
 
 /// A store whose first listing of the journal (the index load) takes `delay`; with
@@ -3193,10 +3178,7 @@ fn a_lease_lapsed_during_a_slow_load_is_taken_again() {
 /// says (a crash, or a clean release): gc must delete nothing and refuse, as the
 /// journal does not replay cleanly (fsck first).
 fn gc_over_a_torn_journal(crashed: bool) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
-    journal::mkfs(&*local, BS).unwrap();
+    let (_tmp, spec, local) = local_fs();
     let a = open(&local);
     for (i, name) in ["one", "two", "three"].iter().enumerate() {
         let f = file(&a, ROOT_INO, name);
@@ -3214,8 +3196,7 @@ fn gc_over_a_torn_journal(crashed: bool) {
     }
     drop(a);
     let before = local.list("blocks/").unwrap().len();
-    let spec = dir.to_str().unwrap();
-    let result = crate::tools::gc(spec, false, &crate::store::StoreOptions::default());
+    let result = crate::tools::gc(&spec, false, &crate::store::StoreOptions::default());
     let after = local.list("blocks/").unwrap().len();
     assert!(
         result
@@ -3242,18 +3223,14 @@ fn gc_refuses_a_journal_that_did_not_replay() {
 
 #[test]
 fn gc_dry_run_after_a_crash_writes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let local: Arc<dyn ObjectStore> = Arc::new(crate::store::LocalStore::open(&dir, true).unwrap());
-    journal::mkfs(&*local, BS).unwrap();
+    let (_tmp, spec, local) = local_fs();
     let a = open(&local);
     a.mkdir(root(), ROOT_INO, b"d", 0o755).unwrap();
     a.commit().unwrap();
     crate::lease::mark_holder_dead(&*local);
     drop(a);
     let before = crate::lease::current(&*local).unwrap().unwrap();
-    let spec = dir.to_str().unwrap();
-    let result = crate::tools::gc(spec, true, &crate::store::StoreOptions::default());
+    let result = crate::tools::gc(&spec, true, &crate::store::StoreOptions::default());
     assert!(result.is_err_and(|e| e.contains("without --dry-run")));
     let after = crate::lease::current(&*local).unwrap().unwrap();
     assert_eq!(before, after, "the dry run took the lease over");
@@ -3318,19 +3295,25 @@ fn a_follower_refresh_costs_one_listing_and_crosses_bridges() {
     }
 }
 
-/// A DELETE may take effect until the store's delete deadline (an S3 request and
-/// its retries): a freed block is deleted only while the lease outlasts it, so it
-/// cannot land after a takeover, when the new writer may hold the block again.
-#[test]
-fn freed_blocks_are_deleted_only_while_the_lease_outlasts_a_delete() {
-    let (faulty, _, v) = faulty_volume(VolumeConfig::default()); // a 30 s lease
-    let f = file(&v, ROOT_INO, "f");
+/// Writes a file of two distinct blocks, fsyncs it, removes it and commits: both
+/// blocks wait in the free queue.
+fn free_two_blocks(v: &Volume) {
+    let f = file(v, ROOT_INO, "f");
     let bs = BS as usize;
     let two_blocks: Vec<u8> = (0..2 * bs).map(|i| (i / bs) as u8 + 1).collect();
     v.write(f, 0, &two_blocks).unwrap();
     v.fsync(f).unwrap();
     v.unlink(ROOT_INO, b"f").unwrap();
     v.commit().unwrap();
+}
+
+/// A DELETE may take effect until the store's delete deadline (an S3 request and
+/// its retries): a freed block is deleted only while the lease outlasts it, so it
+/// cannot land after a takeover, when the new writer may hold the block again.
+#[test]
+fn freed_blocks_are_deleted_only_while_the_lease_outlasts_a_delete() {
+    let (faulty, _, v) = faulty_volume(VolumeConfig::default()); // a 30 s lease
+    free_two_blocks(&v);
     faulty.set_delete_deadline(Duration::from_secs(45));
     assert_eq!(v.delete_freed_blocks(Duration::ZERO), 0);
     assert!(!v.is_fenced(), "a short lease is no reason to stop");
@@ -3353,15 +3336,7 @@ fn a_commit_after_a_lapse_takes_the_lease_again_where_that_is_safe() {
             false => HookStore::new(new_store()),
         };
         let store: Arc<dyn ObjectStore> = Arc::new(hooks);
-        let v = Volume::load(
-            store.clone(),
-            VolumeConfig {
-                lease_ttl: Duration::from_secs(2),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(2100));
+        let v = lapsed_volume(&store);
         v.mkdir(root(), ROOT_INO, b"after", 0o755).unwrap();
         let committed = v.commit();
         assert_eq!(committed.is_ok(), atomic, "atomic create: {atomic}");
@@ -3386,13 +3361,7 @@ fn a_lease_too_short_for_the_stores_deletes_is_raised() {
     };
     let v = Volume::load(store, config).unwrap();
     assert_eq!(v.config.lease_ttl, Duration::from_secs(30));
-    let f = file(&v, ROOT_INO, "f");
-    let bs = BS as usize;
-    let two_blocks: Vec<u8> = (0..2 * bs).map(|i| (i / bs) as u8 + 1).collect();
-    v.write(f, 0, &two_blocks).unwrap();
-    v.fsync(f).unwrap();
-    v.unlink(ROOT_INO, b"f").unwrap();
-    v.commit().unwrap();
+    free_two_blocks(&v);
     v.renew_lease();
     assert_eq!(v.delete_freed_blocks(Duration::ZERO), 2);
 }
