@@ -1,6 +1,6 @@
 use super::{ObjectStore, StoreError, StoreResult, StoreSpace};
 use crate::alloc;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -22,8 +22,15 @@ pub struct LocalStore {
     root: PathBuf,
     tmp_counter: AtomicU64,
     nonce: u64,
-    /// Objects put unsynced (`put_parts_unsynced`) that no sync has covered yet.
-    unsynced: Mutex<HashSet<PathBuf>>,
+    /// Objects put unsynced (`put_parts_unsynced`) that no sync has covered yet. The
+    /// first few keep the descriptor they were written through: while it is open the
+    /// kernel keeps the file's writeback error for it (an inode evicted meanwhile
+    /// would take the error along).
+    unsynced: Mutex<HashMap<PathBuf, Option<File>>>,
+    /// The root, open since the store was: a syncfs on it reports every writeback
+    /// error on that filesystem since then, even one another program's syncfs has
+    /// already been told of (a freshly opened descriptor would not be).
+    root_dir: File,
     /// A sync failed: after a writeback error the kernel may have dropped the data
     /// and marked it clean, so a later fsync of the same files would succeed without
     /// it ("fsyncgate"). Every later sync fails instead.
@@ -54,7 +61,8 @@ impl LocalStore {
             root: root.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
             nonce: u64::from(std::process::id()) << 32 ^ crate::util::random_u64(),
-            unsynced: Mutex::new(HashSet::new()),
+            unsynced: Mutex::new(HashMap::new()),
+            root_dir: File::open(root).map_err(|e| StoreError::from_io(&key, e))?,
             sync_failed: Mutex::new(None),
             sync_lock: Mutex::new(()),
             direct_reads: AtomicBool::new(true),
@@ -62,8 +70,13 @@ impl LocalStore {
         })
     }
 
-    /// `sync`, with `whole_fs` syncing the store's whole filesystem.
-    fn sync_with(&self, whole_fs: impl Fn(&Path) -> std::io::Result<()>) -> StoreResult<()> {
+    /// `sync`, with `whole_fs` syncing the store's whole filesystem (given its root)
+    /// and `fsync` one file or directory.
+    fn sync_with(
+        &self,
+        whole_fs: impl Fn(&File) -> std::io::Result<()>,
+        fsync: impl Fn(&File) -> std::io::Result<()>,
+    ) -> StoreResult<()> {
         let _one = self.sync_lock.lock().unwrap();
         if let Some(e) = &*self.sync_failed.lock().unwrap() {
             return Err(StoreError::Io(format!(
@@ -77,18 +90,39 @@ impl LocalStore {
         let synced = match batch.len() {
             // syncfs reports a writeback error of any file on that filesystem, maybe
             // another program's: ours are then asked one by one (a descriptor opened
-            // now still sees an error of its file that nobody has seen).
-            n if n > SYNC_EACH_MAX => whole_fs(&self.root).or_else(|e| {
+            // now still sees an error of its file that nobody has seen). Failing to
+            // open one of them then is as bad: the error may have been ours.
+            n if n > SYNC_EACH_MAX => whole_fs(&self.root_dir).or_else(|e| {
                 log::warn!("syncfs of the store: {e}; syncing its new objects one by one");
-                sync_each(&self.root, &batch)
+                sync_each(&self.root, &batch, &fsync).map_err(Failed::into_sync)
             }),
-            _ => sync_each(&self.root, &batch),
+            _ => sync_each(&self.root, &batch, &fsync),
         };
-        if let Err(e) = synced {
-            *self.sync_failed.lock().unwrap() = Some(e.to_string());
-            return Err(StoreError::from_io("sync", e));
+        match synced {
+            Ok(()) => Ok(()),
+            // Nothing was synced that a retry could mistake for durable (EMFILE, ...).
+            Err(Failed::Open(e)) => {
+                let mut unsynced = self.unsynced.lock().unwrap();
+                for (path, file) in batch {
+                    unsynced.entry(path).or_insert(file);
+                }
+                Err(StoreError::from_io("sync", e))
+            }
+            Err(Failed::Sync(e)) => {
+                *self.sync_failed.lock().unwrap() = Some(e.to_string());
+                Err(StoreError::from_io("sync", e))
+            }
         }
-        Ok(())
+    }
+
+    /// Lists an object for the next sync, keeping its descriptor while few are.
+    fn note_unsynced(&self, path: PathBuf, file: File) {
+        let mut unsynced = self.unsynced.lock().unwrap();
+        let keep = unsynced.len() < SYNC_EACH_MAX;
+        let held = unsynced.entry(path).or_insert(None);
+        if keep && held.is_none() {
+            *held = Some(file);
+        }
     }
 
     fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
@@ -109,7 +143,7 @@ impl LocalStore {
         key: &str,
         parts: &[&[u8]],
         durable: bool,
-    ) -> StoreResult<PathBuf> {
+    ) -> StoreResult<(PathBuf, File)> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{TMP_PREFIX}{:x}-{n}", self.nonce));
         let result = (|| {
@@ -137,13 +171,15 @@ impl LocalStore {
             if durable {
                 f.sync_all()?;
             }
-            Ok::<(), std::io::Error>(())
+            Ok::<File, std::io::Error>(f)
         })();
-        if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::from_io(key, e));
+        match result {
+            Ok(f) => Ok((tmp, f)),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(StoreError::from_io(key, e))
+            }
         }
-        Ok(tmp)
     }
 
     fn ensure_parent(&self, path: &Path, key: &str) -> StoreResult<PathBuf> {
@@ -262,32 +298,64 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn syncfs(root: &Path) -> std::io::Result<()> {
-    let dir = File::open(root)?;
-    // SAFETY: dir is an open descriptor for the duration of the call.
-    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+fn syncfs(root: &File) -> std::io::Result<()> {
+    // SAFETY: root is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(root)) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
-/// fsyncs each file, then each directory from the one holding it up to the store's
-/// root (the rename into place, and any directory created on the way: another
-/// thread may have created it and not yet synced its parent). A file deleted since
-/// its put has nothing left to make durable.
-fn sync_each(root: &Path, paths: &HashSet<PathBuf>) -> std::io::Result<()> {
-    for path in paths {
-        match File::open(path) {
-            Ok(f) => f.sync_all()?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+/// Why a sync failed: opening a file (nothing was synced; a retry is sound) or
+/// syncing one (the kernel may have dropped the data: no retry can be trusted).
+enum Failed {
+    Open(std::io::Error),
+    Sync(std::io::Error),
+}
+
+impl Failed {
+    /// Counted as a failed sync: after a failed syncfs, nothing may be retried.
+    fn into_sync(self) -> Failed {
+        match self {
+            Failed::Open(e) | Failed::Sync(e) => Failed::Sync(e),
         }
     }
-    dirs_up_to(root, paths).into_iter().try_for_each(sync_dir)
+}
+
+/// fsyncs each file (through the descriptor it was written with, where kept), then
+/// each directory from the one holding it up to the store's root (the rename into
+/// place, and any directory created on the way: another thread may have created it
+/// and not yet synced its parent). A file deleted since its put has nothing left to
+/// make durable.
+fn sync_each(
+    root: &Path,
+    batch: &HashMap<PathBuf, Option<File>>,
+    fsync: impl Fn(&File) -> std::io::Result<()>,
+) -> Result<(), Failed> {
+    for (path, held) in batch {
+        let reopened;
+        let file = match held {
+            Some(f) => f,
+            None => match File::open(path) {
+                Ok(f) => {
+                    reopened = f;
+                    &reopened
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Failed::Open(e)),
+            },
+        };
+        fsync(file).map_err(Failed::Sync)?;
+    }
+    for dir in dirs_up_to(root, batch.keys()) {
+        let d = File::open(dir).map_err(Failed::Open)?;
+        fsync(&d).map_err(Failed::Sync)?;
+    }
+    Ok(())
 }
 
 /// The directories holding `paths` and all above them up to `root`, deepest first.
-fn dirs_up_to<'a>(root: &Path, paths: &'a HashSet<PathBuf>) -> Vec<&'a Path> {
+fn dirs_up_to<'a>(root: &Path, paths: impl Iterator<Item = &'a PathBuf>) -> Vec<&'a Path> {
     let mut dirs = std::collections::BTreeSet::new();
     for path in paths {
         let mut dir = path.parent();
@@ -490,7 +558,7 @@ impl ObjectStore for LocalStore {
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
         let path = self.path_of(key)?;
         let dir = self.ensure_parent(&path, key)?;
-        let tmp = self.write_temp(&dir, key, &[data], true)?;
+        let (tmp, _) = self.write_temp(&dir, key, &[data], true)?;
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::from_io(key, e));
@@ -507,14 +575,17 @@ impl ObjectStore for LocalStore {
         let replacing = match existing(&path, parts) {
             // Intact, but perhaps not yet durable (an unsynced put whose process died).
             Existing::Same => {
-                self.unsynced.lock().unwrap().insert(path);
+                match File::open(&path) {
+                    Ok(file) => self.note_unsynced(path, file),
+                    Err(e) => return Err(StoreError::from_io(key, e)),
+                }
                 return Ok(());
             }
             Existing::Other => true,
             Existing::Absent => false,
         };
         let dir = self.ensure_parent(&path, key)?;
-        let tmp = self.write_temp(&dir, key, parts, replacing)?;
+        let (tmp, file) = self.write_temp(&dir, key, parts, replacing)?;
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::from_io(key, e));
@@ -522,7 +593,7 @@ impl ObjectStore for LocalStore {
         if replacing {
             sync_dir(&dir).map_err(|e| StoreError::from_io(key, e))?;
         } else {
-            self.unsynced.lock().unwrap().insert(path);
+            self.note_unsynced(path, file);
         }
         Ok(())
     }
@@ -531,13 +602,13 @@ impl ObjectStore for LocalStore {
     /// (and one per directory up to the root), many at once by one syncfs(2) instead
     /// of two fsyncs per block (see `SYNC_EACH_MAX`).
     fn sync(&self) -> StoreResult<()> {
-        self.sync_with(syncfs)
+        self.sync_with(syncfs, File::sync_all)
     }
 
     fn put_if_absent(&self, key: &str, data: &[u8]) -> StoreResult<()> {
         let path = self.path_of(key)?;
         let dir = self.ensure_parent(&path, key)?;
-        let tmp = self.write_temp(&dir, key, &[data], true)?;
+        let (tmp, _) = self.write_temp(&dir, key, &[data], true)?;
         // link(2) fails with EEXIST atomically: conditional create without a lock.
         let linked = fs::hard_link(&tmp, &path);
         let _ = fs::remove_file(&tmp);
@@ -750,23 +821,50 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), false).unwrap();
         for n in [1, SYNC_EACH_MAX, SYNC_EACH_MAX + 1] {
-            for i in 0..n {
-                let key = format!("blocks/{:02x}/{n}-{i}", i % 3);
-                store.put_parts_unsynced(&key, &[b"data"]).unwrap();
-            }
+            put_objects(&store, &format!("{n}-"), n);
             // One of them deleted before the sync (nothing left to make durable).
             fs::remove_file(dir.path().join(format!("blocks/00/{n}-0"))).unwrap();
             store.sync().unwrap();
             assert!(store.unsynced.lock().unwrap().is_empty());
         }
-        // A failed sync fails every later one: after a writeback error the kernel
-        // may have dropped the data and marked it clean, so a retry would succeed
-        // without it.
+    }
+
+    /// `n` objects, spread over three directories.
+    fn put_objects(store: &LocalStore, tag: &str, n: usize) {
+        for i in 0..n {
+            let key = format!("blocks/{:02x}/{tag}{i}", i % 3);
+            store.put_parts_unsynced(&key, &[b"data"]).unwrap();
+        }
+    }
+
+    /// A file that cannot be opened (out of descriptors, say) leaves the batch for
+    /// the next sync: nothing was synced that a retry could mistake for durable.
+    #[test]
+    fn a_sync_that_could_not_open_a_file_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
         store.put_parts_unsynced("blocks/09/x", &[b"data"]).unwrap();
-        fs::remove_dir_all(dir.path().join("blocks/09")).unwrap();
-        fs::write(dir.path().join("blocks/09"), b"not a directory").unwrap();
+        let moved = dir.path().join("moved");
+        fs::rename(dir.path().join("blocks/09"), &moved).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("blocks/09")).unwrap();
         assert!(store.sync().is_err());
+        assert_eq!(store.unsynced.lock().unwrap().len(), 1);
         fs::remove_file(dir.path().join("blocks/09")).unwrap();
+        fs::rename(&moved, dir.path().join("blocks/09")).unwrap();
+        store.sync().unwrap();
+        assert!(store.unsynced.lock().unwrap().is_empty());
+    }
+
+    /// A failed fsync fails every later sync: after a writeback error the kernel
+    /// may have dropped the data and marked it clean, so a retry would succeed
+    /// without it.
+    #[test]
+    fn a_failed_fsync_stops_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        store.put_parts_unsynced("blocks/09/x", &[b"data"]).unwrap();
+        let eio = |_: &File| Err(std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(store.sync_with(syncfs, eio).is_err());
         store.put_parts_unsynced("blocks/0a/y", &[b"data"]).unwrap();
         let again = store.sync().unwrap_err().to_string();
         assert!(
@@ -776,27 +874,25 @@ mod tests {
     }
 
     /// syncfs reports another program's writeback error on the same filesystem too:
-    /// the store's own objects are then synced one by one, and only an error of
-    /// theirs stops the store.
+    /// the store's own objects are then synced one by one, and only a failure among
+    /// them stops the store (then even one to open them: the error may be theirs).
     #[test]
     fn a_syncfs_error_that_is_not_ours_does_not_stop_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), false).unwrap();
-        let foreign = |_: &Path| Err(std::io::Error::other("another file's writeback error"));
-        let put_many = |tag: &str| {
-            for i in 0..=SYNC_EACH_MAX {
-                let key = format!("blocks/{:02x}/{tag}{i}", i % 3);
-                store.put_parts_unsynced(&key, &[b"data"]).unwrap();
-            }
-        };
-        put_many("a");
-        store.sync_with(foreign).unwrap();
+        let foreign = |_: &File| Err(std::io::Error::other("another file's writeback error"));
+        put_objects(&store, "a", SYNC_EACH_MAX + 1);
+        store.sync_with(foreign, File::sync_all).unwrap();
         assert!(store.unsynced.lock().unwrap().is_empty());
-        // One of ours cannot be synced: now the store stops.
-        put_many("b");
-        fs::remove_dir_all(dir.path().join("blocks/01")).unwrap();
-        fs::write(dir.path().join("blocks/01"), b"not a directory").unwrap();
-        assert!(store.sync_with(foreign).is_err());
+        // Past the first few, objects are reopened to be synced: one that cannot be
+        // opened now stops the store.
+        put_objects(&store, "b", SYNC_EACH_MAX);
+        store
+            .put_parts_unsynced("blocks/0c/late", &[b"data"])
+            .unwrap();
+        fs::remove_dir_all(dir.path().join("blocks/0c")).unwrap();
+        fs::write(dir.path().join("blocks/0c"), b"not a directory").unwrap();
+        assert!(store.sync_with(foreign, File::sync_all).is_err());
         assert!(store.sync().is_err());
     }
 
@@ -813,14 +909,14 @@ mod tests {
         store
             .put_parts_unsynced("blocks/cd/abcdef", &[b"data"])
             .unwrap();
-        let batch = store.unsynced.lock().unwrap().clone();
+        let paths: Vec<PathBuf> = store.unsynced.lock().unwrap().keys().cloned().collect();
         let (ab, cd, blocks) = (
             root.join("blocks/ab"),
             root.join("blocks/cd"),
             root.join("blocks"),
         );
         assert_eq!(
-            dirs_up_to(&root, &batch),
+            dirs_up_to(&root, paths.iter()),
             vec![&*cd, &*ab, &*blocks, &*root]
         );
         store.sync().unwrap();

@@ -7,8 +7,7 @@ use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore as _, ObjectStoreExt, PutMode, PutOptions,
-    RetryConfig,
+    ClientOptions, ObjectStore as _, ObjectStoreExt, PutMode, PutOptions, RetryConfig,
 };
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -156,8 +155,8 @@ pub struct S3Store {
     settings: S3Settings,
 }
 
-/// A DELETE's attempts (and its retries) end this soon after it is sent: the
-/// client drops it then, whatever its retry state.
+/// A DELETE's attempts end this soon after it is sent: they start within the first
+/// half, by the wall clock, and each is dropped after half of it.
 const DELETE_DEADLINE: Duration = Duration::from_secs(10);
 
 fn map_err(key: &str, e: object_store::Error) -> StoreError {
@@ -220,11 +219,11 @@ fn s3_error(text: &str) -> Option<String> {
 /// One request's attempt, for all but DELETEs.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `retry_budget`: how long failed requests are retried; `timeout`: one attempt.
+/// `timeout`: one attempt.
 fn build_client(
     settings: &S3Settings,
     creds: &Credentials,
-    retry_budget: Duration,
+    retry: RetryConfig,
     timeout: Duration,
 ) -> StoreResult<AmazonS3> {
     let mut builder = AmazonS3Builder::new()
@@ -233,15 +232,7 @@ fn build_client(
         .with_access_key_id(&creds.key_id)
         .with_secret_access_key(&creds.secret)
         .with_virtual_hosted_style_request(!settings.path_style)
-        .with_retry(RetryConfig {
-            max_retries: 1000,
-            retry_timeout: retry_budget,
-            // Backoffs of up to 15 s would start attempts long after the budget.
-            backoff: BackoffConfig {
-                max_backoff: retry_budget / 4,
-                ..BackoffConfig::default()
-            },
-        })
+        .with_retry(retry)
         .with_client_options(
             ClientOptions::new()
                 .with_timeout(timeout)
@@ -262,9 +253,18 @@ fn build_client(
 impl S3Store {
     pub fn open(settings: S3Settings) -> StoreResult<S3Store> {
         let creds = credentials().map_err(StoreError::AccessDenied)?;
-        let client = build_client(&settings, &creds, settings.retry_budget, TIMEOUT)?;
-        // Short attempts, retried within the deadline (`delete` cuts them off there).
-        let deleter = build_client(&settings, &creds, DELETE_DEADLINE / 2, DELETE_DEADLINE / 2)?;
+        let retry = RetryConfig {
+            max_retries: 1000,
+            retry_timeout: settings.retry_budget,
+            ..RetryConfig::default()
+        };
+        let client = build_client(&settings, &creds, retry, TIMEOUT)?;
+        // `delete` retries by itself, against the wall clock.
+        let once = RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        };
+        let deleter = build_client(&settings, &creds, once, DELETE_DEADLINE / 2)?;
         let store = S3Store {
             client: Arc::new(client),
             deleter: Arc::new(deleter),
@@ -329,19 +329,30 @@ impl ObjectStore for S3Store {
             .map_err(|e| map_err(key, e))
     }
 
+    /// Attempts start only in the first half of `DELETE_DEADLINE` after the call, by
+    /// the wall clock (the lease's: a suspended machine's sleep counts, which the
+    /// runtime's timers do not see), and each is dropped after the other half.
     fn delete(&self, key: &str) -> StoreResult<()> {
-        let client = self.deleter.clone();
-        let path = self.path(key);
-        let deleted = runtime().block_on(async move {
-            tokio::time::timeout(DELETE_DEADLINE, client.delete(&path)).await
-        });
-        match deleted {
-            Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
-            Ok(Err(e)) => Err(map_err(key, e)),
-            Err(_) => Err(StoreError::Io(format!(
-                "{key}: DELETE gave up after {}s",
-                DELETE_DEADLINE.as_secs()
-            ))),
+        let start = std::time::SystemTime::now();
+        let attempt = DELETE_DEADLINE / 2;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let client = self.deleter.clone();
+            let path = self.path(key);
+            let deleted = runtime()
+                .block_on(async move { tokio::time::timeout(attempt, client.delete(&path)).await });
+            let err = match deleted {
+                Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => return Ok(()),
+                Ok(Err(e)) => map_err(key, e),
+                Err(_) => StoreError::Io(format!("{key}: DELETE timed out")),
+            };
+            // A clock set back counts as the deadline passed.
+            let spent = start.elapsed().unwrap_or(Duration::MAX);
+            if !matches!(err, StoreError::Io(_)) || spent.saturating_add(backoff) >= attempt {
+                return Err(err);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
