@@ -104,7 +104,10 @@ impl LocalStore {
             Err(Failed::Open(e)) => {
                 let mut unsynced = self.unsynced.lock().unwrap();
                 for (path, file) in batch {
-                    unsynced.entry(path).or_insert(file);
+                    let entry = unsynced.entry(path).or_insert(None);
+                    if entry.is_none() {
+                        *entry = file;
+                    }
                 }
                 Err(StoreError::from_io("sync", e))
             }
@@ -115,13 +118,14 @@ impl LocalStore {
         }
     }
 
-    /// Lists an object for the next sync, keeping its descriptor while few are.
-    fn note_unsynced(&self, path: PathBuf, file: File) {
+    /// Lists an object for the next sync, keeping its descriptor while few are (the
+    /// newest: a sync checks that the path still names it).
+    fn note_unsynced(&self, path: PathBuf, file: Option<File>) {
         let mut unsynced = self.unsynced.lock().unwrap();
-        let keep = unsynced.len() < SYNC_EACH_MAX;
+        let keep = unsynced.len() < SYNC_EACH_MAX || unsynced.contains_key(&path);
         let held = unsynced.entry(path).or_insert(None);
-        if keep && held.is_none() {
-            *held = Some(file);
+        if keep && file.is_some() {
+            *held = file;
         }
     }
 
@@ -334,7 +338,9 @@ fn sync_each(
 ) -> Result<(), Failed> {
     for (path, held) in batch {
         let reopened;
-        let file = match held {
+        // A held descriptor counts only while the path still names its file (not
+        // after a delete and a put again, or a racing put's rename over it).
+        let file = match held.as_ref().filter(|f| names(path, f)) {
             Some(f) => f,
             None => match File::open(path) {
                 Ok(f) => {
@@ -348,10 +354,24 @@ fn sync_each(
         fsync(file).map_err(Failed::Sync)?;
     }
     for dir in dirs_up_to(root, batch.keys()) {
-        let d = File::open(dir).map_err(Failed::Open)?;
+        let d = match File::open(dir) {
+            Ok(d) => d,
+            // Removed with all it held: nothing there to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Failed::Open(e)),
+        };
         fsync(&d).map_err(Failed::Sync)?;
     }
     Ok(())
+}
+
+/// Whether `path` names the file `f` is open on.
+fn names(path: &Path, f: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// The directories holding `paths` and all above them up to `root`, deepest first.
@@ -575,10 +595,8 @@ impl ObjectStore for LocalStore {
         let replacing = match existing(&path, parts) {
             // Intact, but perhaps not yet durable (an unsynced put whose process died).
             Existing::Same => {
-                match File::open(&path) {
-                    Ok(file) => self.note_unsynced(path, file),
-                    Err(e) => return Err(StoreError::from_io(key, e)),
-                }
+                let file = File::open(&path).ok();
+                self.note_unsynced(path, file);
                 return Ok(());
             }
             Existing::Other => true,
@@ -593,7 +611,7 @@ impl ObjectStore for LocalStore {
         if replacing {
             sync_dir(&dir).map_err(|e| StoreError::from_io(key, e))?;
         } else {
-            self.note_unsynced(path, file);
+            self.note_unsynced(path, Some(file));
         }
         Ok(())
     }
@@ -846,7 +864,7 @@ mod tests {
         store.put_parts_unsynced("blocks/09/x", &[b"data"]).unwrap();
         let moved = dir.path().join("moved");
         fs::rename(dir.path().join("blocks/09"), &moved).unwrap();
-        std::os::unix::fs::symlink("/nonexistent", dir.path().join("blocks/09")).unwrap();
+        fs::write(dir.path().join("blocks/09"), b"not a directory").unwrap();
         assert!(store.sync().is_err());
         assert_eq!(store.unsynced.lock().unwrap().len(), 1);
         fs::remove_file(dir.path().join("blocks/09")).unwrap();
@@ -894,6 +912,68 @@ mod tests {
         fs::write(dir.path().join("blocks/0c"), b"not a directory").unwrap();
         assert!(store.sync_with(foreign, File::sync_all).is_err());
         assert!(store.sync().is_err());
+    }
+
+    /// Syncs through `sync_with`, recording the inode of every file fsynced.
+    fn sync_recording(store: &LocalStore) -> (StoreResult<()>, Vec<u64>) {
+        use std::os::unix::fs::MetadataExt;
+        let seen = Mutex::new(Vec::new());
+        let fsync = |f: &File| {
+            seen.lock().unwrap().push(f.metadata()?.ino());
+            f.sync_all()
+        };
+        let synced = store.sync_with(syncfs, fsync);
+        (synced, seen.into_inner().unwrap())
+    }
+
+    fn inode(path: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&fs::metadata(path).unwrap())
+    }
+
+    /// Found by review: a held descriptor of a file no longer at the path (deleted,
+    /// then put again: blocks are named by content) was fsynced instead of it.
+    #[test]
+    fn a_put_again_after_a_delete_syncs_the_file_now_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        store.put_parts_unsynced("blocks/ab/x", &[b"old"]).unwrap();
+        store.delete("blocks/ab/x").unwrap();
+        store.put_parts_unsynced("blocks/ab/x", &[b"new"]).unwrap();
+        let now = inode(&dir.path().join("blocks/ab/x"));
+        let (synced, fsynced) = sync_recording(&store);
+        synced.unwrap();
+        assert!(fsynced.contains(&now), "{now} not in {fsynced:?}");
+    }
+
+    /// The same with two puts of one object racing: whichever rename came last.
+    #[test]
+    fn racing_puts_of_one_object_sync_the_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let path = store.path_of("blocks/ab/x").unwrap();
+        let d = store.ensure_parent(&path, "k").unwrap();
+        let (t1, f1) = store.write_temp(&d, "k", &[b"data"], false).unwrap();
+        let (t2, f2) = store.write_temp(&d, "k", &[b"data"], false).unwrap();
+        fs::rename(&t2, &path).unwrap();
+        fs::rename(&t1, &path).unwrap();
+        store.note_unsynced(path.clone(), Some(f1));
+        store.note_unsynced(path.clone(), Some(f2));
+        let now = inode(&path);
+        let (synced, fsynced) = sync_recording(&store);
+        synced.unwrap();
+        assert!(fsynced.contains(&now), "{now} not in {fsynced:?}");
+    }
+
+    /// A directory removed with everything it held has nothing to make durable.
+    #[test]
+    fn a_removed_empty_directory_does_not_fail_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        store.put_parts_unsynced("blocks/ab/x", &[b"data"]).unwrap();
+        fs::remove_file(dir.path().join("blocks/ab/x")).unwrap();
+        fs::remove_dir(dir.path().join("blocks/ab")).unwrap();
+        store.sync().unwrap();
+        store.sync().unwrap();
     }
 
     /// The first block of a fresh store creates `blocks/` and `blocks/xx`: their
