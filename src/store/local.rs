@@ -26,7 +26,7 @@ pub struct LocalStore {
     /// first few keep the descriptor they were written through: while it is open the
     /// kernel keeps the file's writeback error for it (an inode evicted meanwhile
     /// would take the error along).
-    unsynced: Mutex<HashMap<PathBuf, Option<File>>>,
+    unsynced: Mutex<HashMap<PathBuf, Vec<File>>>,
     /// The root, open since the store was: a syncfs on it reports every writeback
     /// error on that filesystem since then, even one another program's syncfs has
     /// already been told of (a freshly opened descriptor would not be).
@@ -103,11 +103,8 @@ impl LocalStore {
             // Nothing was synced that a retry could mistake for durable (EMFILE, ...).
             Err(Failed::Open(e)) => {
                 let mut unsynced = self.unsynced.lock().unwrap();
-                for (path, file) in batch {
-                    let entry = unsynced.entry(path).or_insert(None);
-                    if entry.is_none() {
-                        *entry = file;
-                    }
+                for (path, files) in batch {
+                    unsynced.entry(path).or_default().extend(files);
                 }
                 Err(StoreError::from_io("sync", e))
             }
@@ -118,14 +115,20 @@ impl LocalStore {
         }
     }
 
-    /// Lists an object for the next sync, keeping its descriptor while few are (the
-    /// newest: a sync checks that the path still names it).
+    /// Lists an object for the next sync, keeping its descriptor while few objects
+    /// are listed. Two puts of one object may race (the same block in two files):
+    /// both descriptors are kept, and a sync uses the one whose file the path names.
     fn note_unsynced(&self, path: PathBuf, file: Option<File>) {
+        const HELD_PER_OBJECT: usize = 2;
         let mut unsynced = self.unsynced.lock().unwrap();
-        let keep = unsynced.len() < SYNC_EACH_MAX || unsynced.contains_key(&path);
-        let held = unsynced.entry(path).or_insert(None);
-        if keep && file.is_some() {
-            *held = file;
+        let room = unsynced.len() < SYNC_EACH_MAX || unsynced.contains_key(&path);
+        let held = unsynced.entry(path).or_default();
+        if let Some(f) = file
+            && room
+            && held.len() < HELD_PER_OBJECT
+            && !held.iter().any(|h| same_file(h, &f))
+        {
+            held.push(f);
         }
     }
 
@@ -333,14 +336,14 @@ impl Failed {
 /// make durable.
 fn sync_each(
     root: &Path,
-    batch: &HashMap<PathBuf, Option<File>>,
+    batch: &HashMap<PathBuf, Vec<File>>,
     fsync: impl Fn(&File) -> std::io::Result<()>,
 ) -> Result<(), Failed> {
     for (path, held) in batch {
         let reopened;
         // A held descriptor counts only while the path still names its file (not
         // after a delete and a put again, or a racing put's rename over it).
-        let file = match held.as_ref().filter(|f| names(path, f)) {
+        let file = match held.iter().find(|f| names(path, f)) {
             Some(f) => f,
             None => match File::open(path) {
                 Ok(f) => {
@@ -367,11 +370,16 @@ fn sync_each(
 
 /// Whether `path` names the file `f` is open on.
 fn names(path: &Path, f: &File) -> bool {
+    matches!((f.metadata(), fs::metadata(path)), (Ok(a), Ok(b)) if same_inode(&a, &b))
+}
+
+fn same_file(a: &File, b: &File) -> bool {
+    matches!((a.metadata(), b.metadata()), (Ok(a), Ok(b)) if same_inode(&a, &b))
+}
+
+fn same_inode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (f.metadata(), fs::metadata(path)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
 }
 
 /// The directories holding `paths` and all above them up to `root`, deepest first.
@@ -958,10 +966,33 @@ mod tests {
         fs::rename(&t1, &path).unwrap();
         store.note_unsynced(path.clone(), Some(f1));
         store.note_unsynced(path.clone(), Some(f2));
+        // The descriptor of the file at the path is among those held (review).
+        let held = store.unsynced.lock().unwrap()[&path]
+            .iter()
+            .any(|f| names(&path, f));
+        assert!(held);
         let now = inode(&path);
         let (synced, fsynced) = sync_recording(&store);
         synced.unwrap();
         assert!(fsynced.contains(&now), "{now} not in {fsynced:?}");
+    }
+
+    /// A put of bytes already there keeps the descriptor the file was written
+    /// through (it hears of that file's writeback errors; a fresh one may not).
+    #[test]
+    fn a_put_of_the_same_bytes_keeps_the_write_descriptor() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let path = dir.path().join("blocks/ab/x");
+        let held = |store: &LocalStore| -> Vec<i32> {
+            let unsynced = store.unsynced.lock().unwrap();
+            unsynced[&path].iter().map(|f| f.as_raw_fd()).collect()
+        };
+        store.put_parts_unsynced("blocks/ab/x", &[b"data"]).unwrap();
+        let written = held(&store);
+        store.put_parts_unsynced("blocks/ab/x", &[b"data"]).unwrap();
+        assert_eq!(held(&store), written);
     }
 
     /// A directory removed with everything it held has nothing to make durable.
