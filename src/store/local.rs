@@ -104,7 +104,10 @@ impl LocalStore {
             Err(Failed::Open(e)) => {
                 let mut unsynced = self.unsynced.lock().unwrap();
                 for (path, files) in batch {
-                    unsynced.entry(path).or_default().extend(files);
+                    let held = unsynced.entry(path.clone()).or_default();
+                    for f in files {
+                        keep_held(&path, held, f);
+                    }
                 }
                 Err(StoreError::from_io("sync", e))
             }
@@ -119,16 +122,13 @@ impl LocalStore {
     /// are listed. Two puts of one object may race (the same block in two files):
     /// both descriptors are kept, and a sync uses the one whose file the path names.
     fn note_unsynced(&self, path: PathBuf, file: Option<File>) {
-        const HELD_PER_OBJECT: usize = 2;
         let mut unsynced = self.unsynced.lock().unwrap();
         let room = unsynced.len() < SYNC_EACH_MAX || unsynced.contains_key(&path);
-        let held = unsynced.entry(path).or_default();
+        let held = unsynced.entry(path.clone()).or_default();
         if let Some(f) = file
             && room
-            && held.len() < HELD_PER_OBJECT
-            && !held.iter().any(|h| same_file(h, &f))
         {
-            held.push(f);
+            keep_held(&path, held, f);
         }
     }
 
@@ -366,6 +366,16 @@ fn sync_each(
         fsync(&d).map_err(Failed::Sync)?;
     }
     Ok(())
+}
+
+/// Adds `f` to the descriptors held for `path`, at most two, dropping those whose
+/// file is no longer there (deleted, or renamed over: nothing left to sync).
+fn keep_held(path: &Path, held: &mut Vec<File>, f: File) {
+    const HELD_PER_OBJECT: usize = 2;
+    held.retain(|h| names(path, h) || same_file(h, &f));
+    if held.len() < HELD_PER_OBJECT && !held.iter().any(|h| same_file(h, &f)) {
+        held.push(f);
+    }
 }
 
 /// Whether `path` names the file `f` is open on.
@@ -993,6 +1003,59 @@ mod tests {
         let written = held(&store);
         store.put_parts_unsynced("blocks/ab/x", &[b"data"]).unwrap();
         assert_eq!(held(&store), written);
+    }
+
+    /// Found by review: two stale descriptors (deleted files) kept the one of the
+    /// file at the path out.
+    #[test]
+    fn the_file_at_the_path_keeps_its_descriptor_after_deletes_and_puts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let path = dir.path().join("blocks/ab/x");
+        for bytes in [&b"one"[..], b"two"] {
+            store.put_parts_unsynced("blocks/ab/x", &[bytes]).unwrap();
+            store.delete("blocks/ab/x").unwrap();
+        }
+        store
+            .put_parts_unsynced("blocks/ab/x", &[b"three"])
+            .unwrap();
+        let unsynced = store.unsynced.lock().unwrap();
+        assert!(unsynced[&path].iter().any(|f| names(&path, f)));
+        assert!(unsynced[&path].len() <= 2);
+    }
+
+    /// Found by review: each sync that failed to open a file put its descriptors
+    /// back on top of those noted meanwhile, without bound.
+    #[test]
+    fn a_failed_open_does_not_grow_the_held_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let key = "blocks/ab/cd/x";
+        let path = store.path_of(key).unwrap();
+        let ab = dir.path().join("blocks/ab");
+        let moved = dir.path().join("blocks/ab-moved");
+        store.put_parts_unsynced(key, &[b"a"]).unwrap();
+        for round in 0..3u8 {
+            let first = std::cell::Cell::new(true);
+            let fsync = |f: &File| {
+                if first.replace(false) {
+                    // Two puts of the object while the sync runs, then its
+                    // directory cannot be opened (ENOTDIR).
+                    for n in [2 * round, 2 * round + 1] {
+                        store.delete(key).unwrap();
+                        store.put_parts_unsynced(key, &[&[b'c', n]]).unwrap();
+                    }
+                    fs::rename(&ab, &moved).unwrap();
+                    fs::write(&ab, b"").unwrap();
+                }
+                f.sync_all()
+            };
+            assert!(store.sync_with(syncfs, fsync).is_err(), "round {round}");
+            fs::remove_file(&ab).unwrap();
+            fs::rename(&moved, &ab).unwrap();
+            assert!(store.unsynced.lock().unwrap()[&path].len() <= 2);
+        }
+        store.sync().unwrap();
     }
 
     /// A directory removed with everything it held has nothing to make durable.
