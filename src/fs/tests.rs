@@ -640,6 +640,13 @@ fn snapshots_compact_the_journal() {
 /// are unreachable after a crash. (Found by review.)
 #[test]
 fn back_to_back_background_snapshots_keep_commits_reachable() {
+    back_to_back_snapshots_keep_an_fsync(|_, v| v.snapshot_in_background().unwrap());
+}
+
+/// A volume with file "a" fsynced runs `first` (a background snapshot), then a second
+/// background snapshot whose PUT never lands (the daemon dies while it is written);
+/// file "b" is then written and fsynced: after a crash, a load must find it.
+fn back_to_back_snapshots_keep_an_fsync(first: impl FnOnce(&FaultyStore, &Volume)) {
     let faulty = Arc::new(FaultyStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let v = Volume::load(
@@ -653,16 +660,13 @@ fn back_to_back_background_snapshots_keep_commits_reachable() {
     .unwrap();
     let a = file(&v, ROOT_INO, "a");
     v.fsync(a).unwrap();
-    v.snapshot_in_background().unwrap();
-    // Straight again, nothing pending; its PUT fails (or the daemon is killed while
-    // it is written).
+    first(&faulty, &v);
     faulty.set_fail_puts_for(Some("meta/snapshot"));
     assert!(v.snapshot_in_background().is_err());
     faulty.set_fail_puts_for(None);
     let b = file(&v, ROOT_INO, "b");
     v.write(b, 0, b"acknowledged").unwrap();
     v.fsync(b).unwrap();
-    // A crash here: a new mount loads the store.
     let after = open_ro(&store);
     assert!(
         after.load_report.clean(),
@@ -696,36 +700,11 @@ fn a_load_that_races_a_compaction_loads_again_instead_of_reporting_damage() {
 /// timeout. (Found by review.)
 #[test]
 fn back_to_back_snapshots_the_first_landing_but_reported_failed_lose_nothing() {
-    let faulty = Arc::new(FaultyStore::new(new_store()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let v = Volume::load(
-        store.clone(),
-        VolumeConfig {
-            snapshot_segments: 1000,
-            commit_interval: Duration::from_secs(3600),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let a = file(&v, ROOT_INO, "a");
-    v.fsync(a).unwrap();
-    faulty.set_lose_acks_for(Some("meta/snapshot"));
-    assert!(v.snapshot_in_background().is_err());
-    faulty.set_lose_acks_for(None);
-    // The second one's PUT never lands (the daemon dies while it is written).
-    faulty.set_fail_puts_for(Some("meta/snapshot"));
-    assert!(v.snapshot_in_background().is_err());
-    faulty.set_fail_puts_for(None);
-    let b = file(&v, ROOT_INO, "b");
-    v.write(b, 0, b"acknowledged").unwrap();
-    v.fsync(b).unwrap();
-    let after = open_ro(&store);
-    assert!(
-        after.load_report.clean(),
-        "{:?}",
-        after.load_report.warnings
-    );
-    assert_eq!(read_all(&after, b), b"acknowledged");
+    back_to_back_snapshots_keep_an_fsync(|faulty, v| {
+        faulty.set_lose_acks_for(Some("meta/snapshot"));
+        assert!(v.snapshot_in_background().is_err());
+        faulty.set_lose_acks_for(None);
+    });
 }
 
 #[test]
@@ -2658,23 +2637,20 @@ fn a_fold_and_a_truncate_at_the_same_time_leave_no_stale_bytes_past_the_cut() {
 
 // Found by review (third round): acknowledged commits around lease takeovers.
 
-/// Store without conditional create (Garage): B's lease object replaces A's and B
-/// loads the store after A's segment landed but before A's post-commit probe. A's
-/// probe then moves that segment under meta/forked/, although B's chain builds on it.
-#[test]
-fn a_segment_the_other_writer_loaded_stays_when_its_writer_is_stopped() {
+/// Writer A commits; right after its segment landed (when its lease probe reads
+/// `meta/lease-2`), `take_store` lets another writer take the store over and load
+/// it. A's commit must fail, the other writer must have loaded A's segment, and its
+/// own acknowledged commit must load afterwards.
+fn late_segment_loaded_by_the_next_writer(
+    take_store: impl FnOnce(&Arc<dyn ObjectStore>) -> Volume + Send + 'static,
+) {
     let hooks = Arc::new(HookStore::new(new_store()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
     let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
     let (inner, s2) = (hooks.inner.clone(), slot.clone());
-    // A's probe GETs meta/lease-<n+1> right after its segment landed.
     hooks.on("meta/lease-00000000000000000002".into(), move || {
-        for k in inner.list("meta/lease-").unwrap() {
-            inner.delete(&k).unwrap();
-        }
-        let b = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
-        *s2.lock().unwrap() = Some(b);
+        *s2.lock().unwrap() = Some(take_store(&inner));
     });
     a.mkdir(root(), ROOT_INO, b"from-a", 0o755).unwrap();
     assert!(a.commit().is_err());
@@ -2694,47 +2670,35 @@ fn a_segment_the_other_writer_loaded_stays_when_its_writer_is_stopped() {
     );
 }
 
-/// The same on a store WITH conditional create: B took A's expired lease over and
-/// released it without sealing (as a failed load, or gc, did before they left such a
-/// lease unreleased); C then acquires without `took_over` (no seal), loads A's late
-/// segment, and A's check (which sees B's lease-<n+1>) must leave it under C's chain.
+/// Store without conditional create (Garage): B's lease object replaces A's and B
+/// loads the store after A's segment landed but before A's post-commit probe. A's
+/// probe then moved that segment under meta/forked/, although B's chain builds on it.
+#[test]
+fn a_segment_the_other_writer_loaded_stays_when_its_writer_is_stopped() {
+    late_segment_loaded_by_the_next_writer(|inner| {
+        for k in inner.list("meta/lease-").unwrap() {
+            inner.delete(&k).unwrap();
+        }
+        Volume::load(inner.clone(), VolumeConfig::default()).unwrap()
+    });
+}
+
+/// The same on a store WITH conditional create: a writer took A's expired lease over
+/// and released it without sealing (as a failed load, or gc, did before they left such
+/// a lease unreleased); B then acquires without `took_over` (no seal), loads A's late
+/// segment, and A's check (which sees lease-<n+1>) must leave it under B's chain.
 #[test]
 fn a_late_segment_an_unsealed_writer_loaded_stays() {
-    let hooks = Arc::new(HookStore::new(new_store()));
-    let store: Arc<dyn ObjectStore> = hooks.clone();
-    let a = open(&store);
-    let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
-    let (inner, s2) = (hooks.inner.clone(), slot.clone());
-    hooks.on("meta/lease-00000000000000000002".into(), move || {
-        // B's takeover (lease 2), then its failed load released it.
-        let (_, mut holder) = crate::lease::current(&*inner).unwrap().unwrap();
+    late_segment_loaded_by_the_next_writer(|inner| {
+        let (_, mut holder) = crate::lease::current(&**inner).unwrap().unwrap();
         holder.writer = "bbbbbbbb".into();
         holder.released = true;
+        let lease = crate::index::codec::encode(&crate::lease::LEASE, &holder);
         inner
-            .put(
-                "meta/lease-00000000000000000002",
-                &crate::index::codec::encode(&crate::lease::LEASE, &holder),
-            )
+            .put("meta/lease-00000000000000000002", &lease)
             .unwrap();
-        let c = Volume::load(inner.clone(), VolumeConfig::default()).unwrap();
-        *s2.lock().unwrap() = Some(c);
+        Volume::load(inner.clone(), VolumeConfig::default()).unwrap()
     });
-    a.mkdir(root(), ROOT_INO, b"from-a", 0o755).unwrap();
-    assert!(a.commit().is_err());
-    assert!(hooks.fired() && a.is_fenced());
-    let c = slot.lock().unwrap().take().unwrap();
-    assert!(
-        c.lookup(ROOT_INO, b"from-a").is_ok(),
-        "C loaded A's segment"
-    );
-    c.mkdir(root(), ROOT_INO, b"from-c", 0o755).unwrap();
-    c.commit().unwrap(); // acknowledged
-    let after = open_ro(&store);
-    assert!(
-        after.lookup(ROOT_INO, b"from-c").is_ok(),
-        "C's acknowledged commit is lost: {:?}",
-        after.load_report.warnings
-    );
 }
 
 /// The lease check fails with a store error: the commit fails, the segment stays
@@ -2943,17 +2907,22 @@ fn gc_after_a_takeover_deletes_no_block_of_a_segment_the_next_writer_loads() {
     assert!(hooks.fired() && a.is_fenced());
     drop(a);
     let b = Volume::load(local.clone(), VolumeConfig::default()).unwrap();
-    let missing: Vec<String> = b.with_index(|i| {
-        i.ledger()
-            .referenced()
-            .map(|(id, _)| id.key())
-            .filter(|k| matches!(local.get(k), Err(StoreError::NotFound(_))))
-            .collect()
-    });
+    let missing = missing_blocks(&b, &*local);
     assert!(
         missing.is_empty(),
         "B's index references deleted blocks: {missing:?}"
     );
+}
+
+/// The blocks `v`'s index references that are not in `store`.
+fn missing_blocks(v: &Volume, store: &dyn ObjectStore) -> Vec<String> {
+    v.with_index(|i| {
+        i.ledger()
+            .referenced()
+            .map(|(id, _)| id.key())
+            .filter(|k| matches!(store.get(k), Err(StoreError::NotFound(_))))
+            .collect()
+    })
 }
 
 #[test]
@@ -2976,13 +2945,7 @@ fn a_fenced_writer_deletes_no_block_the_new_writer_references() {
     assert!(a.commit().is_err());
     assert!(a.is_fenced());
     assert_eq!(a.delete_freed_blocks(Duration::ZERO), 0);
-    let missing: Vec<String> = b.with_index(|i| {
-        i.ledger()
-            .referenced()
-            .map(|(id, _)| id.key())
-            .filter(|k| matches!(store.get(k), Err(StoreError::NotFound(_))))
-            .collect()
-    });
+    let missing = missing_blocks(&b, &*store);
     assert!(
         missing.is_empty(),
         "a fenced writer deleted blocks of B's file: {missing:?}"
@@ -3038,13 +3001,7 @@ fn a_writer_fenced_while_deleting_stops_deleting() {
     });
     let deleted = a.delete_freed_blocks(Duration::ZERO);
     let b = b_slot.lock().unwrap().take().expect("the hook ran");
-    let missing: Vec<String> = b.with_index(|i| {
-        i.ledger()
-            .referenced()
-            .map(|(id, _)| id.key())
-            .filter(|k| matches!(inner.get(k), Err(StoreError::NotFound(_))))
-            .collect()
-    });
+    let missing = missing_blocks(&b, &*inner);
     // The DELETE in flight when A was taken over may land; nothing after it may.
     assert!(
         missing.len() <= 1,

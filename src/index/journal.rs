@@ -1130,13 +1130,25 @@ mod tests {
     }
 
     /// A fresh store with one segment per name, committed by `writer`.
+    /// Adds file `name` and commits it as one segment.
+    fn commit_file(l: &mut Loaded, name: &str) {
+        add_file(&mut l.index, name);
+        l.journal.commit(&l.index.take_changes()).unwrap();
+    }
+
+    /// A fresh load replays cleanly to exactly `want`.
+    fn loads_clean(store: &Arc<dyn ObjectStore>, writer: &str, want: &[&str]) {
+        let r = load(store.clone(), writer).unwrap();
+        assert!(r.report.clean(), "{:?}", r.report.warnings);
+        assert_eq!(names(&r.index), want);
+    }
+
     fn with_segments(names: &[&str], writer: &str) -> (Arc<dyn ObjectStore>, Loaded) {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         mkfs(&*store, 4096).unwrap();
         let mut l = load(store.clone(), writer).unwrap();
         for name in names {
-            add_file(&mut l.index, name);
-            l.journal.commit(&l.index.take_changes()).unwrap();
+            commit_file(&mut l, name);
         }
         (store, l)
     }
@@ -1178,8 +1190,7 @@ mod tests {
         let body = l.index.snapshot_body(l.journal.next_generation());
         let before = l.journal.write_snapshot(body.generation, &body).unwrap();
         remove_generations_before(&*store, before.unwrap());
-        add_file(&mut l.index, "c");
-        l.journal.commit(&l.index.take_changes()).unwrap();
+        commit_file(&mut l, "c");
         let keys = store.list("meta/").unwrap();
         assert_eq!(
             keys,
@@ -1251,8 +1262,7 @@ mod tests {
             // The follower that crossed the bridge goes on in the same chain, and so
             // does one that starts from the new snapshot.
             let mut late = load(store.clone(), "late").unwrap();
-            add_file(&mut l.index, "e");
-            l.journal.commit(&l.index.take_changes()).unwrap();
+            commit_file(&mut l, "e");
             all.push("e".to_string());
             for follower in [&mut reader, &mut late] {
                 assert!(follow_into(follower));
@@ -1273,11 +1283,8 @@ mod tests {
         remove_generations_before(&*store, before);
         // The next one begins at once; a commit while it is written; then a crash.
         l.journal.begin_snapshot(l.index.next_ino()).unwrap();
-        add_file(&mut l.index, "c");
-        l.journal.commit(&l.index.take_changes()).unwrap();
-        let r = load(store.clone(), "w2").unwrap();
-        assert!(r.report.clean(), "{:?}", r.report.warnings);
-        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+        commit_file(&mut l, "c");
+        loads_clean(&store, "w2", &["a", "b", "c"]);
     }
 
     #[test]
@@ -1286,18 +1293,14 @@ mod tests {
         let late = l.index.snapshot_view(l.journal.next_generation());
         let first = l.journal.begin_snapshot(l.index.next_ino()).unwrap();
         l.journal.end_snapshot(first, None);
-        add_file(&mut l.index, "b");
-        l.journal.commit(&l.index.take_changes()).unwrap();
+        commit_file(&mut l, "b");
         // A second snapshot in the background, over the first one's bridged chain.
         let view = l.index.snapshot_view(l.journal.next_generation());
         let second = l.journal.begin_snapshot(l.index.next_ino()).unwrap();
         assert!(second > first);
-        add_file(&mut l.index, "c");
-        l.journal.commit(&l.index.take_changes()).unwrap();
+        commit_file(&mut l, "c");
         // Neither landed: two bridges.
-        let r = load(store.clone(), "w2").unwrap();
-        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
-        assert!(r.report.clean(), "{:?}", r.report.warnings);
+        loads_clean(&store, "w2", &["a", "b", "c"]);
         put_snapshot(&*store, second, &view).unwrap();
         let r = load(store.clone(), "w3").unwrap();
         assert_eq!(names(&r.index), vec!["a", "b", "c"]);
@@ -1320,16 +1323,11 @@ mod tests {
         put_snapshot(&*store, first, &view1).unwrap();
         assert_eq!(l.journal.end_snapshot(first, None), None);
         l.journal.begin_snapshot(l.index.next_ino()).unwrap();
-        add_file(&mut l.index, "c");
-        l.journal.commit(&l.index.take_changes()).unwrap();
-        let r = load(store.clone(), "w2").unwrap();
-        assert!(r.report.clean(), "{:?}", r.report.warnings);
-        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+        commit_file(&mut l, "c");
+        loads_clean(&store, "w2", &["a", "b", "c"]);
         // Without the landed one, from the snapshot before it.
         store.delete(&snapshot_key(first)).unwrap();
-        let r = load(store.clone(), "w3").unwrap();
-        assert!(r.report.clean(), "{:?}", r.report.warnings);
-        assert_eq!(names(&r.index), vec!["a", "b", "c"]);
+        loads_clean(&store, "w3", &["a", "b", "c"]);
         follow_into(&mut reader);
         follow_into(&mut reader);
         assert_eq!(names(&reader.index), vec!["a", "b", "c"]);
@@ -1339,8 +1337,7 @@ mod tests {
     fn a_newer_chain_that_does_not_bridge_from_the_end_is_not_replayed() {
         let (store, mut l) = with_segments(&["a", "b"], "w1");
         l.journal.begin_snapshot(l.index.next_ino()).unwrap();
-        add_file(&mut l.index, "c");
-        l.journal.commit(&l.index.take_changes()).unwrap();
+        commit_file(&mut l, "c");
         // The old chain's last segment is lost: the bridge names a segment that is
         // not the end of what replays, so the newer chain must not be applied.
         store.delete(&segment_key(0, 2, "w1")).unwrap();
@@ -1417,8 +1414,7 @@ mod tests {
         mkfs(&*store, 4096).unwrap();
         let mut a = load(store.clone(), "aaaa").unwrap();
         let mut b = load(store.clone(), "bbbb").unwrap();
-        add_file(&mut a.index, "a");
-        a.journal.commit(&a.index.take_changes()).unwrap();
+        commit_file(&mut a, "a");
         add_file(&mut b.index, "b");
         match b.journal.commit(&b.index.take_changes()) {
             Err(IndexError::Fork { writers, .. }) => assert_eq!(writers, "aaaa, bbbb"),
