@@ -2740,6 +2740,20 @@ fn a_retried_fsync_after_a_failed_lease_check_checks_again() {
     );
 }
 
+/// File "f" written, and its fsync's segment PUT failed: the journal owes a
+/// snapshot, to be written under the returned generation by the next commit.
+fn owe_a_snapshot(a: &Volume, faulty: &FaultyStore) -> (Ino, u64) {
+    let f = file(a, ROOT_INO, "f");
+    a.commit().unwrap();
+    a.write(f, 0, b"late").unwrap();
+    faulty.set_fail_puts_for(Some("meta/journal-"));
+    assert!(a.fsync(f).is_err());
+    faulty.set_fail_puts_for(None);
+    assert!(a.journal.lock().unwrap().snapshot_owed());
+    let generation = a.journal.lock().unwrap().next_generation();
+    (f, generation)
+}
+
 /// A commit that owes a snapshot (an earlier segment PUT failed) is written as an
 /// in-line snapshot, which must be checked like a segment: the writer stalled
 /// between its lease check and that PUT and was taken over meanwhile, and the
@@ -2750,14 +2764,7 @@ fn an_owed_snapshot_is_not_acknowledged_after_a_takeover() {
     let hooks = Arc::new(HookStore::new(faulty.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
-    let f = file(&a, ROOT_INO, "f");
-    a.commit().unwrap();
-    a.write(f, 0, b"late").unwrap();
-    faulty.set_fail_puts_for(Some("meta/journal-"));
-    assert!(a.fsync(f).is_err());
-    faulty.set_fail_puts_for(None);
-    assert!(a.journal.lock().unwrap().snapshot_owed());
-    let generation = a.journal.lock().unwrap().next_generation();
+    let (f, generation) = owe_a_snapshot(&a, &faulty);
     let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
     let (inner, s2) = (hooks.inner.clone(), slot.clone());
     hooks.on(journal::snapshot_key(generation), move || {
@@ -2854,14 +2861,7 @@ fn gc_after_a_takeover_lets_a_stale_snapshot_delete_acknowledged_commits() {
     let hooks = Arc::new(HookStore::new(faulty.clone()));
     let store: Arc<dyn ObjectStore> = hooks.clone();
     let a = open(&store);
-    let f = file(&a, ROOT_INO, "f");
-    a.commit().unwrap();
-    a.write(f, 0, b"late").unwrap();
-    faulty.set_fail_puts_for(Some("meta/journal-"));
-    assert!(a.fsync(f).is_err());
-    faulty.set_fail_puts_for(None);
-    assert!(a.journal.lock().unwrap().snapshot_owed());
-    let generation = a.journal.lock().unwrap().next_generation();
+    let (f, generation) = owe_a_snapshot(&a, &faulty);
     let slot: Arc<Mutex<Option<Volume>>> = Arc::default();
     let (inner, s2, spec) = (local.clone(), slot.clone(), spec.clone());
     hooks.on(journal::snapshot_key(generation), move || {
