@@ -1,15 +1,15 @@
 //! floorfs: the cost of FUSE itself on this machine, for `scripts/bench.sh`.
 //!
 //! An in-memory filesystem that does no storage work at all but talks to the kernel
-//! exactly as objfs does (same threads, TTL, capabilities and open flags). Whatever
+//! exactly as objfs does (same threads, TTL, capabilities, zero-message opens). Whatever
 //! it takes for a workload is the floor any FUSE filesystem pays here, so the bench can
 //! tell objfs's own overhead from the protocol's. Not a product: no persistence, no
 //! limits, no removal. Usage: `floorfs MOUNTPOINT` (runs until unmounted).
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -217,27 +217,47 @@ impl Filesystem for FloorFs {
         reply.entry(&TTL, &attr, Generation(0));
     }
 
+    /// As objfs does: ENOSYS once, and the kernel creates files with MKNOD and opens
+    /// them without a request.
     fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn mknod(
         &self,
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
+        _rdev: u32,
+        reply: ReplyEntry,
     ) {
-        let attr = self.add(parent.0, name, FileType::RegularFile, mode & !umask, req);
-        let flags = FopenFlags::FOPEN_KEEP_CACHE;
-        reply.created(&TTL, &attr, Generation(0), FileHandle(0), flags);
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return reply.error(Errno::EPERM);
+        }
+        let attr = self.add(
+            parent.0,
+            name,
+            FileType::RegularFile,
+            mode & 0o7777 & !umask,
+            req,
+        );
+        reply.entry(&TTL, &attr, Generation(0));
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let mut open_flags = FopenFlags::FOPEN_KEEP_CACHE;
-        if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
-            open_flags |= FopenFlags::FOPEN_NOFLUSH;
-        }
-        reply.opened(FileHandle(0), open_flags);
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // As objfs does: the kernel opens and closes files by itself from now on.
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
@@ -288,7 +308,7 @@ impl Filesystem for FloorFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(

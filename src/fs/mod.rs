@@ -264,6 +264,9 @@ struct State {
     /// Of those, handles open for writing: the kernel may hold data of these files
     /// that has not reached us (writeback cache, dirty shared mappings).
     writers: HashMap<Ino, u32>,
+    /// Lookups the kernel holds (`hold`), with zero-message opens: then an unlinked
+    /// file stays while the kernel still knows it, since a process may have it open.
+    held: HashMap<Ino, u64>,
 }
 
 enum Handle {
@@ -319,6 +322,8 @@ pub struct Volume {
     fenced: AtomicBool,
     /// POSIX ACLs are stored and kept in step with modes (the kernel enforces them).
     posix_acls: AtomicBool,
+    /// The kernel opens files without telling us (`opens_unseen`).
+    opens_unseen: AtomicBool,
 }
 
 /// What a new node is made of.
@@ -430,6 +435,7 @@ impl Volume {
                 index: loaded.index,
                 open: HashMap::new(),
                 writers: HashMap::new(),
+                held: HashMap::new(),
             }),
             journal: Mutex::new(loaded.journal),
             files: Mutex::new(HashMap::new()),
@@ -450,6 +456,7 @@ impl Volume {
             lease: Mutex::new(lease),
             fenced: AtomicBool::new(false),
             posix_acls: AtomicBool::new(false),
+            opens_unseen: AtomicBool::new(false),
         };
         if !volume.config.read_only {
             // Renewals may have failed through a long load: the seal written next
@@ -590,6 +597,11 @@ impl Volume {
         let allocated = match state.writers.contains_key(&ino) {
             true if self.config.writeback_cache => inode.size.max(1),
             true => inode.size,
+            // Any file may be open for writing without our knowing (dirty shared
+            // mappings): never no blocks at all, for the same reason.
+            false if self.opens_unseen.load(Ordering::Relaxed) && inode.size > 0 => {
+                state.index.allocated(inode).max(1)
+            }
             false => state.index.allocated(inode),
         };
         Ok(Attr::of(inode, allocated))
@@ -717,6 +729,45 @@ impl Volume {
         self.posix_acls.store(true, Ordering::Relaxed);
     }
 
+    /// The kernel opens and closes files without a request from now on (zero-message
+    /// opens): it holds unlinked files alive by its lookups (`hold`, `forget`).
+    pub fn set_opens_unseen(&self) {
+        self.opens_unseen.store(true, Ordering::Relaxed);
+    }
+
+    /// The kernel is about to learn of `ino` from an entry reply, and will `forget`
+    /// it; NotFound if it is gone (then the reply must not name it). Only regular
+    /// files are counted: nothing else is read or written after its last unlink.
+    pub fn hold(&self, ino: Ino) -> FsResult<()> {
+        let mut state = self.state();
+        if Self::inode(&state, ino)?.kind == Kind::File {
+            *state.held.entry(ino).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// The kernel dropped `n` of its lookups of `ino`; with the last, an unlinked
+    /// file that is not open goes.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let mut state = self.state();
+        let Some(count) = state.held.get_mut(&ino) else {
+            return;
+        };
+        *count = count.saturating_sub(n);
+        if *count > 0 {
+            return;
+        }
+        state.held.remove(&ino);
+        if !state.open.contains_key(&ino) {
+            self.readahead.forget(ino);
+            if state.index.get(ino).is_some_and(|i| i.nlink == 0) {
+                self.destroy_inode(&mut state, ino);
+            }
+        }
+        drop(state);
+        self.bury();
+    }
+
     pub fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
         self.make_node(ctx, parent, name, NewNode::plain(Kind::Dir, mode))
     }
@@ -820,7 +871,7 @@ impl Volume {
             .nlink
             .saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
         inode.ctime = Timestamp::now();
-        if inode.nlink == 0 && !state.open.contains_key(&ino) {
+        if inode.nlink == 0 && !state.open.contains_key(&ino) && !state.held.contains_key(&ino) {
             self.destroy_inode(state, ino);
         }
     }
@@ -1081,7 +1132,8 @@ impl Volume {
         if last {
             self.readahead.forget(ino);
         }
-        if last && state.index.get(ino).is_some_and(|i| i.nlink == 0) {
+        let unlinked = state.index.get(ino).is_some_and(|i| i.nlink == 0);
+        if last && unlinked && !state.held.contains_key(&ino) {
             self.destroy_inode(&mut state, ino);
         }
         drop(state);

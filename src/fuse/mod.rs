@@ -22,7 +22,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Directory entries fetched per readdir request (more than one reply buffer holds).
@@ -41,6 +41,74 @@ pub struct FuseAdapter {
     /// ask the kernel for io_uring; and whether it agreed.
     ring_prepared: Arc<AtomicBool>,
     ring_state: Arc<AtomicU8>,
+    /// Zero-message opens: agreed at INIT (`Volume::set_opens_unseen`).
+    opens_unseen: Arc<AtomicBool>,
+    launderer: Launderer,
+}
+
+/// How long SEEK_DATA/SEEK_HOLE waits for the kernel to write its dirty pages back
+/// before it answers "all data" instead.
+const LAUNDER_WAIT: Duration = Duration::from_secs(2);
+
+/// Has the kernel write back its dirty pages of a file (a reverse invalidation
+/// launders them: WRITE requests that land before it returns). With zero-message
+/// opens objfs cannot tell which files a process has mapped for writing, so SEEK_DATA
+/// and SEEK_HOLE ask this first instead of calling such data a hole. Its own thread:
+/// the WRITEs need a free request thread, which the waiting handler would otherwise
+/// be; a handler waits at most LAUNDER_WAIT.
+#[derive(Clone, Default)]
+struct Launderer {
+    jobs: Arc<Mutex<Option<mpsc::Sender<LaunderJob>>>>,
+}
+
+struct LaunderJob {
+    ino: u64,
+    offset: u64,
+    done: mpsc::SyncSender<bool>,
+}
+
+impl Launderer {
+    /// Whether the kernel holds nothing dirty of `ino` from `offset` on any more.
+    fn launder(&self, notifier: &Arc<OnceLock<fuser::Notifier>>, ino: u64, offset: u64) -> bool {
+        let (done, finished) = mpsc::sync_channel(1);
+        let job = LaunderJob { ino, offset, done };
+        let sent = {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if jobs.is_none() {
+                *jobs = Self::spawn(notifier.clone());
+            }
+            jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok())
+        };
+        sent && finished.recv_timeout(LAUNDER_WAIT).unwrap_or(false)
+    }
+
+    fn spawn(notifier: Arc<OnceLock<fuser::Notifier>>) -> Option<mpsc::Sender<LaunderJob>> {
+        let (tx, rx) = mpsc::channel::<LaunderJob>();
+        let spawned = std::thread::Builder::new()
+            .name("objfs-launder".into())
+            .spawn(move || {
+                for job in rx {
+                    let Some(n) = notifier.get() else {
+                        let _ = job.done.send(false);
+                        continue;
+                    };
+                    let offset = i64::try_from(job.offset).unwrap_or(i64::MAX);
+                    // ENOENT: the kernel has no pages of it at all.
+                    let ok = match n.inval_inode(INodeNo(job.ino), offset, 0) {
+                        Ok(()) => true,
+                        Err(e) => e.raw_os_error() == Some(libc::ENOENT),
+                    };
+                    let _ = job.done.send(ok);
+                }
+            });
+        match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                log::warn!("SEEK_DATA/SEEK_HOLE: no thread to have the kernel write back ({e})");
+                None
+            }
+        }
+    }
 }
 
 const RING_PENDING: u8 = 0;
@@ -85,6 +153,8 @@ impl FuseAdapter {
             notifier,
             ring_prepared: Arc::new(AtomicBool::new(false)),
             ring_state: Arc::new(AtomicU8::new(RING_PENDING)),
+            opens_unseen: Arc::new(AtomicBool::new(false)),
+            launderer: Launderer::default(),
         }
     }
 
@@ -97,7 +167,33 @@ impl FuseAdapter {
         }
     }
 
+    fn opens_unseen(&self) -> bool {
+        self.opens_unseen.load(Ordering::Relaxed)
+    }
+
+    /// An entry reply the kernel will count as a lookup: with zero-message opens the
+    /// inode must stay until the kernel forgets it.
+    fn held(&self, result: Result<Attr, FsError>) -> Result<Attr, FsError> {
+        let a = result?;
+        if self.opens_unseen() {
+            self.volume.hold(a.ino)?;
+        }
+        Ok(a)
+    }
+
+    /// A readdirplus entry the kernel took ("." and ".." it does not count).
+    fn held_listed(&self, e: &DirEntry) {
+        if self.opens_unseen() && e.name != b"." && e.name != b".." {
+            // Removed meanwhile: the kernel's later requests for it find nothing.
+            let _ = self.volume.hold(e.ino);
+        }
+    }
+
+    /// ENOSYS once, and the kernel opens and closes files by itself from then on.
     fn open_file(&self, ino: u64, flags: i32) -> Result<(u64, FopenFlags), FsError> {
+        if self.opens_unseen() {
+            return Err(FsError::LeftToKernel);
+        }
         let truncate = flags & libc::O_TRUNC != 0;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         // A reader has no write-back error to hear about at close: spare the
@@ -114,6 +210,42 @@ impl FuseAdapter {
             self.forget_cached_attrs(INodeNo(ino));
         }
         Ok((fh, open_flags))
+    }
+
+    /// With zero-message opens, ENOSYS once: the kernel then creates files with
+    /// MKNOD and opens them by itself (a CREATE's handle would cost a RELEASE).
+    fn create_file(
+        &self,
+        caller: Ctx,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<(Attr, u64), FsError> {
+        if self.opens_unseen() {
+            return Err(FsError::LeftToKernel);
+        }
+        self.volume.create(caller, parent, name, mode)
+    }
+
+    /// close(2). With zero-message opens there are no handles: ENOSYS, and the kernel
+    /// stops sending FLUSH (write-back errors are reported by fsync).
+    fn flush_file(&self, ino: u64, fh: u64) -> Result<(), FsError> {
+        if self.opens_unseen() {
+            return Err(FsError::LeftToKernel);
+        }
+        self.volume.flush(ino, Some(fh))
+    }
+
+    fn release_file(&self, fh: u64) -> Result<(), FsError> {
+        if fh == 0 && self.opens_unseen() {
+            return Ok(());
+        }
+        self.volume.release(fh)
+    }
+
+    fn fsync_file(&self, ino: u64, fh: u64) -> Result<(), FsError> {
+        let fh = (!self.opens_unseen()).then_some(fh);
+        self.volume.fsync_handle(ino, fh)
     }
 
     /// `drop_setid_for`: the writer, when the kernel asks us to drop set-ID bits.
@@ -187,7 +319,30 @@ impl FuseAdapter {
             _ => return Err(FsError::Invalid),
         };
         let offset = u64::try_from(offset).map_err(|_| FsError::NoSuchOffset)?;
-        Ok(self.volume.seek(ino, offset, what)? as i64)
+        let answer = self.volume.seek(ino, offset, what);
+        if !self.opens_unseen() {
+            return Ok(answer? as i64);
+        }
+        // A hole may be where a process's mapping has dirty pages: before saying
+        // "hole", have the kernel write them back and look again.
+        let size = self.volume.getattr(ino)?.size;
+        let says_hole = match (what, &answer) {
+            (Seek::Data, Ok(at)) => *at > offset,
+            (Seek::Hole, Ok(at)) => *at < size,
+            (_, Err(FsError::NoSuchOffset)) => offset < size,
+            (_, Err(_)) => false,
+        };
+        if !says_hole {
+            return Ok(answer? as i64);
+        }
+        if self.launderer.launder(&self.notifier, ino, offset) {
+            return Ok(self.volume.seek(ino, offset, what)? as i64);
+        }
+        // Could not: all of it is data, which is never wrong.
+        Ok(match what {
+            Seek::Data => offset,
+            Seek::Hole => size,
+        } as i64)
     }
 
     fn dir_entries(&self, ino: u64, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, FsError> {
@@ -275,7 +430,7 @@ impl FuseAdapter {
     }
 
     fn entry(&self, reply: ReplyEntry, result: Result<Attr, FsError>) {
-        match result {
+        match self.held(result) {
             Ok(a) => reply.entry(&self.ttl, &self.attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -440,6 +595,20 @@ impl Filesystem for FuseAdapter {
         if self.volume.config().posix_acls && config.add_capabilities(acl_flags).is_ok() {
             self.volume.enable_posix_acls();
         }
+        // Zero-message opens: OPEN answered ENOSYS makes the kernel open and close
+        // files without asking (two round trips fewer per file). Only where nothing
+        // else needs to hear of opens: a replica drops its page cache at each open,
+        // and with the writeback cache a file open for writing counts whole.
+        let cfg = self.volume.config();
+        if !cfg.read_only
+            && !cfg.writeback_cache
+            && config
+                .capabilities()
+                .contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT)
+        {
+            self.opens_unseen.store(true, Ordering::Relaxed);
+            self.volume.set_opens_unseen();
+        }
         // Offered only where the fuse module's enable_uring parameter is on.
         let ring = self.ring_prepared.load(Ordering::Acquire)
             && config
@@ -452,6 +621,10 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.entry(reply, self.volume.lookup(parent.0, name.as_bytes()));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.volume.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -650,7 +823,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.volume.flush(ino.0, Some(fh.0)));
+        empty(reply, self.flush_file(ino.0, fh.0));
     }
 
     fn release(
@@ -663,7 +836,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.volume.release(fh.0));
+        empty(reply, self.release_file(fh.0));
     }
 
     fn fsync(
@@ -674,7 +847,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.volume.fsync_handle(ino.0, Some(fh.0)));
+        empty(reply, self.fsync_file(ino.0, fh.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -733,6 +906,7 @@ impl Filesystem for FuseAdapter {
             ) {
                 break;
             }
+            self.held_listed(&e);
         }
         reply.ok();
     }
@@ -886,10 +1060,7 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .volume
-            .create(creator(ctx(req), umask), parent.0, name.as_bytes(), mode)
-        {
+        match self.create_file(creator(ctx(req), umask), parent.0, name.as_bytes(), mode) {
             Ok((a, fh)) => reply.created(
                 &self.ttl,
                 &self.attr(&a),

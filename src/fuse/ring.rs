@@ -740,24 +740,24 @@ fn serve(
     let ino = req.nodeid;
     let (ttl, blksize) = (fs.ttl, vol.superblock().block_size);
     match req.opcode {
-        LOOKUP => out.entry(&vol.lookup(ino, name(input)?)?, ttl, blksize),
+        LOOKUP => out.entry(&fs.held(vol.lookup(ino, name(input)?))?, ttl, blksize),
         GETATTR => out.attr_out(&vol.getattr(ino)?, ttl, blksize),
         SETATTR => out.attr_out(&vol.setattr(ino, set_attr(op, req.caller))?, ttl, blksize),
         READLINK => out.bytes(&vol.readlink(ino)?),
         SYMLINK => {
             let ([link, target], _) = names::<2>(input)?;
-            let a = vol.symlink(req.caller, ino, link, target)?;
+            let a = fs.held(vol.symlink(req.caller, ino, link, target))?;
             out.entry(&a, ttl, blksize);
         }
         MKNOD => {
             let who = creator(req.caller, u32_at(op, 8));
-            let a = vol.mknod(who, ino, name(input)?, u32_at(op, 0), u32_at(op, 4))?;
+            let a = fs.held(vol.mknod(who, ino, name(input)?, u32_at(op, 0), u32_at(op, 4)))?;
             out.entry(&a, ttl, blksize);
         }
         MKDIR => {
             let who = creator(req.caller, u32_at(op, 4));
             out.entry(
-                &vol.mkdir(who, ino, name(input)?, u32_at(op, 0))?,
+                &fs.held(vol.mkdir(who, ino, name(input)?, u32_at(op, 0)))?,
                 ttl,
                 blksize,
             );
@@ -773,7 +773,10 @@ fn serve(
             let ([from, to], _) = names::<2>(input)?;
             vol.rename(ino, from, u64_at(op, 0), to, rename_flags(flags)?)?;
         }
-        LINK => out.entry(&vol.link(u64_at(op, 0), ino, name(input)?)?, ttl, blksize),
+        LINK => {
+            let a = fs.held(vol.link(u64_at(op, 0), ino, name(input)?))?;
+            out.entry(&a, ttl, blksize);
+        }
         OPEN => {
             let (fh, flags) = fs.open_file(ino, u32_at(op, 0) as i32)?;
             out.open(fh, flags.bits());
@@ -784,8 +787,9 @@ fn serve(
             out.bytes(data.as_slice());
         }
         STATFS => out.statfs(&fs.statfs_out()?),
-        RELEASE | RELEASEDIR => vol.release(u64_at(op, 0))?,
-        FSYNC => vol.fsync_handle(ino, Some(u64_at(op, 0)))?,
+        RELEASE => fs.release_file(u64_at(op, 0))?,
+        RELEASEDIR => vol.release(u64_at(op, 0))?,
+        FSYNC => fs.fsync_file(ino, u64_at(op, 0))?,
         FSYNCDIR => vol.commit()?,
         SETXATTR => {
             let size = u32_at(op, 0) as usize;
@@ -796,7 +800,7 @@ fn serve(
         GETXATTR => xattr(out, sized(u32_at(op, 0), vol.getxattr(ino, name(input)?))?),
         LISTXATTR => xattr(out, sized(u32_at(op, 0), vol.listxattr(ino))?),
         REMOVEXATTR => vol.removexattr(ino, name(input)?)?,
-        FLUSH => vol.flush(ino, Some(u64_at(op, 0)))?,
+        FLUSH => fs.flush_file(ino, u64_at(op, 0))?,
         OPENDIR => out.open(vol.opendir(ino)?, 0),
         READDIR => {
             let limit = (u32_at(op, 16) as usize).min(out.buf.len());
@@ -814,12 +818,13 @@ fn serve(
                 }
                 out.entry(&a, ttl, blksize);
                 out.dirent(limit, e.ino, next, to_kind_mode(e.kind), &e.name);
+                fs.held_listed(&e);
             }
         }
         ACCESS => fs.access_check(ino)?,
         CREATE => {
             let who = creator(req.caller, u32_at(op, 8));
-            let (a, fh) = vol.create(who, ino, name(input)?, u32_at(op, 4))?;
+            let (a, fh) = fs.create_file(who, ino, name(input)?, u32_at(op, 4))?;
             out.entry(&a, ttl, blksize);
             out.open(fh, fs.open_flags.bits());
         }
