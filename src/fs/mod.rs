@@ -768,6 +768,20 @@ impl Volume {
         self.bury();
     }
 
+    /// Every lookup the kernel held is gone (unmounted): unlinked files go now.
+    pub(super) fn forget_all(&self) {
+        let mut state = self.state();
+        let held: Vec<Ino> = state.held.drain().map(|(ino, _)| ino).collect();
+        for ino in held {
+            let unlinked = state.index.get(ino).is_some_and(|i| i.nlink == 0);
+            if unlinked && !state.open.contains_key(&ino) {
+                self.destroy_inode(&mut state, ino);
+            }
+        }
+        drop(state);
+        self.bury();
+    }
+
     pub fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
         self.make_node(ctx, parent, name, NewNode::plain(Kind::Dir, mode))
     }

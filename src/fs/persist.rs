@@ -538,6 +538,9 @@ impl Volume {
         if self.is_fenced() {
             return Err(FsError::ReadOnly);
         }
+        // Unmounted: the kernel holds nothing any more, and its last FORGETs may
+        // never have been read.
+        self.forget_all();
         self.sync_all()?;
         let mut journal = self.journal.lock().unwrap();
         if journal.segments > 0 {
