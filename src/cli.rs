@@ -169,6 +169,11 @@ pub struct MountArgs {
     /// module parameter enable_uring=Y) instead of /dev/fuse.
     #[arg(long)]
     pub io_uring: bool,
+    /// The kernel asks objfs at every open and close, as without zero-message opens:
+    /// close(2) then reports write-back errors per descriptor, at two round trips
+    /// more per file opened.
+    #[arg(long)]
+    pub open_requests: bool,
     /// Comma-separated options: ro, rw, allow_other, acl, noacl, default_permissions, and any
     /// long option as key=value (cache_size=64M,commit_interval=2).
     #[arg(short = 'o', value_name = "OPTS")]
@@ -195,6 +200,7 @@ pub struct MountSettings {
     pub posix_acls: bool,
     pub writeback_cache: bool,
     pub io_uring: bool,
+    pub open_requests: bool,
     pub store: StoreOptions,
 }
 
@@ -283,6 +289,7 @@ impl MountArgs {
             posix_acls: a.acl,
             writeback_cache: a.writeback_cache,
             io_uring: a.io_uring,
+            open_requests: a.open_requests,
             store: a.store_args.options()?,
         })
     }
@@ -305,6 +312,8 @@ impl MountArgs {
             "no_writeback_cache" => self.writeback_cache = false,
             "io_uring" => self.io_uring = true,
             "no_io_uring" => self.io_uring = false,
+            "open_requests" => self.open_requests = true,
+            "no_open_requests" => self.open_requests = false,
             // Always on: the kernel checks permissions.
             "default_permissions" => {}
             // Words mount(8) and fstab pass along that mean nothing to objfs.
@@ -374,6 +383,8 @@ mod tests {
         assert!(!parse(&["--acl", "-o", "noacl"]).unwrap().posix_acls);
         assert!(!s.writeback_cache);
         assert!(parse(&["-o", "writeback_cache"]).unwrap().writeback_cache);
+        assert!(!s.open_requests);
+        assert!(parse(&["-o", "open_requests"]).unwrap().open_requests);
     }
 
     #[test]

@@ -360,7 +360,11 @@ fn start(target: &Target, settings: &MountSettings, reporter: &mut Reporter) -> 
     fuse_config.n_threads = Some(settings.threads);
     fuse_config.clone_fd = true;
     let notifier = Arc::new(std::sync::OnceLock::new());
-    let adapter = FuseAdapter::new(volume.clone(), notifier.clone());
+    let adapter_settings = crate::fuse::AdapterSettings {
+        request_threads: settings.threads,
+        open_requests: settings.open_requests,
+    };
+    let adapter = FuseAdapter::new(volume.clone(), notifier.clone(), adapter_settings);
     let access = if settings.allow_other {
         crate::fuse::Access::Anyone
     } else {

@@ -648,3 +648,80 @@ fn files_open_and_close_without_requests_and_an_unlinked_open_file_lives_until_c
     let fsck = f.objfs_ok(&["fsck", f.store_str()]);
     assert!(fsck.contains("clean"), "{fsck}");
 }
+
+#[test]
+fn seek_writes_back_only_the_hole_it_reports_and_open_requests_bring_opens_back() {
+    let mut f = Fixture::new();
+    f.env = vec![("RUST_LOG".to_string(), REQUEST_LOG.to_string())];
+    f.mount();
+    let m = f.mnt_str().to_string();
+    // Data in slots 0 and 4 (1 MiB blocks), holes between and after.
+    let py = format!(
+        "import os\n\
+         fd = os.open('{m}/s', os.O_RDWR | os.O_CREAT, 0o644)\n\
+         os.pwrite(fd, b'a' * (1 << 20), 0); os.pwrite(fd, b'b' * (1 << 20), 4 << 20)\n\
+         os.ftruncate(fd, 6 << 20); os.fsync(fd)\n\
+         whole = os.pread(fd, 6 << 20, 0)\n\
+         open('{m}/.mark-seek', 'w').close()\n\
+         h = os.lseek(fd, 0, os.SEEK_HOLE); d = os.lseek(fd, h, os.SEEK_DATA)\n\
+         again = os.pread(fd, 1 << 20, 0) + os.pread(fd, 1 << 20, 4 << 20)\n\
+         print(h, d, again == whole[:1 << 20] + whole[4 << 20:5 << 20])"
+    );
+    assert_eq!(
+        sh("python3", &["-c", &py]),
+        format!("{} {} True\n", 1 << 20, 4 << 20)
+    );
+    f.umount();
+    let log = f.log_text();
+    let after = &log[log.find(".mark-seek").expect("marker")..];
+    // The data pages stayed cached: only the holes' were dropped.
+    let refetched: Vec<u64> = after
+        .lines()
+        .filter(|l| l.contains(" READ fh"))
+        .filter_map(|l| {
+            l.split("offset Ok(")
+                .nth(1)?
+                .split(')')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|o| *o < 1 << 20 || (4 << 20..5 << 20).contains(o))
+        .collect();
+    assert!(
+        refetched.is_empty(),
+        "a seek dropped cached data: {refetched:?}"
+    );
+    // --open-requests: every open and close is a request again.
+    f.extra = vec!["--open-requests".into()];
+    f.mount();
+    bash(&format!(
+        "ls {m}/.mark-open 2>/dev/null || true; cat {m}/s > /dev/null; cat {m}/s > /dev/null"
+    ));
+    f.umount();
+    let log = f.log_text();
+    let after = &log[log.rfind(".mark-open").expect("marker")..];
+    assert!(after.matches(" OPEN ").count() >= 2, "{after}");
+    assert!(after.matches(" RELEASE ").count() >= 2, "{after}");
+}
+
+#[test]
+fn with_one_request_thread_seek_calls_a_possible_hole_data_at_once() {
+    let mut f = Fixture::new();
+    f.extra = vec!["--threads".into(), "1".into()];
+    f.mount();
+    let m = f.mnt_str();
+    // No thread would be free to take the WRITEs a write-back of mapped pages needs:
+    // the seek does not wait for them (it would wait 2 s in vain) and calls the file
+    // data, which is never wrong.
+    let py = format!(
+        "import os, mmap, time\n\
+         fd = os.open('{m}/s', os.O_RDWR | os.O_CREAT, 0o644)\n\
+         os.ftruncate(fd, 3 << 20)\n\
+         mm = mmap.mmap(fd, 3 << 20); mm[(2 << 20) + 1] = 7\n\
+         t = time.monotonic()\n\
+         print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE), time.monotonic() - t < 1)"
+    );
+    assert_eq!(sh("python3", &["-c", &py]), format!("0 {} True\n", 3 << 20));
+    f.umount();
+}

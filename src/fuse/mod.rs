@@ -44,6 +44,16 @@ pub struct FuseAdapter {
     /// Zero-message opens: agreed at INIT (`Volume::set_opens_unseen`).
     opens_unseen: Arc<AtomicBool>,
     launderer: Launderer,
+    settings: AdapterSettings,
+}
+
+/// What the mount asked of the adapter.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdapterSettings {
+    /// Threads reading /dev/fuse.
+    pub request_threads: usize,
+    /// `--open-requests`: no zero-message opens.
+    pub open_requests: bool,
 }
 
 /// How long SEEK_DATA/SEEK_HOLE waits for the kernel to write its dirty pages back
@@ -63,15 +73,21 @@ struct Launderer {
 
 struct LaunderJob {
     ino: u64,
-    offset: u64,
+    range: (u64, u64),
     done: mpsc::SyncSender<bool>,
 }
 
 impl Launderer {
-    /// Whether the kernel holds nothing dirty of `ino` from `offset` on any more.
-    fn launder(&self, notifier: &Arc<OnceLock<fuser::Notifier>>, ino: u64, offset: u64) -> bool {
+    /// Whether the kernel holds nothing dirty of `ino` in `[start, end)` any more.
+    /// (Its clean pages there go too: the hole's, zeros, unless a mapping wrote.)
+    fn launder(
+        &self,
+        notifier: &Arc<OnceLock<fuser::Notifier>>,
+        ino: u64,
+        range: (u64, u64),
+    ) -> bool {
         let (done, finished) = mpsc::sync_channel(1);
-        let job = LaunderJob { ino, offset, done };
+        let job = LaunderJob { ino, range, done };
         let sent = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             if jobs.is_none() {
@@ -92,9 +108,12 @@ impl Launderer {
                         let _ = job.done.send(false);
                         continue;
                     };
-                    let offset = i64::try_from(job.offset).unwrap_or(i64::MAX);
+                    let (start, end) = job.range;
+                    let offset = i64::try_from(start).unwrap_or(i64::MAX);
+                    // 0: to the end of the file.
+                    let len = i64::try_from(end - start).unwrap_or(0);
                     // ENOENT: the kernel has no pages of it at all.
-                    let ok = match n.inval_inode(INodeNo(job.ino), offset, 0) {
+                    let ok = match n.inval_inode(INodeNo(job.ino), offset, len) {
                         Ok(()) => true,
                         Err(e) => e.raw_os_error() == Some(libc::ENOENT),
                     };
@@ -133,7 +152,11 @@ pub(crate) enum Sized {
 }
 
 impl FuseAdapter {
-    pub fn new(volume: Arc<Volume>, notifier: Arc<OnceLock<fuser::Notifier>>) -> FuseAdapter {
+    pub fn new(
+        volume: Arc<Volume>,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
+        settings: AdapterSettings,
+    ) -> FuseAdapter {
         let open_flags = if volume.config().read_only {
             FopenFlags::empty()
         } else {
@@ -155,6 +178,7 @@ impl FuseAdapter {
             ring_state: Arc::new(AtomicU8::new(RING_PENDING)),
             opens_unseen: Arc::new(AtomicBool::new(false)),
             launderer: Launderer::default(),
+            settings,
         }
     }
 
@@ -323,26 +347,50 @@ impl FuseAdapter {
         if !self.opens_unseen() {
             return Ok(answer? as i64);
         }
-        // A hole may be where a process's mapping has dirty pages: before saying
-        // "hole", have the kernel write them back and look again.
+        // A hole may be where a process's mapping has dirty pages: before calling a
+        // range a hole, have the kernel write back its pages there and look again.
         let size = self.volume.getattr(ino)?.size;
-        let says_hole = match (what, &answer) {
-            (Seek::Data, Ok(at)) => *at > offset,
-            (Seek::Hole, Ok(at)) => *at < size,
-            (_, Err(FsError::NoSuchOffset)) => offset < size,
-            (_, Err(_)) => false,
-        };
-        if !says_hole {
+        let Some(hole) = self.claimed_hole(ino, offset, what, &answer, size) else {
             return Ok(answer? as i64);
-        }
-        if self.launderer.launder(&self.notifier, ino, offset) {
-            return Ok(self.volume.seek(ino, offset, what)? as i64);
+        };
+        if self.can_launder() && self.launderer.launder(&self.notifier, ino, hole) {
+            let again = self.volume.seek(ino, offset, what);
+            match self.claimed_hole(ino, offset, what, &again, size) {
+                Some((start, end)) if start < hole.0 || end > hole.1 => {}
+                _ => return Ok(again? as i64),
+            }
         }
         // Could not: all of it is data, which is never wrong.
         Ok(match what {
             Seek::Data => offset,
             Seek::Hole => size,
         } as i64)
+    }
+
+    /// The hole `answer` reports, as `[start, end)`; None if it reports data.
+    fn claimed_hole(
+        &self,
+        ino: u64,
+        offset: u64,
+        what: Seek,
+        answer: &Result<u64, FsError>,
+        size: u64,
+    ) -> Option<(u64, u64)> {
+        match (what, answer) {
+            (Seek::Data, Ok(at)) if *at > offset => Some((offset, *at)),
+            (Seek::Data, Err(FsError::NoSuchOffset)) if offset < size => Some((offset, size)),
+            (Seek::Hole, Ok(at)) if *at < size => {
+                let end = self.volume.seek(ino, *at, Seek::Data).unwrap_or(size);
+                Some((*at, end))
+            }
+            _ => None,
+        }
+    }
+
+    /// The WRITEs a launder causes need a request thread other than the one
+    /// waiting for it: with one thread on /dev/fuse, every seek would wait it out.
+    fn can_launder(&self) -> bool {
+        self.settings.request_threads > 1 || self.ring_state() == Some(true)
     }
 
     fn dir_entries(&self, ino: u64, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, FsError> {
@@ -602,6 +650,7 @@ impl Filesystem for FuseAdapter {
         let cfg = self.volume.config();
         if !cfg.read_only
             && !cfg.writeback_cache
+            && !self.settings.open_requests
             && config
                 .capabilities()
                 .contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT)
