@@ -114,3 +114,37 @@ fn replica_reloads_after_the_writer_compacts() {
     });
     r.umount();
 }
+
+#[test]
+fn a_replica_keeps_pages_across_opens_until_the_writer_changes_the_file() {
+    let mut w = Fixture::new();
+    w.extra = vec!["--commit-interval".into(), "1".into()];
+    w.mount();
+    std::fs::write(w.path("f"), b"version 1").unwrap();
+    bash(&format!("sync {}/f", w.mnt_str()));
+    let mut r = Fixture::new();
+    r.spec = w.spec.clone();
+    r.extra = vec!["--read-only".into()];
+    r.env = vec![("RUST_LOG".to_string(), "info,fuser=debug".to_string())];
+    r.mount();
+    for _ in 0..3 {
+        assert_eq!(std::fs::read(r.path("f")).unwrap(), b"version 1");
+    }
+    assert!(!r.path(".mark").exists());
+    // Same length: only the refresh's invalidation can tell the kernel's pages are old.
+    std::fs::write(w.path("f"), b"version 2").unwrap();
+    bash(&format!("sync {}/f", w.mnt_str()));
+    eventually("an overwrite of the same length", || {
+        std::fs::read(r.path("f")).is_ok_and(|d| d == b"version 2")
+    });
+    r.umount();
+    w.umount();
+    let log = r.log_text();
+    let requests = |text: &str, op: &str| text.matches(&format!(" {op} ")).count();
+    // Zero-message opens: no OPEN after the first, and the three reads were one READ
+    // (the pages stayed across opens).
+    assert!(requests(&log, "OPEN") <= 1);
+    assert_eq!(requests(&log, "RELEASE"), 0);
+    let first_reads = &log[..log.find(".mark").expect("marker")];
+    assert_eq!(requests(first_reads, "READ"), 1);
+}

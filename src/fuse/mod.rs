@@ -195,11 +195,17 @@ impl FuseAdapter {
         self.opens_unseen.load(Ordering::Relaxed)
     }
 
+    /// Whether the kernel's lookups keep unlinked files: with zero-message opens on a
+    /// writer (a replica's files go as the writer's do).
+    fn holds(&self) -> bool {
+        self.opens_unseen() && !self.volume.config().read_only
+    }
+
     /// An entry reply the kernel will count as a lookup: with zero-message opens the
     /// inode must stay until the kernel forgets it.
     fn held(&self, result: Result<Attr, FsError>) -> Result<Attr, FsError> {
         let a = result?;
-        if self.opens_unseen() {
+        if self.holds() {
             self.volume.hold(a.ino)?;
         }
         Ok(a)
@@ -207,7 +213,7 @@ impl FuseAdapter {
 
     /// A readdirplus entry the kernel took ("." and ".." it does not count).
     fn held_listed(&self, e: &DirEntry) {
-        if self.opens_unseen() && e.name != b"." && e.name != b".." {
+        if self.holds() && e.name != b"." && e.name != b".." {
             // Removed meanwhile: the kernel's later requests for it find nothing.
             let _ = self.volume.hold(e.ino);
         }
@@ -344,7 +350,8 @@ impl FuseAdapter {
         };
         let offset = u64::try_from(offset).map_err(|_| FsError::NoSuchOffset)?;
         let answer = self.volume.seek(ino, offset, what);
-        if !self.opens_unseen() {
+        // (Nothing on a replica is written through a mapping.)
+        if !self.holds() {
             return Ok(answer? as i64);
         }
         // A hole may be where a process's mapping has dirty pages: before calling a
@@ -644,19 +651,21 @@ impl Filesystem for FuseAdapter {
             self.volume.enable_posix_acls();
         }
         // Zero-message opens: OPEN answered ENOSYS makes the kernel open and close
-        // files without asking (two round trips fewer per file). Only where nothing
-        // else needs to hear of opens: a replica drops its page cache at each open,
-        // and with the writeback cache a file open for writing counts whole.
+        // files without asking (two round trips fewer per file), keeping their pages
+        // across opens. Not with the writeback cache, where a file open for writing
+        // counts whole. A replica may: its refreshes drop the pages of every inode
+        // the writer changed (`invalidate`).
         let cfg = self.volume.config();
-        if !cfg.read_only
-            && !cfg.writeback_cache
+        if !cfg.writeback_cache
             && !self.settings.open_requests
             && config
                 .capabilities()
                 .contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT)
         {
             self.opens_unseen.store(true, Ordering::Relaxed);
-            self.volume.set_opens_unseen();
+            if !cfg.read_only {
+                self.volume.set_opens_unseen();
+            }
         }
         // Offered only where the fuse module's enable_uring parameter is on.
         let ring = self.ring_prepared.load(Ordering::Acquire)
