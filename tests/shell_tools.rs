@@ -725,3 +725,38 @@ fn with_one_request_thread_seek_calls_a_possible_hole_data_at_once() {
     assert_eq!(sh("python3", &["-c", &py]), format!("0 {} True\n", 3 << 20));
     f.umount();
 }
+
+#[test]
+fn a_name_renamed_away_during_a_listing_never_comes_back() {
+    let f = Fixture::mounted();
+    let m = f.mnt_str();
+    // The save pattern that lost data: write a temporary name, rename it over the
+    // target, and reuse the temporary name next time. A listing read meanwhile
+    // must not bring the old name back as a cached name for the renamed file (an
+    // open with O_TRUNC through it truncated the file the rename kept). objfs sends
+    // 512 entries per reply: f0700 comes in the second, a readdirplus (the rename's
+    // lookups made the kernel ask for one), read after the rename.
+    let py = format!(
+        "import os\n\
+         d = '{m}/dir'; os.makedirs(d)\n\
+         open(d + '/a', 'w').write('precious data')\n\
+         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)\n\
+         os.rename(d + '/a', d + '/b')\n\
+         out = [os.listdir(fd), os.path.exists(d + '/a')]\n\
+         os.close(fd)\n\
+         for i in range(3000): open(d + '/f%04d' % i, 'w').close()\n\
+         open(d + '/f0700', 'w').write('precious too')\n\
+         open('/proc/sys/vm/drop_caches', 'w').write('2')\n\
+         it = os.scandir(d); next(it)\n\
+         os.rename(d + '/f0700', d + '/saved')\n\
+         rest = [e.name for e in it]\n\
+         out += [len(rest) > 2000, os.path.exists(d + '/f0700')]\n\
+         open(d + '/a', 'w').write('new'); open(d + '/f0700', 'w').write('new')\n\
+         out += [open(d + '/b').read(), open(d + '/saved').read()]\n\
+         print(out)"
+    );
+    assert_eq!(
+        sh("python3", &["-c", &py]),
+        "[['b'], False, True, False, 'precious data', 'precious too']\n"
+    );
+}

@@ -273,11 +273,10 @@ enum Handle {
     /// `seen`: the newest write-back error this descriptor has reported (or that
     /// happened before it was opened).
     File { ino: Ino, seen: u64, write: bool },
-    /// `served`: a readdir already read this listing (offset 0 then means rewind).
-    Dir {
-        entries: Vec<DirEntry>,
-        served: bool,
-    },
+    /// `entries`: listed at the last read from offset 0 (the first read, or a
+    /// rewind), so a listing shows what the directory holds when it is read, not
+    /// when it was opened; None before the first read.
+    Dir { entries: Option<Vec<DirEntry>> },
 }
 
 pub struct Volume {
@@ -1168,11 +1167,8 @@ impl Volume {
     }
 
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
-        let entries = self.list_dir(ino)?;
-        Ok(self.add_handle(Handle::Dir {
-            entries,
-            served: false,
-        }))
+        Self::dir(&self.state(), ino)?;
+        Ok(self.add_handle(Handle::Dir { entries: None }))
     }
 
     /// The directory's entries, in name order. The state lock is taken for 4,096
@@ -1235,22 +1231,24 @@ impl Volume {
         offset: u64,
         max: usize,
     ) -> FsResult<Vec<(u64, DirEntry)>> {
-        let rewound = offset == 0
-            && matches!(
-                self.handles.lock().unwrap().get(&fh),
-                Some(Handle::Dir { served: true, .. })
-            );
-        if rewound {
+        let listed = matches!(
+            self.handles.lock().unwrap().get(&fh),
+            Some(Handle::Dir { entries: Some(_) })
+        );
+        if offset == 0 || !listed {
             let fresh = self.list_dir(ino)?;
-            if let Some(Handle::Dir { entries, .. }) = self.handles.lock().unwrap().get_mut(&fh) {
-                *entries = fresh;
+            match self.handles.lock().unwrap().get_mut(&fh) {
+                Some(Handle::Dir { entries }) => *entries = Some(fresh),
+                _ => return Err(FsError::BadHandle),
             }
         }
-        let mut handles = self.handles.lock().unwrap();
-        let Some(Handle::Dir { entries, served }) = handles.get_mut(&fh) else {
+        let handles = self.handles.lock().unwrap();
+        let Some(Handle::Dir {
+            entries: Some(entries),
+        }) = handles.get(&fh)
+        else {
             return Err(FsError::BadHandle);
         };
-        *served = true;
         Ok(entries
             .iter()
             .enumerate()
@@ -1260,10 +1258,26 @@ impl Volume {
             .collect())
     }
 
-    /// Attributes of several inodes under one lock (readdirplus).
-    pub fn attrs(&self, inos: impl Iterator<Item = Ino>) -> Vec<Option<Attr>> {
+    /// Readdirplus: the attributes of what each listed name holds now, under one
+    /// lock. The kernel makes a cached name of every entry, so a name renamed or
+    /// removed since the listing was read must not come back naming the file it
+    /// held (an open with O_TRUNC of the old name would truncate the renamed file):
+    /// None for it; a name replaced since gets its new inode's attributes.
+    pub fn entries_now<'a>(
+        &self,
+        dir: Ino,
+        entries: impl Iterator<Item = &'a DirEntry>,
+    ) -> Vec<Option<Attr>> {
         let state = self.state();
-        inos.map(|i| self.attr(&state, i).ok()).collect()
+        let now = |e: &DirEntry| {
+            let ino = match e.name.as_slice() {
+                // The kernel makes no names of these.
+                b"." | b".." => e.ino,
+                name => state.index.lookup(dir, name)?,
+            };
+            self.attr(&state, ino).ok()
+        };
+        entries.map(now).collect()
     }
 
     /// The size of all files together, summed at most once a second: the sum walks

@@ -3379,3 +3379,41 @@ fn with_opens_unseen_a_file_of_holes_counts_a_block() {
     v.setattr(f, truncate(0)).unwrap();
     assert_eq!(v.getattr(f).unwrap().blocks, 0);
 }
+
+#[test]
+fn a_listing_shows_the_directory_as_it_is_read_and_readdirplus_names_only_live_entries() {
+    let v = open(&new_store());
+    let a = file(&v, ROOT_INO, "a");
+    let names = |batch: &[(u64, DirEntry)]| -> Vec<Vec<u8>> {
+        batch.iter().skip(2).map(|(_, e)| e.name.clone()).collect()
+    };
+    // Renamed between opendir and the first read: the read sees the rename.
+    let fh = v.opendir(ROOT_INO).unwrap();
+    v.rename(ROOT_INO, b"a", ROOT_INO, b"b", RenameFlags::default())
+        .unwrap();
+    let listed = v.readdir(ROOT_INO, fh, 0, 100).unwrap();
+    assert_eq!(names(&listed), vec![b"b".to_vec()]);
+    // Renamed after the read: a later batch of that listing still has the old name
+    // (POSIX allows it), but readdirplus must not name the file by it.
+    v.rename(ROOT_INO, b"b", ROOT_INO, b"c", RenameFlags::default())
+        .unwrap();
+    let c2 = file(&v, ROOT_INO, "d");
+    let stale: Vec<DirEntry> = listed.iter().map(|(_, e)| e.clone()).collect();
+    let now = v.entries_now(ROOT_INO, stale.iter());
+    assert_eq!(now.len(), 3);
+    assert_eq!(now[0].as_ref().unwrap().ino, ROOT_INO);
+    assert!(now[2].is_none(), "b is gone");
+    // A name replaced since names its new inode.
+    v.rename(ROOT_INO, b"d", ROOT_INO, b"c", RenameFlags::default())
+        .unwrap();
+    let entry = DirEntry {
+        name: b"c".to_vec(),
+        ino: a,
+        kind: Kind::File,
+    };
+    let now = v.entries_now(ROOT_INO, [&entry].into_iter());
+    assert_eq!(now[0].as_ref().unwrap().ino, c2);
+    // A rewind lists again.
+    let again = v.readdir(ROOT_INO, fh, 0, 100).unwrap();
+    assert_eq!(names(&again), vec![b"c".to_vec()]);
+}

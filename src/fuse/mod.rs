@@ -404,7 +404,8 @@ impl FuseAdapter {
         self.volume.readdir(ino, fh, offset, READDIR_BATCH)
     }
 
-    /// Entries with their attributes; an entry removed since opendir is skipped.
+    /// Entries with the attributes of what their names hold now (`entries_now`): a
+    /// name gone since the listing is skipped, a replaced one shows its new inode.
     fn dir_entries_plus(
         &self,
         ino: u64,
@@ -412,11 +413,15 @@ impl FuseAdapter {
         offset: u64,
     ) -> Result<Vec<(u64, DirEntry, Attr)>, FsError> {
         let entries = self.dir_entries(ino, fh, offset)?;
-        let attrs = self.volume.attrs(entries.iter().map(|(_, e)| e.ino));
+        let attrs = self.volume.entries_now(ino, entries.iter().map(|(_, e)| e));
         Ok(entries
             .into_iter()
             .zip(attrs)
-            .filter_map(|((next, e), a)| a.map(|a| (next, e, a)))
+            .filter_map(|((next, mut e), a)| {
+                let a = a?;
+                (e.ino, e.kind) = (a.ino, a.kind);
+                Some((next, e, a))
+            })
             .collect())
     }
 
