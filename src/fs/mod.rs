@@ -759,10 +759,8 @@ impl Volume {
         state.held.remove(&ino);
         if !state.open.contains_key(&ino) {
             self.readahead.forget(ino);
-            if state.index.get(ino).is_some_and(|i| i.nlink == 0) {
-                self.destroy_inode(&mut state, ino);
-            }
         }
+        self.destroy_if_unused(&mut state, ino);
         drop(state);
         self.bury();
     }
@@ -772,10 +770,7 @@ impl Volume {
         let mut state = self.state();
         let held: Vec<Ino> = state.held.drain().map(|(ino, _)| ino).collect();
         for ino in held {
-            let unlinked = state.index.get(ino).is_some_and(|i| i.nlink == 0);
-            if unlinked && !state.open.contains_key(&ino) {
-                self.destroy_inode(&mut state, ino);
-            }
+            self.destroy_if_unused(&mut state, ino);
         }
         drop(state);
         self.bury();
@@ -884,7 +879,14 @@ impl Volume {
             .nlink
             .saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
         inode.ctime = Timestamp::now();
-        if inode.nlink == 0 && !state.open.contains_key(&ino) && !state.held.contains_key(&ino) {
+        self.destroy_if_unused(state, ino);
+    }
+
+    /// An inode with no link goes once nothing has it open and the kernel holds no
+    /// lookup of it.
+    fn destroy_if_unused(&self, state: &mut State, ino: Ino) {
+        let unlinked = state.index.get(ino).is_some_and(|i| i.nlink == 0);
+        if unlinked && !state.open.contains_key(&ino) && !state.held.contains_key(&ino) {
             self.destroy_inode(state, ino);
         }
     }
@@ -1145,9 +1147,8 @@ impl Volume {
         if last {
             self.readahead.forget(ino);
         }
-        let unlinked = state.index.get(ino).is_some_and(|i| i.nlink == 0);
-        if last && unlinked && !state.held.contains_key(&ino) {
-            self.destroy_inode(&mut state, ino);
+        if last {
+            self.destroy_if_unused(&mut state, ino);
         }
         drop(state);
         self.bury();
