@@ -148,3 +148,28 @@ fn a_replica_keeps_pages_across_opens_until_the_writer_changes_the_file() {
     let first_reads = &log[..log.find(".mark").expect("marker")];
     assert_eq!(requests(first_reads, "READ"), 1);
 }
+
+#[test]
+fn a_file_saved_by_rename_over_the_old_one_reaches_a_replica_whole() {
+    let mut w = Fixture::new();
+    // No periodic commit during the test: only the fsync below commits.
+    w.extra = vec!["--commit-interval".into(), "600".into()];
+    w.mount();
+    std::fs::write(w.path("f"), b"old version").unwrap();
+    bash(&format!("sync {}/f", w.mnt_str()));
+    let r = reader(&w);
+    assert_eq!(std::fs::read(r.path("f")).unwrap(), b"old version");
+    // Saved as editors save, without fsync: a new file renamed over the old one.
+    // Another file's fsync commits the rename; a commit records a file only as far
+    // as its data reached the store, so this one recorded the new file empty.
+    let new = vec![b'n'; 5000];
+    std::fs::write(w.path("f.tmp"), &new).unwrap();
+    std::fs::rename(w.path("f.tmp"), w.path("f")).unwrap();
+    std::fs::write(w.path("other"), b"x").unwrap();
+    bash(&format!("sync {}/other", w.mnt_str()));
+    eventually("the other file", || r.path("other").exists());
+    let seen = std::fs::read(r.path("f")).unwrap();
+    assert!(seen == new, "the replica read {} bytes", seen.len());
+    r.umount();
+    w.umount();
+}

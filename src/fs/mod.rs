@@ -882,6 +882,44 @@ impl Volume {
         self.destroy_if_unused(state, ino);
     }
 
+    /// As ext4's `auto_da_alloc`: a file renamed over another (saved as editors save:
+    /// written under a temporary name, then renamed over the old one, often without
+    /// fsync) is written back before the rename, so that the commit that records the
+    /// rename has its data. A commit records a file only as far as its data reached
+    /// the store, so otherwise a crash, or a replica, could show an empty file where
+    /// the old one was. An exchange writes back both.
+    fn write_back_before_replacing(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        if flags.noreplace {
+            return Ok(());
+        }
+        let (from, to) = {
+            let state = self.state();
+            let file = |dir, name| {
+                let ino = state.index.lookup(dir, name)?;
+                (state.index.get(ino)?.kind == Kind::File).then_some(ino)
+            };
+            let replaced = state.index.lookup(new_parent, new_name).is_some();
+            match replaced {
+                true => (file(parent, name), file(new_parent, new_name)),
+                false => (None, None),
+            }
+        };
+        if let Some(ino) = from {
+            self.flush_file(ino)?;
+        }
+        match to {
+            Some(ino) if flags.exchange => self.flush_file(ino),
+            _ => Ok(()),
+        }
+    }
+
     /// An inode with no link goes once nothing has it open and the kernel holds no
     /// lookup of it.
     fn destroy_if_unused(&self, state: &mut State, ino: Ino) {
@@ -974,6 +1012,7 @@ impl Volume {
     ) -> FsResult<()> {
         self.writable()?;
         check_name(new_name)?;
+        self.write_back_before_replacing(parent, name, new_parent, new_name, flags)?;
         if name == b"." || name == b".." {
             return Err(FsError::Invalid);
         }

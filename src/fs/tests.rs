@@ -3417,3 +3417,31 @@ fn a_listing_shows_the_directory_as_it_is_read_and_readdirplus_names_only_live_e
     let again = v.readdir(ROOT_INO, fh, 0, 100).unwrap();
     assert_eq!(names(&again), vec![b"c".to_vec()]);
 }
+
+#[test]
+fn a_file_renamed_over_another_is_committed_with_its_data() {
+    let store = new_store();
+    let v = open(&store);
+    let target = file(&v, ROOT_INO, "target");
+    v.write(target, 0, &[1u8; 3000]).unwrap();
+    v.fsync(target).unwrap();
+    // Saved as editors do: a new file written, then renamed over the old one, with
+    // no fsync; another file's fsync commits the rename.
+    let tmp = file(&v, ROOT_INO, "tmp");
+    v.write(tmp, 0, &[2u8; 5000]).unwrap();
+    v.rename(
+        ROOT_INO,
+        b"tmp",
+        ROOT_INO,
+        b"target",
+        RenameFlags::default(),
+    )
+    .unwrap();
+    let other = file(&v, ROOT_INO, "other");
+    v.fsync(other).unwrap();
+    // A crash now (or a replica) shows the new file whole, not an empty one.
+    let crashed = open_ro(&store);
+    let t = crashed.lookup(ROOT_INO, b"target").unwrap();
+    let data = read_all(&crashed, t.ino);
+    assert!(data == vec![2u8; 5000], "{} bytes", data.len());
+}
