@@ -3445,3 +3445,35 @@ fn a_file_renamed_over_another_is_committed_with_its_data() {
     let data = read_all(&crashed, t.ino);
     assert!(data == vec![2u8; 5000], "{} bytes", data.len());
 }
+
+#[test]
+fn a_rename_over_a_file_whose_data_cannot_be_written_back_changes_nothing() {
+    let mem: Arc<dyn ObjectStore> = new_store();
+    let faulty = Arc::new(FaultyStore::new(mem.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let v = open(&store);
+    let target = file(&v, ROOT_INO, "target");
+    let tmp = file(&v, ROOT_INO, "tmp");
+    v.write(tmp, 0, &[3u8; 200_000]).unwrap();
+    faulty.set_fail_puts(true);
+    let renamed = v.rename(
+        ROOT_INO,
+        b"tmp",
+        ROOT_INO,
+        b"target",
+        RenameFlags::default(),
+    );
+    assert!(matches!(renamed, Err(FsError::Io(_))), "{renamed:?}");
+    assert_eq!(v.lookup(ROOT_INO, b"target").unwrap().ino, target);
+    assert_eq!(v.lookup(ROOT_INO, b"tmp").unwrap().ino, tmp);
+    faulty.set_fail_puts(false);
+    v.rename(
+        ROOT_INO,
+        b"tmp",
+        ROOT_INO,
+        b"target",
+        RenameFlags::default(),
+    )
+    .unwrap();
+    assert_eq!(v.lookup(ROOT_INO, b"target").unwrap().ino, tmp);
+}
