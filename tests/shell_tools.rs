@@ -760,3 +760,26 @@ fn a_name_renamed_away_during_a_listing_never_comes_back() {
         "[['b'], False, True, False, 'precious data', 'precious too']\n"
     );
 }
+
+#[test]
+fn a_listing_goes_on_past_a_batch_whose_names_were_all_removed() {
+    let f = Fixture::mounted();
+    let m = f.mnt_str();
+    // objfs answers 512 entries a request; all of the second batch go while the
+    // listing is read. Its reply must not come back empty (the end, for the kernel):
+    // the names present throughout must all be listed.
+    let py = format!(
+        "import os\n\
+         d = '{m}/dir'; os.makedirs(d)\n\
+         for i in range(1500): open(d + '/a%04d' % i, 'w').close()\n\
+         for i in range(10): open(d + '/z%d' % i, 'w').close()\n\
+         it = os.scandir(d); next(it)\n\
+         for i in range(1500): os.unlink(d + '/a%04d' % i)\n\
+         print(sorted(e.name for e in it if e.name.startswith('z')))"
+    );
+    let expected: Vec<String> = (0..10).map(|i| format!("'z{i}'")).collect();
+    assert_eq!(
+        sh("python3", &["-c", &py]),
+        format!("[{}]\n", expected.join(", "))
+    );
+}

@@ -905,10 +905,13 @@ impl Volume {
                 let ino = state.index.lookup(dir, name)?;
                 (state.index.get(ino)?.kind == Kind::File).then_some(ino)
             };
-            let replaced = state.index.lookup(new_parent, new_name).is_some();
+            let replaced = state.index.lookup(new_parent, new_name);
+            // Onto another link of the same file: a rename that changes nothing.
             match replaced {
-                true => (file(parent, name), file(new_parent, new_name)),
-                false => (None, None),
+                Some(to) if Some(to) != state.index.lookup(parent, name) => {
+                    (file(parent, name), file(new_parent, new_name))
+                }
+                _ => (None, None),
             }
         };
         if let Some(ino) = from {

@@ -3466,6 +3466,11 @@ fn a_rename_over_a_file_whose_data_cannot_be_written_back_changes_nothing() {
     assert!(matches!(renamed, Err(FsError::Io(_))), "{renamed:?}");
     assert_eq!(v.lookup(ROOT_INO, b"target").unwrap().ino, target);
     assert_eq!(v.lookup(ROOT_INO, b"tmp").unwrap().ino, tmp);
+    // Onto another link of the same file: nothing to write back, nothing changes.
+    v.link(tmp, ROOT_INO, b"twin").unwrap();
+    v.rename(ROOT_INO, b"tmp", ROOT_INO, b"twin", RenameFlags::default())
+        .unwrap();
+    assert_eq!(v.lookup(ROOT_INO, b"tmp").unwrap().ino, tmp);
     faulty.set_fail_puts(false);
     v.rename(
         ROOT_INO,

@@ -405,24 +405,35 @@ impl FuseAdapter {
     }
 
     /// Entries with the attributes of what their names hold now (`entries_now`): a
-    /// name gone since the listing is skipped, a replaced one shows its new inode.
+    /// name gone since the listing is skipped, a replaced one shows its new inode. An
+    /// empty reply ends the listing for the kernel, so a batch whose names are all
+    /// gone is followed by the next one.
     fn dir_entries_plus(
         &self,
         ino: u64,
         fh: u64,
-        offset: u64,
+        mut offset: u64,
     ) -> Result<Vec<(u64, DirEntry, Attr)>, FsError> {
-        let entries = self.dir_entries(ino, fh, offset)?;
-        let attrs = self.volume.entries_now(ino, entries.iter().map(|(_, e)| e));
-        Ok(entries
-            .into_iter()
-            .zip(attrs)
-            .filter_map(|((next, mut e), a)| {
-                let a = a?;
-                (e.ino, e.kind) = (a.ino, a.kind);
-                Some((next, e, a))
-            })
-            .collect())
+        loop {
+            let entries = self.dir_entries(ino, fh, offset)?;
+            let Some(&(last, _)) = entries.last() else {
+                return Ok(Vec::new());
+            };
+            let attrs = self.volume.entries_now(ino, entries.iter().map(|(_, e)| e));
+            let live: Vec<_> = entries
+                .into_iter()
+                .zip(attrs)
+                .filter_map(|((next, mut e), a)| {
+                    let a = a?;
+                    (e.ino, e.kind) = (a.ino, a.kind);
+                    Some((next, e, a))
+                })
+                .collect();
+            if !live.is_empty() {
+                return Ok(live);
+            }
+            offset = last;
+        }
     }
 
     fn statfs_out(&self) -> Result<StatfsOut, FsError> {
