@@ -3389,14 +3389,12 @@ fn a_listing_shows_the_directory_as_it_is_read_and_readdirplus_names_only_live_e
     };
     // Renamed between opendir and the first read: the read sees the rename.
     let fh = v.opendir(ROOT_INO).unwrap();
-    v.rename(ROOT_INO, b"a", ROOT_INO, b"b", RenameFlags::default())
-        .unwrap();
+    rename_at_root(&v, b"a", b"b").unwrap();
     let listed = v.readdir(ROOT_INO, fh, 0, 100).unwrap();
     assert_eq!(names(&listed), vec![b"b".to_vec()]);
     // Renamed after the read: a later batch of that listing still has the old name
     // (POSIX allows it), but readdirplus must not name the file by it.
-    v.rename(ROOT_INO, b"b", ROOT_INO, b"c", RenameFlags::default())
-        .unwrap();
+    rename_at_root(&v, b"b", b"c").unwrap();
     let c2 = file(&v, ROOT_INO, "d");
     let stale: Vec<DirEntry> = listed.iter().map(|(_, e)| e.clone()).collect();
     let now = v.entries_now(ROOT_INO, stale.iter());
@@ -3404,8 +3402,7 @@ fn a_listing_shows_the_directory_as_it_is_read_and_readdirplus_names_only_live_e
     assert_eq!(now[0].as_ref().unwrap().ino, ROOT_INO);
     assert!(now[2].is_none(), "b is gone");
     // A name replaced since names its new inode.
-    v.rename(ROOT_INO, b"d", ROOT_INO, b"c", RenameFlags::default())
-        .unwrap();
+    rename_at_root(&v, b"d", b"c").unwrap();
     let entry = DirEntry {
         name: b"c".to_vec(),
         ino: a,
@@ -3429,14 +3426,7 @@ fn a_file_renamed_over_another_is_committed_with_its_data() {
     // no fsync; another file's fsync commits the rename.
     let tmp = file(&v, ROOT_INO, "tmp");
     v.write(tmp, 0, &[2u8; 5000]).unwrap();
-    v.rename(
-        ROOT_INO,
-        b"tmp",
-        ROOT_INO,
-        b"target",
-        RenameFlags::default(),
-    )
-    .unwrap();
+    rename_at_root(&v, b"tmp", b"target").unwrap();
     let other = file(&v, ROOT_INO, "other");
     v.fsync(other).unwrap();
     // A crash now (or a replica) shows the new file whole, not an empty one.
@@ -3456,29 +3446,20 @@ fn a_rename_over_a_file_whose_data_cannot_be_written_back_changes_nothing() {
     let tmp = file(&v, ROOT_INO, "tmp");
     v.write(tmp, 0, &[3u8; 200_000]).unwrap();
     faulty.set_fail_puts(true);
-    let renamed = v.rename(
-        ROOT_INO,
-        b"tmp",
-        ROOT_INO,
-        b"target",
-        RenameFlags::default(),
-    );
+    let renamed = rename_at_root(&v, b"tmp", b"target");
     assert!(matches!(renamed, Err(FsError::Io(_))), "{renamed:?}");
     assert_eq!(v.lookup(ROOT_INO, b"target").unwrap().ino, target);
     assert_eq!(v.lookup(ROOT_INO, b"tmp").unwrap().ino, tmp);
     // Onto another link of the same file: nothing to write back, nothing changes.
     v.link(tmp, ROOT_INO, b"twin").unwrap();
-    v.rename(ROOT_INO, b"tmp", ROOT_INO, b"twin", RenameFlags::default())
-        .unwrap();
+    rename_at_root(&v, b"tmp", b"twin").unwrap();
     assert_eq!(v.lookup(ROOT_INO, b"tmp").unwrap().ino, tmp);
     faulty.set_fail_puts(false);
-    v.rename(
-        ROOT_INO,
-        b"tmp",
-        ROOT_INO,
-        b"target",
-        RenameFlags::default(),
-    )
-    .unwrap();
+    rename_at_root(&v, b"tmp", b"target").unwrap();
     assert_eq!(v.lookup(ROOT_INO, b"target").unwrap().ino, tmp);
+}
+
+/// rename(2) of `from` to `to`, both in the root directory.
+fn rename_at_root(v: &Volume, from: &[u8], to: &[u8]) -> FsResult<()> {
+    v.rename(ROOT_INO, from, ROOT_INO, to, RenameFlags::default())
 }
