@@ -598,9 +598,7 @@ impl Volume {
             true => inode.size,
             // Any file may be open for writing without our knowing (dirty shared
             // mappings): never no blocks at all, for the same reason.
-            false if self.opens_unseen.load(Ordering::Relaxed) && inode.size > 0 => {
-                state.index.allocated(inode).max(1)
-            }
+            false if self.opens_unseen() && inode.size > 0 => state.index.allocated(inode).max(1),
             false => state.index.allocated(inode),
         };
         Ok(Attr::of(inode, allocated))
@@ -732,6 +730,10 @@ impl Volume {
     /// opens): it holds unlinked files alive by its lookups (`hold`, `forget`).
     pub fn set_opens_unseen(&self) {
         self.opens_unseen.store(true, Ordering::Relaxed);
+    }
+
+    pub fn opens_unseen(&self) -> bool {
+        self.opens_unseen.load(Ordering::Relaxed)
     }
 
     /// The kernel is about to learn of `ino` from an entry reply, and will `forget`
@@ -1188,8 +1190,6 @@ impl Volume {
         let last = crate::util::release_count(&mut state.open, &ino);
         if last {
             self.readahead.forget(ino);
-        }
-        if last {
             self.destroy_if_unused(&mut state, ino);
         }
         drop(state);

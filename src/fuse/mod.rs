@@ -196,9 +196,9 @@ impl FuseAdapter {
     }
 
     /// Whether the kernel's lookups keep unlinked files: with zero-message opens on a
-    /// writer (a replica's files go as the writer's do).
+    /// writer (a replica's files go as the writer's do; see `init`).
     fn holds(&self) -> bool {
-        self.opens_unseen() && !self.volume.config().read_only
+        self.volume.opens_unseen()
     }
 
     /// An entry reply the kernel will count as a lookup: with zero-message opens the
@@ -264,13 +264,6 @@ impl FuseAdapter {
             return Err(FsError::LeftToKernel);
         }
         self.volume.flush(ino, Some(fh))
-    }
-
-    fn release_file(&self, fh: u64) -> Result<(), FsError> {
-        if fh == 0 && self.opens_unseen() {
-            return Ok(());
-        }
-        self.volume.release(fh)
     }
 
     fn fsync_file(&self, ino: u64, fh: u64) -> Result<(), FsError> {
@@ -910,7 +903,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.release_file(fh.0));
+        empty(reply, self.volume.release(fh.0));
     }
 
     fn fsync(

@@ -787,8 +787,7 @@ fn serve(
             out.bytes(data.as_slice());
         }
         STATFS => out.statfs(&fs.statfs_out()?),
-        RELEASE => fs.release_file(u64_at(op, 0))?,
-        RELEASEDIR => vol.release(u64_at(op, 0))?,
+        RELEASE | RELEASEDIR => vol.release(u64_at(op, 0))?,
         FSYNC => fs.fsync_file(ino, u64_at(op, 0))?,
         FSYNCDIR => vol.commit()?,
         SETXATTR => {
